@@ -1,0 +1,81 @@
+"""miles: balanced multimodal learning around MILES, the Modality-Informed Learning ratE Scheduler.
+
+``import miles`` needs torch alone: the scheduler, its functional twins and the models load eagerly;
+the trainer, metrics and datasets (torchmetrics, numpy, tqdm) load on first use.
+
+Reference: A. Guerra-Manzanares and F. E. Shamout, "MILES: Modality-Informed Learning Rate
+Scheduler for Balancing Multimodal Learning", arXiv 2510.17394, 2025.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from miles.models import (
+    FusionOutput,
+    JointFusionModel,
+    head_losses,
+    modality_param_groups,
+    param_groups_by_modality,
+)
+from miles.scheduler import MILES, Decision, check_composable
+from miles.utilization import conditional_utilization, decide, imbalance
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "HeadMetrics": "miles.metrics",
+    "HeadScores": "miles.metrics",
+    "ablated_fused_scores": "miles.metrics",
+    "Trainer": "miles.training.trainer",
+    "TrainerConfig": "miles.training.trainer",
+    "RunResult": "miles.training.trainer",
+    "ExperimentConfig": "miles.training.experiment",
+    "run_experiment": "miles.training.experiment",
+    "Strategy": "miles.strategies",
+    "build_strategy": "miles.strategies",
+    "register_strategy": "miles.strategies",
+    "build_dataset": "miles.data",
+}
+
+if TYPE_CHECKING:
+    from miles.data import build_dataset
+    from miles.metrics import HeadMetrics, HeadScores, ablated_fused_scores
+    from miles.strategies import Strategy, build_strategy, register_strategy
+    from miles.training.experiment import ExperimentConfig, run_experiment
+    from miles.training.trainer import RunResult, Trainer, TrainerConfig
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'miles' has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
+
+__all__ = [
+    "MILES",
+    "Decision",
+    "ExperimentConfig",
+    "FusionOutput",
+    "HeadMetrics",
+    "HeadScores",
+    "JointFusionModel",
+    "RunResult",
+    "Strategy",
+    "Trainer",
+    "TrainerConfig",
+    "ablated_fused_scores",
+    "build_dataset",
+    "build_strategy",
+    "check_composable",
+    "conditional_utilization",
+    "decide",
+    "head_losses",
+    "imbalance",
+    "modality_param_groups",
+    "param_groups_by_modality",
+    "register_strategy",
+    "run_experiment",
+]

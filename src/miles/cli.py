@@ -1,0 +1,113 @@
+"""The ``miles`` command line: ``demo``, ``train --config FILE.yaml`` and ``list``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from miles.demo import DEMO_EPOCHS, DEMO_METHODS
+
+    parser = argparse.ArgumentParser(prog="miles", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="joint, joint+aux and MILES on FSDD-MNIST, both fusions")
+    demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    demo.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--fusion", type=_csv, default=["concat", "sum"], help="e.g. concat,sum")
+    demo.add_argument("--methods", type=_csv, default=list(DEMO_METHODS))
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="one run from a YAML config")
+    train.add_argument("--config", required=True, type=Path)
+    train.add_argument("--out", help="override the config's out_dir")
+    train.add_argument("--seed", type=int, help="override trainer.seed")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    train.add_argument("--quiet", action="store_true")
+
+    sub.add_parser("list", help="registered datasets and strategies")
+    return parser
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from miles.report.tables import markdown_table, summarize_run
+    from miles.training.experiment import ExperimentConfig, run_experiment
+
+    if not args.config.is_file():
+        raise SystemExit(f"miles train: config file {args.config} not found")
+    raw = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+    config = ExperimentConfig.from_dict(raw)
+    if args.out:
+        config.out_dir = args.out
+    if args.seed is not None:
+        config.trainer.seed = args.seed
+    if args.quiet:
+        config.trainer.progress = False
+    if args.resume and not config.out_dir:
+        raise SystemExit("miles train: --resume needs an output folder (--out or out_dir)")
+    result = run_experiment(config, resume=args.resume).to_dict()
+    row = summarize_run(result)
+    modalities = result["extra"]["modalities"]
+    print(
+        markdown_table(
+            [row],
+            ["method", "fusion", "fused", *modalities, "gap", "best_epoch", "acted"],
+            percent=["fused", *modalities, "gap"],
+        )
+    )
+    if config.out_dir:
+        print(f"wrote {config.out_dir}/result.json, history.json, history.csv")
+    return 0
+
+
+def _cmd_list() -> int:
+    from miles.data import available_datasets
+    from miles.strategies import available_strategies
+
+    print("datasets:   " + ", ".join(available_datasets()))
+    print("strategies: " + ", ".join(available_strategies()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``miles`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from miles.demo import run_demo
+
+        run_demo(
+            args.out,
+            epochs=args.epochs,
+            seed=args.seed,
+            fusions=args.fusion,
+            methods=args.methods,
+            progress=not args.quiet,
+        )
+        return 0
+    if args.command == "train":
+        return _cmd_train(args)
+    return _cmd_list()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

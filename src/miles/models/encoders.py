@@ -1,0 +1,154 @@
+"""Small per-modality encoders (torch only) that map one modality to a latent vector.
+
+Every encoder is an ``nn.Module`` with an int attribute ``out_features`` (the latent size the fusion
+module needs) and ``forward(x)`` or, for sequences, ``forward(x, lengths)``. They are deliberately
+small: the benchmark tasks are easy and the point is the balance between modalities, not capacity.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+__all__ = ["ImageCNN", "MLPEncoder", "SequenceEncoder"]
+
+
+class ImageCNN(nn.Module):
+    """Conv-BN-ReLU-maxpool blocks, global average pool and a linear projection.
+
+    Sized for 28x28 digits but accepts any HxW (pooling uses ``ceil_mode`` and the head is an
+    adaptive average pool). Input ``(B, C, H, W)``, or ``(B, H, W)`` when ``in_channels == 1``.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, out_features: int = 64, channels: Sequence[int] = (16, 32)
+    ) -> None:
+        super().__init__()
+        if in_channels < 1 or out_features < 1:
+            raise ValueError(
+                f"in_channels and out_features must be >= 1, got {in_channels}, {out_features}"
+            )
+        if len(channels) == 0 or any(c < 1 for c in channels):
+            raise ValueError(f"channels must be a non-empty sequence of ints >= 1, got {channels}")
+        self.in_channels = in_channels
+        self.out_features = out_features
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for c in channels:
+            layers += [
+                nn.Conv2d(prev, c, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            prev = c
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.proj = nn.Linear(prev, out_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3 and self.in_channels == 1:
+            x = x.unsqueeze(1)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"ImageCNN expects (B, {self.in_channels}, H, W)"
+                + (" or (B, H, W)" if self.in_channels == 1 else "")
+                + f", got shape {tuple(x.shape)}"
+            )
+        return self.proj(self.features(x))
+
+
+class SequenceEncoder(nn.Module):
+    """1-D conv front (kernel 3) + GRU over ``(B, T, F)`` frame sequences; padding-invariant.
+
+    The output of a sequence does not depend on how much zero padding follows it in a batch:
+    input frames beyond each length are zeroed before the conv (so the last valid frame sees
+    zeros, exactly as at the end of an unpadded sequence), conv outputs beyond each length are
+    zeroed, and the GRU runs on a packed sequence so it stops at each length. Returns the last
+    hidden state projected to ``out_features``. No batch norm: batch statistics would mix in
+    padded frames.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int = 64, hidden: int = 64, conv_channels: int = 64
+    ) -> None:
+        super().__init__()
+        if min(in_features, out_features, hidden, conv_channels) < 1:
+            raise ValueError(
+                "in_features, out_features, hidden and conv_channels must be >= 1, got "
+                f"{in_features}, {out_features}, {hidden}, {conv_channels}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.conv = nn.Conv1d(in_features, conv_channels, kernel_size=3, padding=1)
+        self.act = nn.ReLU()
+        self.gru = nn.GRU(conv_channels, hidden, batch_first=True)
+        self.proj = nn.Linear(hidden, out_features)
+
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if x.dim() != 3 or x.shape[2] != self.in_features:
+            raise ValueError(
+                f"SequenceEncoder expects (B, T, {self.in_features}), got shape {tuple(x.shape)}"
+            )
+        batch, steps, _ = x.shape
+        if lengths is None:
+            lengths_cpu = torch.full((batch,), steps, dtype=torch.long)
+        else:
+            lengths_cpu = torch.as_tensor(lengths).detach().to("cpu", torch.long).reshape(-1)
+            if lengths_cpu.numel() != batch:
+                raise ValueError(f"lengths must have {batch} entries, got {lengths_cpu.numel()}")
+            if batch and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > steps):
+                raise ValueError(
+                    f"lengths must lie in [1, {steps}], got min {int(lengths_cpu.min())} "
+                    f"max {int(lengths_cpu.max())}"
+                )
+        # (B, T, 1) mask of valid frames, on the input's device.
+        valid = torch.arange(steps, device=x.device)[None, :] < lengths_cpu.to(x.device)[:, None]
+        mask = valid.unsqueeze(-1).to(x.dtype)
+        h = self.conv((x * mask).transpose(1, 2)).transpose(1, 2)
+        h = self.act(h) * mask
+        packed = pack_padded_sequence(h, lengths_cpu, batch_first=True, enforce_sorted=False)
+        _, h_n = self.gru(packed)
+        return self.proj(h_n[-1])
+
+
+class MLPEncoder(nn.Module):
+    """Linear-ReLU(-dropout) stack for flat feature vectors; inputs ``(B, ...)`` are flattened."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int = 64,
+        hidden: Sequence[int] = (128,),
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
+            raise ValueError(
+                f"in_features, out_features and hidden sizes must be >= 1, got "
+                f"{in_features}, {out_features}, {tuple(hidden)}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.in_features = in_features
+        self.out_features = out_features
+        layers: list[nn.Module] = []
+        prev = in_features
+        for h in hidden:
+            layers += [nn.Linear(prev, h), nn.ReLU(inplace=True)]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            prev = h
+        layers.append(nn.Linear(prev, out_features))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"MLPEncoder expects {self.in_features} features per sample, got {x.shape[1]}"
+            )
+        return self.net(x)

@@ -1,0 +1,186 @@
+"""Joint-fusion model: an encoder and an auxiliary linear head per modality, one fused linear head.
+
+The auxiliary heads are what MILES reads (``u_m`` compares the fused head with the other heads), so
+they are part of the model rather than bolted on by a training loop. They cost nothing at inference:
+``forward`` returns them, and a deployment can simply ignore them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+FUSIONS = ("concat", "sum")
+
+
+@dataclass
+class FusionOutput:
+    """What a forward pass returns: fused logits, per-modality head logits and the latents."""
+
+    fused: Tensor
+    unimodal: dict[str, Tensor]
+    latents: dict[str, Tensor]
+
+
+def encoder_out_features(name: str, encoder: nn.Module) -> int:
+    """Read the latent size an encoder declares (``out_features``), with a clear error if absent."""
+    size = getattr(encoder, "out_features", None)
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise TypeError(
+            f"encoder {name!r} ({type(encoder).__name__}) must declare a positive int attribute "
+            f"'out_features' (its latent size), got {size!r}"
+        )
+    return size
+
+
+def check_disjoint_parameters(modules: Mapping[str, Iterable[nn.Parameter]]) -> None:
+    """Raise if one parameter belongs to two named parts.
+
+    Shared or tied weights across modalities would let one modality's learning rate leak into the
+    other's, which silently breaks per-modality schedules such as MILES.
+    """
+    owner: dict[int, str] = {}
+    for name, params in modules.items():
+        for p in params:
+            seen = owner.get(id(p))
+            if seen is not None and seen != name:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is shared (or tied) between {seen!r} "
+                    "and "
+                    f"{name!r}; per-modality learning rates need disjoint parameters"
+                )
+            owner[id(p)] = name
+
+
+class JointFusionModel(nn.Module):
+    """Encoders -> latents -> fusion (concat or sum) -> linear fused head, plus unimodal heads.
+
+    Args:
+        encoders: ``{modality: module}``; each module declares ``out_features`` and maps its input
+            (and, for variable-length inputs, a ``lengths`` tensor) to ``(batch, out_features)``.
+        num_classes: number of outputs of every head.
+        fusion: ``"concat"`` (latents concatenated in modality order) or ``"sum"`` (equal sizes).
+        detach_unimodal_heads: train the unimodal heads on detached latents, so they can be
+            reported without their losses touching the encoders (vanilla joint training).
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, nn.Module],
+        num_classes: int,
+        fusion: str = "concat",
+        *,
+        detach_unimodal_heads: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoders, Mapping) or len(encoders) == 0:
+            raise ValueError("encoders must be a non-empty mapping {modality name: nn.Module}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        sizes: dict[str, int] = {}
+        for name, enc in encoders.items():
+            if not isinstance(name, str) or not name or "." in name:
+                raise ValueError(
+                    f"modality names must be non-empty strings without '.', got {name!r}"
+                )
+            if not isinstance(enc, nn.Module):
+                raise TypeError(f"encoder {name!r} must be an nn.Module, got {type(enc).__name__}")
+            sizes[name] = encoder_out_features(name, enc)
+        check_disjoint_parameters({n: list(e.parameters()) for n, e in encoders.items()})
+        if fusion == "sum" and len(set(sizes.values())) > 1:
+            raise ValueError(f"sum fusion needs equal latent sizes, got {sizes}")
+        self.fusion = fusion
+        self.num_classes = num_classes
+        self.detach_unimodal_heads = detach_unimodal_heads
+        self.latent_sizes = dict(sizes)
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.heads = nn.ModuleDict({n: nn.Linear(d, num_classes) for n, d in sizes.items()})
+        fused_in = sum(sizes.values()) if fusion == "concat" else next(iter(sizes.values()))
+        self.fused_head = nn.Linear(fused_in, num_classes)
+        self._frozen: set[str] = set()
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modality names in the order the fused head sees them."""
+        return tuple(self.encoders.keys())
+
+    def encode(
+        self, inputs: Mapping[str, Tensor], lengths: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
+        """Run every encoder; ``lengths[m]`` is passed to encoder ``m`` when given."""
+        missing = [m for m in self.modalities if m not in inputs]
+        if missing:
+            raise ValueError(
+                f"inputs lack modalities {missing}; model expects {list(self.modalities)}"
+            )
+        lengths = lengths or {}
+        latents: dict[str, Tensor] = {}
+        for name, enc in self.encoders.items():
+            if name in lengths:
+                latents[name] = enc(inputs[name], lengths[name])
+            else:
+                latents[name] = enc(inputs[name])
+        return latents
+
+    def fuse(self, latents: Mapping[str, Tensor]) -> Tensor:
+        """Combine latents into the fused head's input (concat in modality order, or sum)."""
+        parts = [latents[m] for m in self.modalities]
+        if self.fusion == "concat":
+            return torch.cat(parts, dim=-1)
+        return torch.stack(parts, dim=0).sum(dim=0)
+
+    def fused_logits(self, latents: Mapping[str, Tensor]) -> Tensor:
+        """The multimodal prediction from (possibly edited) latents, e.g. for ablation estimates."""
+        return self.fused_head(self.fuse(latents))
+
+    def unimodal_logits(self, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each auxiliary head on its own modality's latent."""
+        out = {}
+        for name, head in self.heads.items():
+            z = latents[name].detach() if self.detach_unimodal_heads else latents[name]
+            out[name] = head(z)
+        return out
+
+    def forward(
+        self, inputs: Mapping[str, Tensor], lengths: Mapping[str, Tensor] | None = None
+    ) -> FusionOutput:
+        latents = self.encode(inputs, lengths)
+        return FusionOutput(self.fused_logits(latents), self.unimodal_logits(latents), latents)
+
+    # -- freezing (used by strategies such as modality-specific early stopping) --------------------
+    @property
+    def frozen_modalities(self) -> frozenset[str]:
+        return frozenset(self._frozen)
+
+    def freeze(self, modality: str, *, include_head: bool = True) -> None:
+        """Stop updating an encoder: no gradients and BatchNorm statistics fixed (eval mode)."""
+        if modality not in self.encoders:
+            raise ValueError(f"unknown modality {modality!r}; model has {list(self.modalities)}")
+        self._frozen.add(modality)
+        modules: list[nn.Module] = [self.encoders[modality]]
+        if include_head:
+            modules.append(self.heads[modality])
+        for module in modules:
+            for p in module.parameters():
+                p.requires_grad_(False)
+            module.eval()
+
+    def train(self, mode: bool = True) -> JointFusionModel:
+        """``nn.Module.train``, but frozen encoders stay in eval mode (BatchNorm stats fixed)."""
+        super().train(mode)
+        for name in self._frozen:
+            self.encoders[name].eval()
+            self.heads[name].eval()
+        return self
+
+    def get_extra_state(self) -> dict[str, list[str]]:
+        return {"frozen": sorted(self._frozen)}
+
+    def set_extra_state(self, state: dict[str, list[str]]) -> None:
+        for name in state.get("frozen", []):
+            self.freeze(name)

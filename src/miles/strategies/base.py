@@ -1,0 +1,121 @@
+"""The strategy interface: how a balancing method plugs into the trainer.
+
+A strategy is an object with a few optional hooks that the trainer calls at fixed points of every
+epoch (see ``miles.training.trainer``). Each hook has a do-nothing default, so a method
+overrides only what it changes. The base class itself is joint training with auxiliary losses
+(``joint+aux``): ``L = L_fused + sum_m w_m L_m``, all weights 1.
+
+Order of calls::
+
+    configure_model(model)                      once, before the optimizer exists
+    param_groups(model) -> groups               once: groups tagged by "modality"
+    holdout_fraction                            read once: >0 splits a held-out slice off train
+    on_fit_start(ctx)                           once: build schedulers etc. on ctx.optimizer
+    load_state_dict(state)                      when resuming
+    per epoch:
+        on_epoch_start(ctx, epoch)
+        per batch: loss(losses, output, batch) -> backward -> after_backward(ctx, output, batch)
+                   -> optimizer.step()
+        on_epoch_end(ctx, epoch, val, holdout) -> dict recorded in the history
+        should_stop() -> bool
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from miles.models.fusion import FusionOutput, JointFusionModel
+from miles.models.losses import FUSED
+from miles.models.param_groups import modality_param_groups
+
+
+@dataclass
+class EvalResult:
+    """One evaluation pass: metric per head, mean fused-objective loss, optional cached latents."""
+
+    fused: float
+    unimodal: dict[str, float]
+    loss: float
+    latents: dict[str, Tensor] | None = None
+    target: Tensor | None = None
+
+
+@dataclass
+class StrategyContext:
+    """What hooks may use: the model, its optimizer, and a way to evaluate any loader."""
+
+    model: JointFusionModel
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    epochs: int
+    multilabel: bool
+    metric: str
+    evaluate: Callable[[Any], EvalResult]
+    holdout_loader: Any | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base strategy = joint training with the auxiliary unimodal losses (``joint+aux``)."""
+
+    name: ClassVar[str] = "joint+aux"
+    uses_aux_losses: ClassVar[bool] = True
+    #: fraction of the training set the trainer holds out for this strategy (e.g. G-Blend)
+    holdout_fraction: float = 0.0
+    #: keep the validation latents in ``EvalResult`` (ablation estimators need them)
+    needs_latents: bool = False
+
+    def configure_model(self, model: JointFusionModel) -> None:
+        """Adjust the model before training (e.g. detach the unimodal heads)."""
+        model.detach_unimodal_heads = False
+
+    def param_groups(self, model: JointFusionModel) -> list[dict[str, Any]]:
+        """Optimizer groups; default: one per modality (encoder + head) and one shared."""
+        return modality_param_groups(model)
+
+    def on_fit_start(self, ctx: StrategyContext) -> None:
+        """Called once the optimizer exists (build schedulers on ``ctx.optimizer`` here)."""
+
+    def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
+        """Called before each training epoch (``epoch`` counts from 1)."""
+
+    def loss(
+        self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
+    ) -> Tensor:
+        """Combine per-head losses (``losses["fused"]`` and one per modality) into one scalar."""
+        total = losses[FUSED]
+        for name, value in losses.items():
+            if name != FUSED:
+                total = total + value
+        return total
+
+    def after_backward(
+        self, ctx: StrategyContext, output: FusionOutput, batch: Mapping[str, Any]
+    ) -> None:
+        """Gradients exist and the optimizer has not stepped: gradient modulation goes here."""
+
+    def on_epoch_end(
+        self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
+    ) -> dict[str, Any]:
+        """Take end-of-epoch decisions; return a JSON-able record for the history."""
+        return {}
+
+    def should_stop(self) -> bool:
+        """True ends training after the current epoch."""
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+    def describe(self) -> dict[str, Any]:
+        """Name and hyper-parameters, for results tables and reports."""
+        return {"name": self.name, "uses_aux_losses": self.uses_aux_losses}

@@ -1,0 +1,100 @@
+"""MILES as a trainer strategy: a thin adapter over the standalone :class:`miles.MILES`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from miles.metrics import ablated_fused_scores, make_metric
+from miles.scheduler import MILES
+from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.strategies.registry import register_strategy
+
+ESTIMATORS = ("heads", "ablation")
+
+
+@register_strategy("miles")
+class MILESStrategy(Strategy):
+    """Joint+aux training whose per-modality learning rates MILES sets after every validation.
+
+    Args:
+        tau: imbalance threshold on ``delta = max u - min u``.
+        mu: factor applied to the dominant modality's base learning rate.
+        reset_other: reset the other modalities to the base rate when one is slowed.
+        estimator: ``"heads"`` (the paper: unimodal head metrics) or ``"ablation"`` (the fused
+            head re-run with one modality's latent replaced by its validation mean).
+    """
+
+    name = "miles"
+
+    def __init__(
+        self,
+        tau: float = 0.2,
+        mu: float = 0.5,
+        reset_other: bool = False,
+        estimator: str = "heads",
+        ablation_fill: str = "mean",
+    ) -> None:
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.tau, self.mu, self.reset_other = tau, mu, reset_other
+        self.estimator = estimator
+        self.ablation_fill = ablation_fill
+        self.needs_latents = estimator == "ablation"
+        self.scheduler: MILES | None = None
+        self._pending_state: Mapping[str, Any] | None = None
+
+    def on_fit_start(self, ctx: StrategyContext) -> None:
+        self.scheduler = MILES(
+            ctx.optimizer, tau=self.tau, mu=self.mu, reset_other=self.reset_other
+        )
+        if self._pending_state is not None:
+            self.scheduler.load_state_dict(dict(self._pending_state))
+            self._pending_state = None
+
+    def on_epoch_end(
+        self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
+    ) -> dict[str, Any]:
+        if self.scheduler is None:
+            raise RuntimeError("MILESStrategy.on_fit_start was not called")
+        if val.fused <= 0:
+            # u is undefined when the fused metric is 0 (e.g. F1 in the first epoch): keep factors.
+            self.scheduler.step()
+            return {"decision": None, "note": "fused metric is 0: no decision"}
+        if self.estimator == "heads":
+            decision = self.scheduler.step(fused=val.fused, unimodal=val.unimodal)
+        else:
+            if val.latents is None or val.target is None:
+                raise RuntimeError("ablation estimator needs the validation latents")
+            metric = make_metric(ctx.metric, ctx.model.num_classes, multilabel=ctx.multilabel)
+            without = ablated_fused_scores(
+                ctx.model,
+                val.latents,
+                val.target,
+                metric.to(val.target.device),
+                fill=self.ablation_fill,
+            )
+            decision = self.scheduler.step(fused=val.fused, without=without)
+        assert decision is not None
+        return {"decision": decision.to_dict()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        sched_state = state.get("scheduler")
+        if sched_state is None:
+            return
+        if self.scheduler is None:
+            self._pending_state = sched_state
+        else:
+            self.scheduler.load_state_dict(dict(sched_state))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "tau": self.tau,
+            "mu": self.mu,
+            "reset_other": self.reset_other,
+            "estimator": self.estimator,
+        }

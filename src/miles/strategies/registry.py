@@ -1,0 +1,41 @@
+"""Strategies registered by name: the trainer looks them up here, never through if-chains."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from miles.strategies.base import Strategy
+
+S = TypeVar("S", bound=type[Strategy])
+_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+
+
+def register_strategy(name: str) -> Callable[[S], S]:
+    """Class decorator: make a strategy buildable as ``build_strategy(name, **params)``."""
+
+    def decorate(cls: S) -> S:
+        if name in _REGISTRY:
+            raise ValueError(f"strategy {name!r} is already registered")
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_strategy(name: str, **params: Any) -> Strategy:
+    """Instantiate a registered strategy; unknown names list what exists."""
+    try:
+        factory = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown strategy {name!r}; available: {available_strategies()}"
+        ) from None
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise TypeError(f"bad parameters for strategy {name!r}: {exc}") from exc
+
+
+def available_strategies() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,378 @@
+"""A plain-PyTorch trainer: train -> validate (fused + each head) -> strategy decisions -> log.
+
+The best epoch is chosen on the validation fused metric; the test set is then scored with those
+weights, and also with the last epoch's weights, because best-on-validation selection alone can hide
+(or create) a gap between the unimodal heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from miles.metrics import METRICS, HeadMetrics
+from miles.models.fusion import JointFusionModel
+from miles.models.losses import FUSED, head_losses
+from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from miles.training.history import write_history, write_json
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class TrainerConfig:
+    """Everything that shapes a run besides model, data and strategy."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "seed"):
+                raise ValueError(
+                    f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, "
+                    f"got {value!r}"
+                )
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+            ):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+
+
+@dataclass
+class RunResult:
+    """Outcome of :meth:`Trainer.fit`; ``to_dict`` is what ``result.json`` holds."""
+
+    best_epoch: int
+    epochs_run: int
+    val: dict[str, Any]
+    test: dict[str, Any] | None
+    test_last: dict[str, Any] | None
+    history: list[dict[str, Any]]
+    strategy: dict[str, Any]
+    config: dict[str, Any]
+    wall_time_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Send inputs and target to ``device``; lengths stay on the CPU (packed RNNs want them)."""
+    return {
+        "inputs": {m: x.to(device, non_blocking=True) for m, x in batch["inputs"].items()},
+        "lengths": dict(batch.get("lengths", {})),
+        "target": batch["target"].to(device, non_blocking=True),
+    }
+
+
+def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out ``fraction`` of the training set, seeded, for strategies that need it."""
+    if fraction <= 0:
+        return dataset, None
+    if not fraction < 1:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction!r}")
+    n = len(dataset)  # type: ignore[arg-type]
+    k = max(1, round(n * fraction))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(dataset, sorted(perm[k:])), Subset(dataset, sorted(perm[:k]))
+
+
+class Trainer:
+    """Trains a :class:`JointFusionModel` with a :class:`Strategy`.
+
+    Args:
+        model: the joint-fusion model (built after seeding, for reproducible initialisation).
+        strategy: the balancing method (``joint``, ``joint+aux``, ``miles``, ...).
+        config: epochs, optimiser, batch sizes, seed, device.
+        metric: validation/test metric driving selection and MILES (``accuracy``, ``f1_micro``,
+            ``f1_macro``).
+        multilabel: targets are 0/1 vectors (BCE loss, thresholded metrics).
+        out_dir: where history, checkpoints and ``result.json`` go (``None``: keep in memory).
+        collate_fn: batch builder (``miles.data.collate_multimodal`` for our datasets).
+    """
+
+    def __init__(
+        self,
+        model: JointFusionModel,
+        strategy: Strategy,
+        config: TrainerConfig | None = None,
+        *,
+        metric: str = "accuracy",
+        multilabel: bool = False,
+        out_dir: str | Path | None = None,
+        collate_fn: Any = None,
+    ) -> None:
+        if metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.model = model
+        self.strategy = strategy
+        self.config = config or TrainerConfig()
+        self.metric = metric
+        self.multilabel = multilabel
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.collate_fn = collate_fn
+        self.device = torch.device(self.config.device)
+
+    # -- building blocks -------------------------------------------------------------------------
+    def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(
+            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+
+    def _loader(
+        self, dataset: Dataset, *, train: bool, generator: torch.Generator | None = None
+    ) -> DataLoader:
+        size = self.config.batch_size if train else self.config.eval_batch_size
+        return DataLoader(
+            dataset, batch_size=size, shuffle=train, generator=generator, collate_fn=self.collate_fn
+        )
+
+    @torch.no_grad()
+    def evaluate(self, loader: DataLoader, *, keep_latents: bool = False) -> EvalResult:
+        """Metric of the fused head and of every unimodal head over ``loader``."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        metrics = HeadMetrics(
+            model.modalities, model.num_classes, self.metric, multilabel=self.multilabel
+        ).to(self.device)
+        total_loss, count = 0.0, 0
+        latents: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
+        targets: list[Tensor] = []
+        for raw in loader:
+            batch = move_batch(raw, self.device)
+            out = model(batch["inputs"], batch["lengths"] or None)
+            metrics.update(out, batch["target"])
+            n = batch["target"].shape[0]
+            total_loss += (
+                float(head_losses(out, batch["target"], multilabel=self.multilabel)[FUSED]) * n
+            )
+            count += n
+            if keep_latents:
+                for m in model.modalities:
+                    latents[m].append(out.latents[m])
+                targets.append(batch["target"])
+        if count == 0:
+            raise ValueError("evaluation loader is empty")
+        scores = metrics.compute()
+        model.train(was_training)
+        return EvalResult(
+            fused=scores.fused,
+            unimodal=scores.unimodal,
+            loss=total_loss / count,
+            latents={m: torch.cat(v) for m, v in latents.items()} if keep_latents else None,
+            target=torch.cat(targets) if keep_latents else None,
+        )
+
+    def _train_epoch(
+        self, loader: DataLoader, optimizer: torch.optim.Optimizer, ctx: StrategyContext
+    ) -> dict[str, float]:
+        model, strategy = self.model, self.strategy
+        model.train()
+        sums: dict[str, float] = {}
+        count = 0
+        for raw in loader:
+            batch = move_batch(raw, self.device)
+            out = model(batch["inputs"], batch["lengths"] or None)
+            losses = head_losses(out, batch["target"], multilabel=self.multilabel)
+            loss = strategy.loss(losses, out, batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {float(loss)}; lower the learning rate"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            strategy.after_backward(ctx, out, batch)
+            optimizer.step()
+            n = batch["target"].shape[0]
+            count += n
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * n
+            for name, value in losses.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value.detach()) * n
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(
+        self,
+        train: Dataset,
+        val: Dataset,
+        test: Dataset | None = None,
+        *,
+        resume: bool = False,
+    ) -> RunResult:
+        """Train for ``config.epochs`` (or until the strategy stops), then score the test set.
+
+        ``resume=True`` continues from ``out_dir/last.pt`` when it exists; the result is the same
+        as an uninterrupted run with the same seed (on CPU).
+        """
+        from tqdm.auto import tqdm
+
+        cfg, model, strategy = self.config, self.model, self.strategy
+        if resume and self.out_dir is None:
+            raise ValueError("resume=True needs an out_dir holding last.pt")
+        start = time.perf_counter()
+        strategy.configure_model(model)
+        model.to(self.device)
+        optimizer = self._make_optimizer(strategy.param_groups(model))
+        train_part, holdout_part = split_holdout(train, strategy.holdout_fraction, cfg.seed)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        train_loader = self._loader(train_part, train=True, generator=generator)
+        val_loader = self._loader(val, train=False)
+        holdout_loader = (
+            self._loader(holdout_part, train=False) if holdout_part is not None else None
+        )
+        ctx = StrategyContext(
+            model=model,
+            optimizer=optimizer,
+            device=self.device,
+            epochs=cfg.epochs,
+            multilabel=self.multilabel,
+            metric=self.metric,
+            evaluate=self.evaluate,
+            holdout_loader=holdout_loader,
+        )
+        strategy.on_fit_start(ctx)
+
+        history: list[dict[str, Any]] = []
+        best_epoch, best_score = 0, -math.inf
+        best_state: dict[str, Any] | None = None
+        first_epoch = 1
+        elapsed_before = 0.0
+        last_path = self.out_dir / LAST if self.out_dir is not None else None
+        if resume and last_path is not None and last_path.is_file():
+            ckpt = load_checkpoint(last_path)
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            strategy.load_state_dict(ckpt["strategy"])
+            history = list(ckpt["history"])
+            best_epoch, best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+            best_state = load_checkpoint(self.out_dir / BEST)["model"] if best_epoch else None  # type: ignore[operator]
+            torch.set_rng_state(ckpt["rng"])
+            generator.set_state(ckpt["loader_rng"])
+            first_epoch = int(ckpt["epoch"]) + 1
+            elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+            if ckpt.get("stopped"):
+                first_epoch = cfg.epochs + 1
+
+        bar = tqdm(
+            range(first_epoch, cfg.epochs + 1),
+            desc=f"{strategy.name}",
+            disable=not cfg.progress,
+            leave=False,
+            unit="ep",
+        )
+        stopped = False
+        for epoch in bar:
+            t0 = time.perf_counter()
+            strategy.on_epoch_start(ctx, epoch)
+            lrs = {
+                g.get("name", f"group{i}"): float(g["lr"])
+                for i, g in enumerate(optimizer.param_groups)
+            }
+            train_stats = self._train_epoch(train_loader, optimizer, ctx)
+            val_res = self.evaluate(val_loader, keep_latents=strategy.needs_latents)
+            holdout_res = self.evaluate(holdout_loader) if holdout_loader is not None else None
+            record = strategy.on_epoch_end(ctx, epoch, val_res, holdout_res)
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                **{f"train_{k}": v for k, v in train_stats.items()},
+                "val_loss": val_res.loss,
+                "val_fused": val_res.fused,
+                **{f"val_{m}": v for m, v in val_res.unimodal.items()},
+                **{f"lr_{k}": v for k, v in lrs.items()},
+                "strategy": record,
+                "time_s": time.perf_counter() - t0,
+            }
+            history.append(row)
+            improved = val_res.fused > best_score
+            if improved:
+                best_epoch, best_score = epoch, val_res.fused
+                best_state = copy.deepcopy(model.state_dict())
+            stopped = strategy.should_stop()
+            if self.out_dir is not None:
+                if improved:
+                    save_checkpoint(self.out_dir / BEST, {"model": best_state, "epoch": epoch})
+                save_checkpoint(
+                    self.out_dir / LAST,
+                    {
+                        "epoch": epoch,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "strategy": strategy.state_dict(),
+                        "history": history,
+                        "best_epoch": best_epoch,
+                        "best_score": best_score,
+                        "rng": torch.get_rng_state(),
+                        "loader_rng": generator.get_state(),
+                        "elapsed_s": elapsed_before + time.perf_counter() - start,
+                        "stopped": stopped,
+                    },
+                )
+                write_history(self.out_dir, history)
+            bar.set_postfix(val=f"{val_res.fused:.3f}", best=best_epoch)
+            if stopped:
+                break
+        bar.close()
+        if not history:
+            raise RuntimeError("no epoch was trained (epochs must be >= 1)")
+
+        test_last = test_best = None
+        test_loader = self._loader(test, train=False) if test is not None else None
+        if test_loader is not None:
+            last = self.evaluate(test_loader)
+            test_last = {"fused": last.fused, "unimodal": last.unimodal}
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        if test_loader is not None:
+            best = self.evaluate(test_loader)
+            test_best = {"fused": best.fused, "unimodal": best.unimodal}
+        best_row = history[best_epoch - 1] if best_epoch else history[-1]
+        result = RunResult(
+            best_epoch=best_epoch,
+            epochs_run=len(history),
+            val={
+                "fused": best_row["val_fused"],
+                "unimodal": {m: best_row[f"val_{m}"] for m in model.modalities},
+            },
+            test=test_best,
+            test_last=test_last,
+            history=history,
+            strategy=strategy.describe(),
+            config={**asdict(cfg), "metric": self.metric, "multilabel": self.multilabel},
+            wall_time_s=elapsed_before + time.perf_counter() - start,
+        )
+        if self.out_dir is not None:
+            write_json(self.out_dir / "result.json", result.to_dict())
+        return result

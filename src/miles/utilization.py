@@ -1,0 +1,192 @@
+"""Conditional utilization rates and the MILES decision rule, as plain functions.
+
+This module is the functional core of MILES (Guerra-Manzanares & Shamout, arXiv 2510.17394):
+:class:`miles.scheduler.MILES` calls these functions, and they can be used on their own (e.g. to
+log utilization without changing any learning rate). It depends on torch only; numpy scalars are
+accepted by duck typing, never imported.
+
+Conditional utilization of modality ``m`` (Eq. 4, generalized to N modalities)::
+
+    u_m = (M(fused) - M(without m)) / M(fused)
+
+``M(without m)`` has two estimators:
+
+* ``unimodal`` ("heads"): the best metric among the *other* modalities' unimodal heads. A model
+  deprived of ``m`` can at least do as well as its best remaining single modality, so the max is
+  the natural (optimistic) stand-in for "fused without m". With two modalities this is exactly the
+  paper's ``u_A = (M_AB - M_B) / M_AB``.
+* ``without`` ("ablation"): the metric of the fused head with ``m``'s contribution removed
+  (computed elsewhere), used as is.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = [
+    "REASONS",
+    "as_metric",
+    "conditional_utilization",
+    "decide",
+    "imbalance",
+]
+
+#: The possible reasons of a decision, see :func:`decide`.
+REASONS: tuple[str, str, str] = ("balanced", "all-negative", "slowed")
+
+
+def _is_bool_like(value: Any) -> bool:
+    """True for Python bools, numpy bools and bool tensors: a bool is never a metric."""
+    if isinstance(value, bool):
+        return True
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        return False
+    if isinstance(dtype, torch.dtype):
+        return dtype == torch.bool
+    return getattr(dtype, "kind", None) == "b"
+
+
+def as_metric(value: Any, name: str) -> float:
+    """Validate one metric value and return it as a Python float.
+
+    Accepts int, float, numpy scalars (anything ``numbers.Real`` or 0-d with ``.item()``) and 0-d
+    torch tensors, because metrics come from many libraries. Rejects bools (a flag passed by mistake
+    would otherwise read as 0 or 1), strings, None and non-scalar tensors with ``TypeError``, and
+    NaN, inf and negative values with ``ValueError``: a scheduler must never act on a broken metric.
+    """
+    if _is_bool_like(value):
+        raise TypeError(f"metric {name!r} must be a real number, got a bool: {value!r}")
+    result: float
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise TypeError(
+                f"metric {name!r} must be a 0-d tensor, got shape {tuple(value.shape)}: {value!r}"
+            )
+        if value.is_complex():
+            raise TypeError(f"metric {name!r} must be real, got a complex tensor: {value!r}")
+        result = float(value.item())
+    elif isinstance(value, numbers.Real):
+        result = float(value)
+    elif (
+        not isinstance(value, (str, bytes))
+        and callable(getattr(value, "item", None))
+        and getattr(value, "ndim", None) == 0
+    ):
+        item = value.item()
+        if isinstance(item, bool) or not isinstance(item, numbers.Real):
+            raise TypeError(
+                f"metric {name!r} must be a real number, got {type(value).__name__}: {value!r}"
+            )
+        result = float(item)
+    else:
+        raise TypeError(
+            f"metric {name!r} must be a real number (int, float, numpy scalar or 0-d tensor), "
+            f"got {type(value).__name__}: {value!r}"
+        )
+    if math.isnan(result):
+        raise ValueError(f"metric {name!r} is NaN: {value!r}")
+    if math.isinf(result):
+        raise ValueError(f"metric {name!r} is infinite: {value!r}")
+    if result < 0:
+        raise ValueError(f"metric {name!r} must be >= 0, got {value!r}")
+    return result
+
+
+def _as_metric_mapping(values: Any, kind: str) -> dict[str, float]:
+    """Validate a ``{modality: metric}`` mapping, keeping its order."""
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            f"{kind} must be a mapping {{modality: metric}}, got {type(values).__name__}"
+        )
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{kind} keys must be modality names (str), got {key!r}")
+        out[key] = as_metric(value, f"{kind}[{key!r}]")
+    if len(out) < 2:
+        raise ValueError(f"{kind} needs at least two modalities, got {list(out)}")
+    return out
+
+
+def conditional_utilization(
+    fused: Any,
+    unimodal: Mapping[str, Any] | None = None,
+    *,
+    without: Mapping[str, Any] | None = None,
+) -> dict[str, float]:
+    """Return ``{modality: u_m}`` with ``u_m = (M(fused) - M(without m)) / M(fused)``.
+
+    Give exactly one estimator of ``M(without m)``: ``unimodal`` (the unimodal heads' metrics; the
+    best *other* head stands in for "fused without m") or ``without`` (the fused head's metric with
+    ``m`` ablated). The result keeps the order of the given mapping. ``fused`` must be > 0: the
+    rate is a ratio to it and is undefined at 0.
+    """
+    if (unimodal is None) == (without is None):
+        raise ValueError(
+            "give exactly one of unimodal= (unimodal head metrics) or without= (ablated fused "
+            "metrics)"
+        )
+    fused_value = as_metric(fused, "fused")
+    if unimodal is not None:
+        heads = _as_metric_mapping(unimodal, "unimodal")
+        if fused_value == 0:
+            raise ValueError("fused metric is 0: utilization undefined")
+        result: dict[str, float] = {}
+        for name in heads:
+            best_other = max(value for other, value in heads.items() if other != name)
+            result[name] = (fused_value - best_other) / fused_value
+        return result
+    ablated = _as_metric_mapping(without, "without")
+    if fused_value == 0:
+        raise ValueError("fused metric is 0: utilization undefined")
+    return {name: (fused_value - value) / fused_value for name, value in ablated.items()}
+
+
+def imbalance(u: Mapping[str, float]) -> float:
+    """Return ``max(u) - min(u)``: the paper's ``|u_A - u_B|`` (Eq. 5) for any N >= 2."""
+    if len(u) < 2:
+        raise ValueError(f"imbalance needs at least two modalities, got {list(u)}")
+    values = [float(v) for v in u.values()]
+    return max(values) - min(values)
+
+
+def _check_tau(tau: Any) -> float:
+    """Validate the imbalance threshold: a real number >= 0 (bool rejected)."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
+        raise TypeError(f"tau must be a real number, got {type(tau).__name__}: {tau!r}")
+    value = float(tau)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"tau must be >= 0 and not NaN, got {tau!r}")
+    return value
+
+
+def decide(u: Mapping[str, float], tau: float) -> tuple[str | None, str]:
+    """Apply Algorithm 1's rule to utilization rates ``u``; return ``(slowed, reason)``.
+
+    * ``imbalance(u) <= tau`` -> ``(None, "balanced")``: the modalities are used evenly enough;
+    * every ``u_m < 0`` -> ``(None, "all-negative")``: every single head beats the fused one
+      (typical of early epochs), so no modality can be blamed yet;
+    * otherwise -> ``(m, "slowed")`` for the modality with the largest ``u_m``, the one the fused
+      prediction leans on most. Ties go to the first modality in the order of ``u``.
+
+    With two modalities this is exactly the paper's four branches (see the tests for the proof by
+    comparison).
+    """
+    threshold = _check_tau(tau)
+    delta = imbalance(u)
+    if delta <= threshold:
+        return None, "balanced"
+    if all(value < 0 for value in u.values()):
+        return None, "all-negative"
+    slowed = None
+    best = -math.inf
+    for name, value in u.items():
+        if value > best:
+            slowed, best = name, value
+    return slowed, "slowed"
