@@ -26,6 +26,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=DEMO_EPOCHS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/fsdd_mnist"))
+    parser.add_argument(
+        "--extra-tau",
+        type=float,
+        nargs="*",
+        default=[0.1, 0.05],
+        help="also run MILES with these thresholds (sensitivity rows)",
+    )
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -39,12 +46,24 @@ def main() -> None:
             echo=lambda _msg: None,
         )
         rows.extend(payload["rows"])
+        for tau in args.extra_tau:
+            extra = run_demo(
+                args.out / f"seed{seed}-tau{tau}",
+                epochs=args.epochs,
+                seed=seed,
+                methods=["miles"],
+                miles_params={"tau": tau},
+                progress=False,
+                echo=lambda _msg: None,
+            )
+            rows.extend({**r, "method": f"miles tau={tau}"} for r in extra["rows"])
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     modalities = ["audio", "image"]
     agg = aggregate(
         rows, ["fusion", "method"], ["fused", *modalities, "gap", "best_epoch", "acted"]
     )
-    order = {m: i for i, m in enumerate(DEMO_METHODS)}
+    methods = [*DEMO_METHODS, *(f"miles tau={t}" for t in args.extra_tau)]
+    order = {m: i for i, m in enumerate(methods)}
     agg.sort(key=lambda a: (a["fusion"], order.get(a["method"], 99)))
     lines = [
         "| fusion | method | fused | audio head | image head | gap | chosen epoch "
@@ -52,7 +71,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|",
     ]
     for a in agg:
-        acted = "-" if a["method"] != "miles" else pm(a, "acted", pct=False)
+        acted = "-" if not a["method"].startswith("miles") else pm(a, "acted", pct=False)
         lines.append(
             f"| {a['fusion']} | {a['method']} | {pm(a, 'fused')} | {pm(a, 'audio')} | "
             f"{pm(a, 'image')} | {pm(a, 'gap')} | {pm(a, 'best_epoch', pct=False)} | {acted} |"

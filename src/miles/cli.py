@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fusion", type=_csv, default=["concat", "sum"], help="e.g. concat,sum")
     demo.add_argument("--methods", type=_csv, default=list(DEMO_METHODS))
+    demo.add_argument("--tau", type=float, default=0.2, help="MILES threshold (default 0.2)")
+    demo.add_argument("--mu", type=float, default=0.5, help="MILES LR factor (default 0.5)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="one run from a YAML config")
@@ -101,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             fusions=args.fusion,
             methods=args.methods,
+            miles_params={"tau": args.tau, "mu": args.mu},
             progress=not args.quiet,
         )
         return 0

@@ -17,20 +17,29 @@ __all__ = ["ImageCNN", "MLPEncoder", "SequenceEncoder"]
 
 
 class ImageCNN(nn.Module):
-    """Conv-BN-ReLU-maxpool blocks, global average pool and a linear projection.
+    """Conv-BN-ReLU-maxpool blocks, an adaptive average pool to ``pool_size x pool_size`` and a
+    linear projection.
 
-    Sized for 28x28 digits but accepts any HxW (pooling uses ``ceil_mode`` and the head is an
-    adaptive average pool). Input ``(B, C, H, W)``, or ``(B, H, W)`` when ``in_channels == 1``.
+    Sized for 28x28 digits but accepts any HxW (pooling uses ``ceil_mode``). The pool keeps a
+    coarse spatial layout (4x4 by default) because a global average pool after two small convs
+    throws away where strokes are, which is most of what identifies a digit. Input
+    ``(B, C, H, W)``, or ``(B, H, W)`` when ``in_channels == 1``.
     """
 
     def __init__(
-        self, in_channels: int = 1, out_features: int = 64, channels: Sequence[int] = (16, 32)
+        self,
+        in_channels: int = 1,
+        out_features: int = 64,
+        channels: Sequence[int] = (16, 32),
+        pool_size: int = 4,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_features < 1:
             raise ValueError(
                 f"in_channels and out_features must be >= 1, got {in_channels}, {out_features}"
             )
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
         if len(channels) == 0 or any(c < 1 for c in channels):
             raise ValueError(f"channels must be a non-empty sequence of ints >= 1, got {channels}")
         self.in_channels = in_channels
@@ -45,9 +54,9 @@ class ImageCNN(nn.Module):
                 nn.MaxPool2d(2, ceil_mode=True),
             ]
             prev = c
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [nn.AdaptiveAvgPool2d(pool_size), nn.Flatten()]
         self.features = nn.Sequential(*layers)
-        self.proj = nn.Linear(prev, out_features)
+        self.proj = nn.Linear(prev * pool_size * pool_size, out_features)
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() == 3 and self.in_channels == 1:
