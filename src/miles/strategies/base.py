@@ -17,6 +17,7 @@ Order of calls::
         per batch: loss(losses, output, batch) -> backward -> after_backward(ctx, output, batch)
                    -> optimizer.step()
         on_epoch_end(ctx, epoch, val, holdout) -> dict recorded in the history
+        selection_score(val) -> float           the best epoch maximises this (default: fused)
         should_stop() -> bool
 """
 
@@ -104,6 +105,11 @@ class Strategy:
     ) -> dict[str, Any]:
         """Take end-of-epoch decisions; return a JSON-able record for the history."""
         return {}
+
+    def selection_score(self, val: EvalResult) -> float:
+        """What the best epoch maximises on validation: the fused metric, unless a method (e.g.
+        a unimodal reference) is judged by one head."""
+        return val.fused
 
     def should_stop(self) -> bool:
         """True ends training after the current epoch."""

@@ -1,8 +1,9 @@
 """A plain-PyTorch trainer: train -> validate (fused + each head) -> strategy decisions -> log.
 
-The best epoch is chosen on the validation fused metric; the test set is then scored with those
-weights, and also with the last epoch's weights, because best-on-validation selection alone can hide
-(or create) a gap between the unimodal heads.
+The best epoch maximises the strategy's ``selection_score`` on validation (the fused metric unless
+a method says otherwise); the test set is then scored with those weights, and also with the last
+epoch's weights, because best-on-validation selection alone can hide (or create) a gap between the
+unimodal heads.
 """
 
 from __future__ import annotations
@@ -316,9 +317,11 @@ class Trainer:
                 "time_s": time.perf_counter() - t0,
             }
             history.append(row)
-            improved = val_res.fused > best_score
+            score = strategy.selection_score(val_res)
+            row["selection_score"] = score
+            improved = score > best_score
             if improved:
-                best_epoch, best_score = epoch, val_res.fused
+                best_epoch, best_score = epoch, score
                 best_state = copy.deepcopy(model.state_dict())
             stopped = strategy.should_stop()
             if self.out_dir is not None:
