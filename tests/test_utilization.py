@@ -186,3 +186,18 @@ def test_utilization_module_imports_torch_only() -> None:
     source = Path(mod.__file__).read_text(encoding="utf-8")
     assert "import numpy" not in source
     assert "torchmetrics" not in source
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_decide_and_imbalance_reject_non_finite_rates(bad: float) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        decide({"a": bad, "b": 0.5}, 0.2)
+    with pytest.raises(ValueError, match="finite"):
+        imbalance({"a": 0.1, "b": bad})
+
+
+def test_decide_rejects_non_numeric_rates() -> None:
+    with pytest.raises(TypeError, match="real number"):
+        decide({"a": "0.3", "b": 0.5}, 0.2)  # type: ignore[dict-item]
+    with pytest.raises(TypeError, match="real number"):
+        imbalance({"a": True, "b": 0.5})

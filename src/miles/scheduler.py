@@ -299,6 +299,11 @@ class MILES(LRScheduler):
         # Set up before super().__init__, which calls self.step() with no arguments.
         self._factors: dict[str, float] = dict.fromkeys(names, 1.0)
         self._history: list[Decision] = []
+        # Per group: the LR MILES last wrote and the LR before its factor. While nothing else has
+        # touched the group since, resetting restores that LR exactly (lr * mu / mu can be off by
+        # one ulp); after a base schedule changed it, we fall back to lr / old_factor.
+        self._written: list[float | None] = [None] * len(group_modalities)
+        self._unscaled: list[float | None] = [None] * len(group_modalities)
         super().__init__(optimizer, last_epoch)
 
     # ------------------------------------------------------------------ properties
@@ -351,6 +356,12 @@ class MILES(LRScheduler):
         self, fused: Any, unimodal: Any, without: Any
     ) -> tuple[float, str, dict[str, float], dict[str, float]]:
         """Check every input; return (fused, estimator, metrics, u) in modality order."""
+        if _group_modalities(self.optimizer) != self._group_modalities:
+            raise ValueError(
+                "the optimizer's param groups (or their 'modality' tags) changed after MILES was "
+                f"created: was {self._group_modalities}, now {_group_modalities(self.optimizer)}; "
+                "create the scheduler after the last add_param_group"
+            )
         if unimodal is not None and without is not None:
             raise ValueError("give either unimodal= or without=, not both")
         if unimodal is None and without is None:
@@ -413,17 +424,25 @@ class MILES(LRScheduler):
         else:
             new = dict.fromkeys(self._modalities, 1.0) if self._reset_other else dict(old)
             new[slowed] = self._mu
-        for group, modality in zip(
-            self.optimizer.param_groups, self._group_modalities, strict=True
+        for index, (group, modality) in enumerate(
+            zip(self.optimizer.param_groups, self._group_modalities, strict=True)
         ):
             if modality is None or new[modality] == old[modality]:
                 continue
             current = group["lr"]
-            lr = current / old[modality] * new[modality]
-            if isinstance(current, torch.Tensor) and not _shared_tensor(current, self.optimizer):
-                current.fill_(_lr_value(lr))  # in place, as torch schedulers do
+            value = _lr_value(current)
+            unscaled = self._unscaled[index]
+            if unscaled is None or value != self._written[index]:
+                unscaled = value / old[modality]
+            lr = unscaled * new[modality]
+            if isinstance(current, torch.Tensor):
+                if _shared_tensor(current, self.optimizer):
+                    group["lr"] = torch.tensor(lr, dtype=current.dtype, device=current.device)
+                else:
+                    current.fill_(lr)  # in place, as torch schedulers do
             else:
-                group["lr"] = lr  # floats, or a tensor LR aliased by several groups
+                group["lr"] = lr
+            self._unscaled[index], self._written[index] = unscaled, _lr_value(group["lr"])
         self._factors = new
         self._advance()
         decision = Decision(
@@ -457,6 +476,8 @@ class MILES(LRScheduler):
             "_step_count": int(self._step_count),
             "_last_lr": [_lr_value(lr) for lr in self._last_lr],
             "base_lrs": [_lr_value(lr) for lr in self.base_lrs],
+            "written": list(self._written),
+            "unscaled": list(self._unscaled),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -479,6 +500,15 @@ class MILES(LRScheduler):
         ):
             raise ValueError(f"state_dict factors must be 1 or mu={mu} per modality: {factors}")
         history = [Decision.from_dict(d) for d in state_dict["history"]]
+        n_groups = len(self._group_modalities)
+        written = list(state_dict.get("written", [None] * n_groups))
+        unscaled = list(state_dict.get("unscaled", [None] * n_groups))
+        if len(written) != n_groups or len(unscaled) != n_groups:
+            raise ValueError(
+                f"state_dict is for {len(written)} param groups, this optimizer has {n_groups}"
+            )
+        self._written = [None if v is None else float(v) for v in written]
+        self._unscaled = [None if v is None else float(v) for v in unscaled]
         self._tau, self._mu, self._reset_other = tau, mu, reset_other
         self._factors = {m: factors[m] for m in self._modalities}
         self._history = history

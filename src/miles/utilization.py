@@ -150,10 +150,24 @@ def conditional_utilization(
 
 def imbalance(u: Mapping[str, float]) -> float:
     """Return ``max(u) - min(u)``: the paper's ``|u_A - u_B|`` (Eq. 5) for any N >= 2."""
-    if len(u) < 2:
-        raise ValueError(f"imbalance needs at least two modalities, got {list(u)}")
-    values = [float(v) for v in u.values()]
+    values = list(_checked_rates(u).values())
     return max(values) - min(values)
+
+
+def _checked_rates(u: Mapping[str, Any]) -> dict[str, float]:
+    """Utilization rates must be finite reals (they can be negative), at least two of them."""
+    if not isinstance(u, Mapping):
+        raise TypeError(f"u must be a mapping {{modality: rate}}, got {type(u).__name__}")
+    if len(u) < 2:
+        raise ValueError(f"need at least two modalities, got {list(u)}")
+    rates: dict[str, float] = {}
+    for name, value in u.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"u[{name!r}] must be a real number, got {type(value).__name__}")
+        if not math.isfinite(float(value)):
+            raise ValueError(f"u[{name!r}] must be finite, got {value!r}")
+        rates[name] = float(value)
+    return rates
 
 
 def _check_tau(tau: Any) -> float:
@@ -179,6 +193,7 @@ def decide(u: Mapping[str, float], tau: float) -> tuple[str | None, str]:
     comparison).
     """
     threshold = _check_tau(tau)
+    u = _checked_rates(u)
     delta = imbalance(u)
     if delta <= threshold:
         return None, "balanced"
