@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
@@ -38,9 +38,11 @@ def make_toy_splits(
         for m in modalities:
             enc = MLPEncoder(features, latent, hidden=(16,))
             if batchnorm:
-                enc = torch.nn.Sequential(torch.nn.BatchNorm1d(features), enc)
-                enc.out_features = latent  # type: ignore[assignment]
-            out[m] = enc
+                seq = torch.nn.Sequential(torch.nn.BatchNorm1d(features), enc)
+                seq.out_features = latent  # type: ignore[assignment]
+                out[m] = seq
+            else:
+                out[m] = enc
         return out
 
     return DatasetSplits(
@@ -54,6 +56,16 @@ def make_toy_splits(
         info={"name": "toy"},
         build_encoders=encoders,
     )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a shared 2-core machine two threads
+    per test fight the other processes; one thread keeps the suite fast and steady."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture

@@ -31,10 +31,11 @@ def test_demo_one_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         and png.stat().st_size > 10_000
     )
-    # after 1 epoch MILES has had no chance to act on the next epoch: the warning says so
-    for row in results["rows"]:
-        if row["method"] == "miles" and row["acted"] == 0:
-            assert f"MILES never acted in {row['fusion']}/miles" in printed
+    # with 1 epoch no MILES decision can change training: acted is 0 and the warning says so
+    for fusion in ("concat", "sum"):
+        row = next(r for r in results["rows"] if r["fusion"] == fusion and r["method"] == "miles")
+        assert row["acted"] == 0
+        assert f"MILES never acted in {fusion}/miles" in printed
 
 
 def test_train_from_yaml_and_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -68,6 +69,9 @@ def test_bad_cli_input(tmp_path: Path) -> None:
         main(["train", "--config", str(bad)])
     with pytest.raises(SystemExit):
         main(["demo", "--epochs", "0"])
+    with pytest.raises(ValueError, match="mu"):
+        main(["demo", "--mu", "0", "--out", str(tmp_path / "never")])
+    assert not (tmp_path / "never").exists()
 
 
 def test_list(capsys: pytest.CaptureFixture[str]) -> None:

@@ -73,3 +73,14 @@ def test_metrics_move_with_module() -> None:
     metrics = HeadMetrics(["a"], 2)
     assert isinstance(metrics, nn.Module)
     assert metrics.to(torch.device("cpu")) is metrics
+
+
+def test_update_logits_from_any_model() -> None:
+    metrics = HeadMetrics(["a", "b"], num_classes=2)
+    target = torch.tensor([0, 1])
+    good, bad = torch.tensor([[1.0, 0], [0, 1]]), torch.tensor([[0.0, 1], [1, 0]])
+    metrics.update_logits(good, {"a": bad, "b": good}, target)
+    scores = metrics.compute()
+    assert (scores.fused, scores.unimodal) == (1.0, {"a": 0.0, "b": 1.0})
+    with pytest.raises(ValueError, match="'b'"):
+        metrics.update_logits(good, {"a": bad}, target)

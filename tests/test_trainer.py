@@ -254,3 +254,77 @@ def test_sgd_and_run_experiment_on_fsdd(tmp_path: Path) -> None:
     assert result.extra["modalities"] == ["audio", "image"]
     assert (tmp_path / "config.json").is_file()
     assert 0.0 <= result.test["fused"] <= 1.0  # type: ignore[index]
+
+
+def test_trainer_records_no_decision_when_fused_metric_is_zero(toy: Any) -> None:
+    torch.manual_seed(0)
+    model = JointFusionModel(toy.build_encoders(8), toy.num_classes)
+    cfg = TrainerConfig(epochs=3, lr=1e-2, progress=False)
+    trainer = Trainer(model, build_strategy("miles", tau=0.0), cfg, collate_fn=collate_multimodal)
+    real = trainer.evaluate
+    calls = {"n": 0}
+
+    def first_val_is_zero(loader: Any, *, keep_latents: bool = False) -> EvalResult:
+        res = real(loader, keep_latents=keep_latents)
+        calls["n"] += 1
+        if calls["n"] == 1:  # e.g. F1 = 0 after the first epoch
+            res.fused = 0.0
+        return res
+
+    trainer.evaluate = first_val_is_zero  # type: ignore[method-assign]
+    result = trainer.fit(toy.train, toy.val)
+    first, second = result.history[0]["strategy"], result.history[1]["strategy"]
+    assert first == {"decision": None, "note": "fused metric is 0: no decision"}
+    assert second["decision"]["epoch"] == 2  # the scheduler's epoch count still advanced
+    assert result.history[1]["lr_strong"] == result.history[0]["lr_strong"] == 1e-2
+
+
+def test_fit_seeds_the_global_rng_for_dropout() -> None:
+    data = make_toy_splits()
+
+    def run() -> list[float]:
+        torch.manual_seed(0)
+        encoders = {
+            m: torch.nn.Sequential(torch.nn.Dropout(0.5), enc)
+            for m, enc in data.build_encoders(8).items()
+        }
+        for enc in encoders.values():
+            enc.out_features = 8  # type: ignore[assignment]
+        model = JointFusionModel(encoders, data.num_classes)
+        trainer = Trainer(
+            model,
+            build_strategy("joint+aux"),
+            TrainerConfig(epochs=2, progress=False),
+            collate_fn=collate_multimodal,
+        )
+        torch.rand(17)  # whatever the caller did to the global RNG in between
+        return [r["train_loss"] for r in trainer.fit(data.train, data.val).history]
+
+    assert run() == run()
+
+
+def test_aux_weights_scale_the_unimodal_losses(toy: Any) -> None:
+    strategy = build_strategy("joint+aux", aux_weights={"weak": 0.25})
+    losses = {"fused": torch.tensor(1.0), "strong": torch.tensor(2.0), "weak": torch.tensor(4.0)}
+    assert float(strategy.loss(losses, None, {})) == 1.0 + 2.0 + 0.25 * 4.0  # type: ignore[arg-type]
+    zero, _ = _fit(toy, "joint+aux", epochs=1, aux_weights=0.0)
+    assert zero.strategy["aux_weights"] == 0.0
+    with pytest.raises(ValueError, match="aux weight"):
+        build_strategy("miles", aux_weights=-1)
+
+
+def test_miles_strategy_validates_before_training() -> None:
+    for bad in ({"mu": 0}, {"mu": 1.5}, {"tau": -0.1}, {"tau": float("nan")}):
+        with pytest.raises(ValueError):
+            build_strategy("miles", **bad)
+    with pytest.raises(ValueError, match="ablation_fill"):
+        build_strategy("miles", estimator="ablation", ablation_fill="noise")
+    with pytest.raises(TypeError, match="reset_other"):
+        build_strategy("miles", reset_other="yes")
+
+
+def test_heads_can_stay_at_base_rate(toy: Any) -> None:
+    result, _ = _fit(toy, "miles", epochs=3, tau=0.0, head_follows_encoder=False)
+    assert any(r["strategy"]["decision"]["slowed"] for r in result.history)
+    assert result.history[-1]["lr_shared"] == 1e-2  # the heads live in the shared group
+    assert result.strategy["head_follows_encoder"] is False

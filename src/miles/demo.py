@@ -11,13 +11,27 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miles.report.tables import markdown_table, summarize_run
+from miles.report.tables import idle_reasons, markdown_table, max_delta, summarize_run
+from miles.strategies.registry import build_strategy
 from miles.training.experiment import ExperimentConfig, run_experiment
 from miles.training.history import write_json
 from miles.training.trainer import TrainerConfig
 
 DEMO_METHODS = ("joint", "joint+aux", "miles")
 DEMO_EPOCHS = 15
+
+
+def never_acted_warning(key: str, result: Mapping[str, Any]) -> str:
+    """Say that a MILES run trained exactly like joint+aux, and why (from its decisions)."""
+    reasons = idle_reasons(result)
+    why = ", ".join(f"{reason}: {n}" for reason, n in reasons.items()) or "a single epoch"
+    md = max_delta(result)
+    largest = (
+        f"; largest delta {md:.3f}, tau {result['strategy'].get('tau')}" if md is not None else ""
+    )
+    return (
+        f"warning: MILES never acted in {key} ({why}{largest}): it trained exactly like joint+aux"
+    )
 
 
 def run_demo(
@@ -40,6 +54,8 @@ def run_demo(
     from miles.data import build_dataset
     from miles.report.plots import plot_learning_dynamics
 
+    if "miles" in methods:  # fail on bad tau/mu before any training, not after four runs
+        build_strategy("miles", **dict(miles_params or {}))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = build_dataset("fsdd-mnist")
@@ -75,17 +91,11 @@ def run_demo(
             )
     columns = ["fusion", "method", "fused", *data.modalities, "gap", "best_epoch", "acted"]
     table = markdown_table(rows, columns, percent=["fused", *data.modalities, "gap"])
-    warnings = []
-    for row, (key, result) in zip(rows, runs.items(), strict=True):
-        if row["acted"] == 0:
-            md = row["max_delta"]
-            tau = result["strategy"].get("tau")
-            warnings.append(
-                f"warning: MILES never acted in {key} (largest delta {md:.3f} <= tau {tau}): "
-                "it trained exactly like joint+aux"
-                if md is not None
-                else f"warning: MILES never acted in {key}"
-            )
+    warnings = [
+        never_acted_warning(key, result)
+        for row, (key, result) in zip(rows, runs.items(), strict=True)
+        if row["acted"] == 0
+    ]
     plot_path = plot_learning_dynamics(
         {k: r for k, r in runs.items() if r["strategy"]["name"] == "miles"} or runs,
         out / "learning_dynamics.png",

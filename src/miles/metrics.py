@@ -103,11 +103,16 @@ class HeadMetrics(nn.Module):
 
     def update(self, output: FusionOutput, target: Tensor) -> None:
         """Add one batch of logits (``FusionOutput`` from :class:`JointFusionModel`)."""
-        self.fused.update(self._prep(output.fused.detach()), target)
+        self.update_logits(output.fused, output.unimodal, target)
+
+    def update_logits(self, fused: Tensor, unimodal: Mapping[str, Tensor], target: Tensor) -> None:
+        """Add one batch from any model: fused logits and ``{modality: head logits}``."""
+        missing = [m for m in self.modalities if m not in unimodal]
+        if missing:
+            raise ValueError(f"output has no unimodal head {missing[0]!r}; has {list(unimodal)}")
+        self.fused.update(self._prep(fused.detach()), target)
         for m in self.modalities:
-            if m not in output.unimodal:
-                raise ValueError(f"output has no unimodal head {m!r}; has {list(output.unimodal)}")
-            self._head(m).update(self._prep(output.unimodal[m].detach()), target)
+            self._head(m).update(self._prep(unimodal[m].detach()), target)
 
     def compute(self) -> HeadScores:
         return HeadScores(

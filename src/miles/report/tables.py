@@ -18,10 +18,25 @@ def decisions(result: Mapping[str, Any]) -> list[dict[str, Any] | None]:
 
 
 def epochs_acted(result: Mapping[str, Any]) -> int | None:
-    """In how many epochs MILES slowed a modality (``None`` for strategies without MILES)."""
+    """In how many epochs MILES trained a modality at a lowered rate (``None`` without MILES).
+
+    A decision applies to the *next* epoch, so the one taken after the last epoch changed nothing
+    and is not counted.
+    """
     if result["strategy"].get("name") != "miles":
         return None
-    return sum(1 for d in decisions(result) if d is not None and d.get("slowed") is not None)
+    effective = decisions(result)[:-1]
+    return sum(1 for d in effective if d is not None and d.get("slowed") is not None)
+
+
+def idle_reasons(result: Mapping[str, Any]) -> dict[str, int]:
+    """Why MILES did not act, counted over the epochs whose decision applied to training."""
+    counts: dict[str, int] = {}
+    for d in decisions(result)[:-1]:
+        reason = "no decision (fused metric 0)" if d is None else d["reason"]
+        if d is None or d.get("slowed") is None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 def max_delta(result: Mapping[str, Any]) -> float | None:

@@ -23,6 +23,7 @@ Order of calls::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -47,6 +48,19 @@ class EvalResult:
 
 
 @dataclass
+class ComparisonSetup:
+    """What ``miles compare`` tells a method about the comparison it runs in.
+
+    ``unimodal_lrs()`` runs (or reads from cache) the per-modality learning-rate sweep, only when a
+    method asks for it.
+    """
+
+    modalities: tuple[str, ...]
+    base_lr: float
+    unimodal_lrs: Callable[[], dict[str, float]]
+
+
+@dataclass
 class StrategyContext:
     """What hooks may use: the model, its optimizer, and a way to evaluate any loader."""
 
@@ -61,6 +75,19 @@ class StrategyContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+def check_aux_weights(value: float | Mapping[str, float]) -> float | dict[str, float]:
+    """Validate ``w_m`` of ``L = L_fused + sum_m w_m L_m``: one number, or one per modality."""
+
+    def one(name: str, w: Any) -> float:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ValueError(f"aux weight {name} must be a finite number >= 0, got {w!r}")
+        return float(w)
+
+    if isinstance(value, Mapping):
+        return {str(k): one(repr(k), v) for k, v in value.items()}
+    return one("", value)
+
+
 class Strategy:
     """Base strategy = joint training with the auxiliary unimodal losses (``joint+aux``)."""
 
@@ -70,6 +97,10 @@ class Strategy:
     holdout_fraction: float = 0.0
     #: keep the validation latents in ``EvalResult`` (ablation estimators need them)
     needs_latents: bool = False
+    #: ``w_m`` of the auxiliary losses: one number for all, or ``{modality: weight}`` (missing: 1)
+    aux_weights: float | dict[str, float] = 1.0
+    #: put each unimodal head in its modality's param group (else in the shared group)
+    head_follows_encoder: bool = True
 
     def configure_model(self, model: JointFusionModel) -> None:
         """Adjust the model before training (e.g. detach the unimodal heads)."""
@@ -77,7 +108,13 @@ class Strategy:
 
     def param_groups(self, model: JointFusionModel) -> list[dict[str, Any]]:
         """Optimizer groups; default: one per modality (encoder + head) and one shared."""
-        return modality_param_groups(model)
+        return modality_param_groups(model, head_follows_encoder=self.head_follows_encoder)
+
+    def aux_weight(self, modality: str) -> float:
+        """``w_m`` for one modality's auxiliary loss."""
+        if isinstance(self.aux_weights, Mapping):
+            return self.aux_weights.get(modality, 1.0)
+        return self.aux_weights
 
     def on_fit_start(self, ctx: StrategyContext) -> None:
         """Called once the optimizer exists (build schedulers on ``ctx.optimizer`` here)."""
@@ -92,7 +129,8 @@ class Strategy:
         total = losses[FUSED]
         for name, value in losses.items():
             if name != FUSED:
-                total = total + value
+                weight = self.aux_weight(name)
+                total = total + (value if weight == 1.0 else weight * value)
         return total
 
     def after_backward(
@@ -122,6 +160,20 @@ class Strategy:
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
 
+    @classmethod
+    def comparison_runs(cls, setup: ComparisonSetup) -> list[tuple[str, dict[str, Any]]]:
+        """``(label, constructor params)`` of each run ``miles compare`` makes of this method.
+
+        One run with default parameters unless a method needs more (one per modality for the
+        unimodal references) or extra inputs (the swept unimodal learning rates for MSLR).
+        """
+        return [("", {})]
+
     def describe(self) -> dict[str, Any]:
         """Name and hyper-parameters, for results tables and reports."""
-        return {"name": self.name, "uses_aux_losses": self.uses_aux_losses}
+        info: dict[str, Any] = {"name": self.name, "uses_aux_losses": self.uses_aux_losses}
+        if self.aux_weights != 1.0:
+            info["aux_weights"] = self.aux_weights
+        if not self.head_follows_encoder:
+            info["head_follows_encoder"] = False
+        return info

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from miles.models.fusion import JointFusionModel
-from miles.strategies.base import Strategy
+from miles.strategies.base import Strategy, check_aux_weights
 from miles.strategies.registry import register_strategy
 
 
@@ -27,3 +27,6 @@ class JointAux(Strategy):
     """Fused loss plus every unimodal loss (weights 1): MILES with ``mu = 1``."""
 
     name = "joint+aux"
+
+    def __init__(self, aux_weights: float | dict[str, float] = 1.0) -> None:
+        self.aux_weights = check_aux_weights(aux_weights)

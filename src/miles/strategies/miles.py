@@ -6,11 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from miles.metrics import ablated_fused_scores, make_metric
-from miles.scheduler import MILES
-from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.scheduler import MILES, _check_mu
+from miles.strategies.base import EvalResult, Strategy, StrategyContext, check_aux_weights
 from miles.strategies.registry import register_strategy
+from miles.utilization import _check_tau
 
 ESTIMATORS = ("heads", "ablation")
+ABLATION_FILLS = ("mean", "zeros")
 
 
 @register_strategy("miles")
@@ -23,6 +25,11 @@ class MILESStrategy(Strategy):
         reset_other: reset the other modalities to the base rate when one is slowed.
         estimator: ``"heads"`` (the paper: unimodal head metrics) or ``"ablation"`` (the fused
             head re-run with one modality's latent replaced by its validation mean).
+        ablation_fill: what replaces the latent for the ablation estimator: ``"mean"`` or
+            ``"zeros"``.
+        head_follows_encoder: slow each unimodal head together with its encoder (default) or
+            keep the heads at the base rate.
+        aux_weights: ``w_m`` of the auxiliary losses (1 in the paper).
     """
 
     name = "miles"
@@ -34,10 +41,26 @@ class MILESStrategy(Strategy):
         reset_other: bool = False,
         estimator: str = "heads",
         ablation_fill: str = "mean",
+        head_follows_encoder: bool = True,
+        aux_weights: float | dict[str, float] = 1.0,
     ) -> None:
+        # Checked here, not at on_fit_start, so a bad config fails before any training.
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        self.tau, self.mu, self.reset_other = tau, mu, reset_other
+        if ablation_fill not in ABLATION_FILLS:
+            raise ValueError(
+                f"ablation_fill must be one of {ABLATION_FILLS}, got {ablation_fill!r}"
+            )
+        for flag, value in (
+            ("reset_other", reset_other),
+            ("head_follows_encoder", head_follows_encoder),
+        ):
+            if not isinstance(value, bool):
+                raise TypeError(f"{flag} must be a bool, got {value!r}")
+        self.tau, self.mu = _check_tau(tau), _check_mu(mu)
+        self.reset_other = reset_other
+        self.head_follows_encoder = head_follows_encoder
+        self.aux_weights = check_aux_weights(aux_weights)
         self.estimator = estimator
         self.ablation_fill = ablation_fill
         self.needs_latents = estimator == "ablation"
@@ -97,4 +120,5 @@ class MILESStrategy(Strategy):
             "mu": self.mu,
             "reset_other": self.reset_other,
             "estimator": self.estimator,
+            **({"ablation_fill": self.ablation_fill} if self.estimator == "ablation" else {}),
         }

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from miles.batch import move_batch
 from miles.metrics import METRICS, HeadMetrics
 from miles.models.fusion import JointFusionModel
 from miles.models.losses import FUSED, head_losses
@@ -86,13 +86,15 @@ class RunResult:
         return asdict(self)
 
 
-def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Send inputs and target to ``device``; lengths stay on the CPU (packed RNNs want them)."""
-    return {
-        "inputs": {m: x.to(device, non_blocking=True) for m, x in batch["inputs"].items()},
-        "lengths": dict(batch.get("lengths", {})),
-        "target": batch["target"].to(device, non_blocking=True),
-    }
+def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """LR of every param group keyed by its ``"name"`` (``group<i>`` if unnamed, made unique)."""
+    out: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        key = str(group.get("name", f"group{i}"))
+        if key in out:
+            key = f"{key}#{i}"
+        out[key] = float(group["lr"])
+    return out
 
 
 def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -244,6 +246,9 @@ class Trainer:
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir holding last.pt")
         start = time.perf_counter()
+        # Dropout, noise-adding strategies and the like draw from the global RNG: seed it too
+        # (a resumed run restores its saved state below).
+        torch.manual_seed(cfg.seed)
         strategy.configure_model(model)
         model.to(self.device)
         optimizer = self._make_optimizer(strategy.param_groups(model))
@@ -298,10 +303,7 @@ class Trainer:
         for epoch in bar:
             t0 = time.perf_counter()
             strategy.on_epoch_start(ctx, epoch)
-            lrs = {
-                g.get("name", f"group{i}"): float(g["lr"])
-                for i, g in enumerate(optimizer.param_groups)
-            }
+            lrs = group_lrs(optimizer)
             train_stats = self._train_epoch(train_loader, optimizer, ctx)
             val_res = self.evaluate(val_loader, keep_latents=strategy.needs_latents)
             holdout_res = self.evaluate(holdout_loader) if holdout_loader is not None else None

@@ -1,0 +1,19 @@
+"""Moving a collated batch to a device: one place, shared by the trainer and the strategies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["move_batch"]
+
+
+def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """Send inputs and target to ``device``; lengths stay on the CPU (packed RNNs want them)."""
+    return {
+        "inputs": {m: x.to(device, non_blocking=True) for m, x in batch["inputs"].items()},
+        "lengths": dict(batch.get("lengths", {})),
+        "target": batch["target"].to(device, non_blocking=True),
+    }
