@@ -1,17 +1,36 @@
-"""Balancing strategies, registered by name (``build_strategy("miles", tau=0.2)``)."""
+"""Balancing strategies, registered by name (``build_strategy("miles", tau=0.2)``).
 
-from miles.strategies.base import EvalResult, Strategy, StrategyContext
+Importing this package registers every built-in method: ``joint``, ``joint+aux``, ``unimodal``,
+``mses``, ``mslr-k``, ``mslr-s``, ``mslr-d``, ``ogm``, ``ogm-ge``, ``gblend`` and ``miles``.
+"""
+
+from miles.strategies.base import ComparisonSetup, EvalResult, Strategy, StrategyContext
+from miles.strategies.gblend import GBlend
 from miles.strategies.joint import Joint, JointAux
 from miles.strategies.miles import MILESStrategy
+from miles.strategies.mses import MSES
+from miles.strategies.mslr import MSLRDynamic, MSLRKeep, MSLRSmooth
+from miles.strategies.ogm import OGM
+from miles.strategies.ogm_ge import OGMGE
 from miles.strategies.registry import available_strategies, build_strategy, register_strategy
+from miles.strategies.unimodal import Unimodal
 
 __all__ = [
+    "MSES",
+    "OGM",
+    "OGMGE",
+    "ComparisonSetup",
     "EvalResult",
+    "GBlend",
     "Joint",
     "JointAux",
     "MILESStrategy",
+    "MSLRDynamic",
+    "MSLRKeep",
+    "MSLRSmooth",
     "Strategy",
     "StrategyContext",
+    "Unimodal",
     "available_strategies",
     "build_strategy",
     "register_strategy",

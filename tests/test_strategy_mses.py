@@ -1,0 +1,242 @@
+"""MSES: per-modality early stopping freezes exactly the converged encoder, at the right epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import miles.strategies.mses  # noqa: F401  (registers "mses")
+from miles.data import collate_multimodal
+from miles.models import JointFusionModel
+from miles.models.losses import head_losses
+from miles.strategies import EvalResult, StrategyContext, build_strategy
+from miles.strategies.base import Strategy
+from miles.strategies.mses import MSES
+from miles.training import Trainer, TrainerConfig
+from tests.conftest import make_toy_splits
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models: extra intra-op threads only add contention on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def bn_toy() -> Any:
+    return make_toy_splits(batchnorm=True)
+
+
+def _model(data: Any, seed: int = 0) -> JointFusionModel:
+    torch.manual_seed(seed)
+    return JointFusionModel(data.build_encoders(8), data.num_classes)
+
+
+def _fit(
+    data: Any,
+    strategy: Strategy,
+    epochs: int,
+    *,
+    out_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[Any, JointFusionModel]:
+    model = _model(data)
+    cfg = TrainerConfig(epochs=epochs, lr=1e-2, batch_size=32, seed=0, progress=False)
+    trainer = Trainer(model, strategy, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
+    return trainer.fit(data.train, data.val, data.test, resume=resume), model
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _equal(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Every tensor equal; non-tensors (the model's extra state: frozen modalities) too."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+def _no_times(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
+
+
+def _no_eval(loader: Any) -> EvalResult:
+    raise AssertionError("MSES must not run its own evaluations")
+
+
+def _ctx(model: JointFusionModel, strategy: Strategy) -> StrategyContext:
+    strategy.configure_model(model)
+    opt = torch.optim.Adam(strategy.param_groups(model), lr=1e-2)
+    ctx = StrategyContext(model, opt, torch.device("cpu"), 10, False, "accuracy", _no_eval)
+    strategy.on_fit_start(ctx)
+    return ctx
+
+
+def _val(strong: float, weak: float) -> EvalResult:
+    return EvalResult(0.5, {"strong": strong, "weak": weak}, 1.0)
+
+
+def test_hand_made_sequences_freeze_the_converged_encoder(bn_toy: Any) -> None:
+    model = _model(bn_toy)
+    strategy = MSES(patience=2, min_delta=0.01, restore_best=False)
+    ctx = _ctx(model, strategy)
+    # strong: best 0.60 at epoch 2; 0.605 (+0.005 <= min_delta) and 0.55 do not improve it
+    # weak keeps improving by more than min_delta, then stalls from epoch 5 (best 0.40 at 4)
+    strong = [0.50, 0.60, 0.605, 0.55, 0.9, 0.9]
+    weak = [0.20, 0.30, 0.35, 0.40, 0.40, float("nan")]
+    records = []
+    for epoch, (s, w) in enumerate(zip(strong, weak, strict=True), start=1):
+        strategy.on_epoch_start(ctx, epoch)
+        records.append(strategy.on_epoch_end(ctx, epoch, _val(s, w), None))
+        if epoch < 6:
+            assert not strategy.should_stop()
+    assert [r["newly_frozen"] for r in records] == [[], [], [], ["strong"], [], ["weak"]]
+    assert [r["frozen"] for r in records][3:] == [["strong"], ["strong"], ["strong", "weak"]]
+    assert [r["wait"] for r in records][:4] == [
+        {"strong": 0, "weak": 0},
+        {"strong": 0, "weak": 0},
+        {"strong": 1, "weak": 0},
+        {"strong": 2, "weak": 0},
+    ]
+    # once frozen, strong is no longer tracked: its 0.9 at epoch 5 changes nothing
+    assert records[4]["wait"] == {"strong": 2, "weak": 1}
+    assert records[5]["best_epoch"] == {"strong": 2, "weak": 4}  # NaN is no improvement
+    assert strategy.frozen_at == {"strong": 4, "weak": 6}
+    assert model.frozen_modalities == {"strong", "weak"}
+    assert strategy.should_stop()
+
+
+def test_frozen_encoder_keeps_weights_and_batchnorm_stats(bn_toy: Any) -> None:
+    model = _model(bn_toy)
+    strategy = MSES(patience=1)
+    ctx = _ctx(model, strategy)
+    strategy.on_epoch_end(ctx, 1, _val(0.6, 0.3), None)
+    record = strategy.on_epoch_end(ctx, 2, _val(0.6, 0.4), None)  # strong: no improvement
+    assert record["newly_frozen"] == ["strong"] and model.frozen_modalities == {"strong"}
+    assert any(isinstance(x, torch.nn.BatchNorm1d) for x in model.encoders["strong"].modules())
+    strategy.on_epoch_start(ctx, 3)  # restore_best: strong is reloaded from epoch 1 (no change)
+    before = {m: _state(model.encoders[m]) for m in ("strong", "weak")}
+    head_before = _state(model.heads["strong"])
+    model.train()
+    batch = collate_multimodal([bn_toy.train[i] for i in range(32)])
+    for _ in range(3):
+        out = model(batch["inputs"])
+        loss = strategy.loss(head_losses(out, batch["target"]), out, batch)
+        ctx.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        ctx.optimizer.step()
+    assert _equal(before["strong"], model.encoders["strong"].state_dict())
+    assert _equal(head_before, model.heads["strong"].state_dict())
+    weak_after = model.encoders["weak"].state_dict()
+    for key in ("0.running_mean", "0.num_batches_tracked", "0.weight"):
+        assert not torch.equal(before["weak"][key], weak_after[key]), key
+
+
+def test_large_patience_is_joint_aux_bit_for_bit(bn_toy: Any) -> None:
+    aux, m_aux = _fit(bn_toy, build_strategy("joint+aux"), 4)
+    mses, m_mses = _fit(bn_toy, MSES(patience=100), 4)
+    assert _equal(m_aux.state_dict(), m_mses.state_dict())
+    strip = [{k: v for k, v in r.items() if k != "strategy"} for r in _no_times(mses.history)]
+    assert strip == [
+        {k: v for k, v in r.items() if k != "strategy"} for r in _no_times(aux.history)
+    ]
+    assert mses.history[-1]["strategy"]["frozen"] == []
+    assert mses.strategy["uses_aux_losses"] is True and mses.strategy["patience"] == 100
+
+
+def test_stops_when_all_encoders_converged(bn_toy: Any) -> None:
+    # min_delta 1.0: no accuracy can improve after epoch 1, so both freeze at the end of epoch 2
+    result, model = _fit(bn_toy, MSES(patience=1, min_delta=1.0), 5)
+    assert result.epochs_run == 2
+    assert result.history[-1]["strategy"]["newly_frozen"] == ["strong", "weak"]
+    assert model.frozen_modalities == {"strong", "weak"}
+
+
+@pytest.mark.parametrize("restore_best", [True, False])
+def test_restore_best_reloads_the_best_epoch_weights(
+    tmp_path: Path, bn_toy: Any, restore_best: bool
+) -> None:
+    """Both encoders converge (best at epoch 1, frozen after epoch 2); training goes on for the
+    fused head. With restore_best their branches end as joint+aux after 1 epoch, else 2."""
+    strategy = MSES(
+        patience=1, min_delta=1.0, restore_best=restore_best, stop_when_all_frozen=False
+    )
+    mses, _ = _fit(bn_toy, strategy, 4, out_dir=tmp_path / "mses")
+    ref_epochs = 1 if restore_best else 2
+    _fit(bn_toy, build_strategy("joint+aux"), ref_epochs, out_dir=tmp_path / "ref")
+    # the last weights (fit() leaves the best-epoch weights in the model)
+    last = torch.load(tmp_path / "mses" / "last.pt", weights_only=True)["model"]
+    ref = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)["model"]
+    assert mses.epochs_run == 4
+    branch = [k for k in ref if k.startswith(("encoders.", "heads."))]
+    assert len(branch) > 8 and any(k.endswith("running_mean") for k in branch)
+    assert all(torch.equal(last[k], ref[k]) for k in branch)
+    assert not torch.equal(last["fused_head.weight"], ref["fused_head.weight"])  # kept training
+    expected = ["strong", "weak"] if restore_best else []
+    assert mses.history[2]["strategy"]["restored"] == expected
+    if restore_best:  # validation after the reload shows the best epoch's unimodal heads
+        for m in ("strong", "weak"):
+            assert mses.history[2][f"val_{m}"] == mses.history[0][f"val_{m}"]
+
+
+@pytest.mark.parametrize("cut", [2, 3])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, bn_toy: Any, cut: int) -> None:
+    """Freezing happens after epoch 3 and the reload at the start of epoch 4: cut on both sides."""
+
+    def strategy() -> MSES:
+        return MSES(patience=2, min_delta=1.0, stop_when_all_frozen=False)
+
+    full, m_full = _fit(bn_toy, strategy(), 5, out_dir=tmp_path / "full")
+    _fit(bn_toy, strategy(), cut, out_dir=tmp_path / "part")
+    res, m_res = _fit(bn_toy, strategy(), 5, out_dir=tmp_path / "part", resume=True)
+    assert full.history[2]["strategy"]["newly_frozen"] == ["strong", "weak"]
+    assert _no_times(res.history) == _no_times(full.history)
+    assert res.test == full.test and res.best_epoch == full.best_epoch
+    assert _equal(m_full.state_dict(), m_res.state_dict())
+    assert m_res.frozen_modalities == {"strong", "weak"}
+
+
+def test_state_dict_round_trip_and_validation(bn_toy: Any) -> None:
+    model = _model(bn_toy)
+    strategy = MSES(patience=1)
+    ctx = _ctx(model, strategy)
+    strategy.on_epoch_end(ctx, 1, _val(0.6, 0.3), None)
+    strategy.on_epoch_end(ctx, 2, _val(0.5, 0.4), None)
+    state = strategy.state_dict()
+    assert state["pending_restore"] == ["strong"] and state["frozen_at"] == {"strong": 2}
+    other = MSES(patience=1)
+    other.load_state_dict(state)
+    assert other.state_dict().keys() == state.keys()
+    assert other.frozen_at == {"strong": 2} and other.best == {"strong": 0.6, "weak": 0.4}
+    with pytest.raises(ValueError, match="MSES state"):
+        other.load_state_dict({"best": {}})
+    with pytest.raises(ValueError, match="no unimodal metric"):
+        strategy.on_epoch_end(ctx, 3, EvalResult(0.5, {"strong": 0.1}, 1.0), None)
+
+
+def test_constructor_validation() -> None:
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="patience"):
+            MSES(patience=bad)  # type: ignore[arg-type]
+    for bad_delta in (-0.1, float("nan"), "0"):
+        with pytest.raises(ValueError, match="min_delta"):
+            MSES(min_delta=bad_delta)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="restore_best"):
+        MSES(restore_best=1)  # type: ignore[arg-type]
+    info = build_strategy("mses").describe()
+    assert info == {
+        "name": "mses",
+        "uses_aux_losses": True,
+        "patience": 5,
+        "min_delta": 0.0,
+        "restore_best": True,
+        "stop_when_all_frozen": True,
+    }

@@ -1,0 +1,285 @@
+"""MSLR Keep / Smooth / Dynamic: rates by hand, neutral settings bit for bit, exact resumption."""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from miles.data import collate_multimodal
+from miles.models import JointFusionModel
+from miles.strategies import EvalResult, Strategy, StrategyContext, build_strategy
+from miles.strategies.base import ComparisonSetup
+from miles.strategies.mslr import (  # importing registers mslr-k, mslr-s, mslr-d
+    MSLRDynamic,
+    MSLRKeep,
+    MSLRSmooth,
+    smooth_lrs,
+)
+from miles.training import Trainer, TrainerConfig
+
+BASE = 1e-2
+
+
+def _fit(
+    data: Any,
+    strategy: str | Strategy,
+    *,
+    epochs: int = 3,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    **params: Any,
+) -> tuple[Any, JointFusionModel]:
+    strat = build_strategy(strategy, **params) if isinstance(strategy, str) else strategy
+    torch.manual_seed(0)
+    model = JointFusionModel(data.build_encoders(8), data.num_classes, "concat")
+    cfg = TrainerConfig(epochs=epochs, lr=BASE, batch_size=32, seed=0, progress=False)
+    trainer = Trainer(model, strat, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
+    return trainer.fit(data.train, data.val, data.test, resume=resume), model
+
+
+def _same_weights(a: JointFusionModel, b: JointFusionModel) -> bool:
+    pa, pb = a.state_dict(), b.state_dict()
+    return pa.keys() == pb.keys() and all(
+        torch.equal(pa[k], pb[k]) for k in pa if isinstance(pa[k], torch.Tensor)
+    )
+
+
+def _strip_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
+
+
+def _ctx(model: JointFusionModel, strategy: Strategy, lr: float = BASE) -> StrategyContext:
+    opt = torch.optim.Adam(strategy.param_groups(model), lr=lr)
+    return StrategyContext(
+        model, opt, torch.device("cpu"), 10, False, "accuracy", evaluate=lambda _: None
+    )  # type: ignore[arg-type,return-value]
+
+
+def _tiny_model() -> JointFusionModel:
+    torch.manual_seed(0)
+    return JointFusionModel(
+        {"a": torch.nn.Linear(2, 3), "b": torch.nn.Linear(2, 3)},  # type: ignore[dict-item]
+        num_classes=2,
+    )
+
+
+def _group_lrs(ctx: StrategyContext) -> dict[str, float]:
+    return {g["name"]: g["lr"] for g in ctx.optimizer.param_groups}
+
+
+# -- registry, validation -----------------------------------------------------------------------
+def test_registered_and_described() -> None:
+    keep = build_strategy("mslr-k", unimodal_lrs={"a": 1e-3, "b": 1e-2})
+    assert isinstance(keep, MSLRKeep) and keep.uses_aux_losses
+    assert isinstance(build_strategy("mslr-s", unimodal_lrs={"a": 1e-3}), MSLRSmooth)
+    assert isinstance(build_strategy("mslr-d"), MSLRDynamic)
+    d = build_strategy("mslr-d", window=3, strength=0.5).describe()
+    assert d["name"] == "mslr-d" and d["window"] == 3 and d["update_every"] == 3
+    assert d["strength"] == 0.5 and d["uses_aux_losses"] is True
+    s = build_strategy("mslr-s", unimodal_lrs={"a": 1e-3}, smoothing=0.25).describe()
+    assert s["smoothing"] == 0.25 and s["mean"] == "geometric" and s["unimodal_lrs"] == {"a": 1e-3}
+
+
+@pytest.mark.parametrize(
+    ("key", "params", "match"),
+    [
+        ("mslr-k", {}, "required"),
+        ("mslr-k", {"unimodal_lrs": {}}, "non-empty"),
+        ("mslr-k", {"unimodal_lrs": {"a": -1e-3}}, "'a'"),
+        ("mslr-k", {"unimodal_lrs": {"a": math.nan}}, "positive finite"),
+        ("mslr-k", {"unimodal_lrs": {"a": True}}, "positive finite"),
+        ("mslr-s", {"unimodal_lrs": {"a": 1e-3}, "smoothing": 1.5}, "smoothing"),
+        ("mslr-s", {"unimodal_lrs": {"a": 1e-3}, "mean": "harmonic"}, "mean"),
+        ("mslr-d", {"window": 0}, "window"),
+        ("mslr-d", {"update_every": 0}, "update_every"),
+        ("mslr-d", {"strength": -1.0}, "strength"),
+    ],
+)
+def test_bad_arguments(key: str, params: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_strategy(key, **params)
+
+
+def test_names_must_match_model() -> None:
+    model = _tiny_model()
+    strategy = MSLRKeep({"a": 1e-3, "c": 1e-2})
+    with pytest.raises(ValueError, match=r"missing \['b'\], unknown \['c'\]"):
+        strategy.param_groups(model)
+    # also caught at on_fit_start when the optimizer was built elsewhere
+    opt = torch.optim.Adam(Strategy().param_groups(model), lr=BASE)
+    ctx = StrategyContext(model, opt, torch.device("cpu"), 1, False, "accuracy", lambda _: None)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match="missing"):
+        strategy.on_fit_start(ctx)
+
+
+# -- Keep ----------------------------------------------------------------------------------------
+def test_keep_sets_group_rates_and_shared_stays_base() -> None:
+    model = _tiny_model()
+    strategy = MSLRKeep({"a": 1e-4, "b": 3e-3})
+    groups = strategy.param_groups(model)
+    assert {g["name"]: g.get("lr") for g in groups} == {"a": 1e-4, "b": 3e-3, "shared": None}
+    ctx = _ctx(model, strategy)
+    strategy.on_fit_start(ctx)
+    assert _group_lrs(ctx) == {"a": 1e-4, "b": 3e-3, "shared": BASE}
+    rec = strategy.on_epoch_end(ctx, 1, EvalResult(0.5, {"a": 0.1, "b": 0.9}, 1.0), None)
+    assert rec == {"lrs": {"a": 1e-4, "b": 3e-3}}
+    assert strategy.state_dict() == {}
+
+
+def test_keep_with_base_rates_is_joint_aux_bit_for_bit(toy: Any) -> None:
+    aux, m_aux = _fit(toy, "joint+aux", epochs=3)
+    keep, m_keep = _fit(toy, "mslr-k", epochs=3, unimodal_lrs={"strong": BASE, "weak": BASE})
+    assert _same_weights(m_aux, m_keep)
+    assert [r["val_fused"] for r in aux.history] == [r["val_fused"] for r in keep.history]
+
+
+def test_keep_trains_with_its_rates(toy: Any) -> None:
+    _, m_aux = _fit(toy, "joint+aux", epochs=2)
+    res, m_keep = _fit(toy, "mslr-k", epochs=2, unimodal_lrs={"strong": 1e-3, "weak": 3e-2})
+    for row in res.history:
+        assert (row["lr_strong"], row["lr_weak"], row["lr_shared"]) == (1e-3, 3e-2, BASE)
+        assert row["strategy"]["lrs"] == {"strong": 1e-3, "weak": 3e-2}
+    assert not _same_weights(m_aux, m_keep)
+
+
+def test_heads_can_stay_at_base_rate() -> None:
+    model = _tiny_model()
+    strategy = MSLRKeep({"a": 1e-4, "b": 3e-3}, head_follows_encoder=False)
+    ctx = _ctx(model, strategy)
+    strategy.on_fit_start(ctx)
+    lr_of = {id(p): g["lr"] for g in ctx.optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.heads["a"].weight)] == BASE
+    assert lr_of[id(model.encoders["a"].weight)] == 1e-4
+    assert strategy.describe()["head_follows_encoder"] is False
+    with pytest.raises(TypeError, match="head_follows_encoder"):
+        MSLRKeep({"a": 1e-4}, head_follows_encoder=1)  # type: ignore[arg-type]
+
+
+def test_comparison_runs_use_the_swept_rates() -> None:
+    swept = {"a": 1e-4, "b": 1e-2}
+    setup = ComparisonSetup(("a", "b"), 1e-3, lambda: dict(swept))
+    for cls in (MSLRKeep, MSLRSmooth, MSLRDynamic):
+        assert cls.comparison_runs(setup) == [("", {"unimodal_lrs": swept})]
+
+
+# -- Smooth --------------------------------------------------------------------------------------
+def test_smooth_by_hand() -> None:
+    lrs = {"a": 1e-4, "b": 1e-2}
+    # geometric mean 1e-3; half way on a log scale: sqrt(1e-4 * 1e-3), sqrt(1e-2 * 1e-3)
+    geo = smooth_lrs(lrs, 0.5)
+    assert geo["a"] == pytest.approx(math.sqrt(1e-7), rel=1e-12)
+    assert geo["b"] == pytest.approx(math.sqrt(1e-5), rel=1e-12)
+    # arithmetic mean 5.05e-3; a quarter of the way
+    ari = smooth_lrs(lrs, 0.25, "arithmetic")
+    assert ari["a"] == pytest.approx(0.75 * 1e-4 + 0.25 * 5.05e-3, rel=1e-12)
+    assert ari["b"] == pytest.approx(0.75 * 1e-2 + 0.25 * 5.05e-3, rel=1e-12)
+    assert smooth_lrs(lrs, 0.0) == lrs
+    full = smooth_lrs(lrs, 1.0)
+    assert full["a"] == pytest.approx(1e-3) and full["b"] == pytest.approx(1e-3)
+    model = _tiny_model()
+    strategy = MSLRSmooth(lrs, smoothing=0.5)
+    ctx = _ctx(model, strategy)
+    strategy.on_fit_start(ctx)
+    assert _group_lrs(ctx) == {**geo, "shared": BASE}
+
+
+def test_smooth_neutral_settings_are_keep(toy: Any) -> None:
+    equal = {"strong": 2e-2, "weak": 2e-2}
+    assert smooth_lrs(equal, 0.7) == equal  # exactly, no exp(log(.)) noise
+    _, m_keep = _fit(toy, "mslr-k", epochs=2, unimodal_lrs=equal)
+    _, m_s = _fit(toy, "mslr-s", epochs=2, unimodal_lrs=equal, smoothing=0.7)
+    assert _same_weights(m_keep, m_s)
+    apart = {"strong": 3e-3, "weak": 3e-2}
+    _, m_keep2 = _fit(toy, "mslr-k", epochs=2, unimodal_lrs=apart)
+    _, m_s0 = _fit(toy, "mslr-s", epochs=2, unimodal_lrs=apart, smoothing=0.0)
+    assert _same_weights(m_keep2, m_s0)
+
+
+# -- Dynamic -------------------------------------------------------------------------------------
+def _val(a: float, b: float) -> EvalResult:
+    return EvalResult(0.5, {"a": a, "b": b}, 1.0)
+
+
+def test_dynamic_update_by_hand() -> None:
+    model = _tiny_model()
+    strategy = MSLRDynamic({"a": 1e-3, "b": 1e-2}, window=3, strength=1.0)
+    ctx = _ctx(model, strategy)
+    strategy.on_fit_start(ctx)
+    a_hist, b_hist = [0.2, 0.4, 0.6, 0.5], [0.8, 0.8, 0.5, 0.5]
+    recs = [
+        strategy.on_epoch_end(ctx, e, _val(a, b), None)
+        for e, (a, b) in enumerate(zip(a_hist, b_hist, strict=True), 1)
+    ]
+    # epochs 1, 2: no update (window 3, every 3 epochs)
+    assert recs[0]["updated"] is False and recs[0]["lrs"] == {"a": 1e-3, "b": 1e-2}
+    # epoch 3: a: 0.6 / mean(0.2, 0.4, 0.6) = 1.5; b: 0.5 / mean(0.8, 0.8, 0.5) = 0.5 / 0.7
+    assert recs[2]["updated"] is True
+    assert recs[2]["ratio"]["a"] == pytest.approx(1.5)
+    assert recs[2]["lrs"]["a"] == pytest.approx(1.5e-3, rel=1e-12)
+    assert recs[2]["lrs"]["b"] == pytest.approx(1e-2 * 0.5 / 0.7, rel=1e-12)
+    assert _group_lrs(ctx) == {**recs[3]["lrs"], "shared": BASE}
+    # the window holds the last 3 values only
+    assert strategy.state_dict()["history"] == {"a": [0.4, 0.6, 0.5], "b": [0.8, 0.5, 0.5]}
+
+
+def test_dynamic_every_epoch_with_strength_and_zero_metric() -> None:
+    model = _tiny_model()
+    strategy = MSLRDynamic(window=2, update_every=1, strength=0.5)  # starts from the base rate
+    ctx = _ctx(model, strategy)
+    strategy.on_fit_start(ctx)
+    assert _group_lrs(ctx) == {"a": BASE, "b": BASE, "shared": BASE}
+    strategy.on_epoch_end(ctx, 1, _val(0.5, 0.0), None)  # ratio 1 for a; b's metric is 0
+    rec = strategy.on_epoch_end(ctx, 2, _val(0.7, 0.0), None)
+    # a: window (0.5, 0.7), ratio 0.7 / 0.6, square root; b: no usable ratio, unchanged
+    assert rec["lrs"]["a"] == pytest.approx(BASE * math.sqrt(0.7 / 0.6), rel=1e-12)
+    assert rec["ratio"]["b"] is None and rec["lrs"]["b"] == BASE
+
+
+def test_dynamic_strength_zero_is_keep_bit_for_bit(toy: Any) -> None:
+    lrs = {"strong": 3e-3, "weak": 2e-2}
+    _, m_keep = _fit(toy, "mslr-k", epochs=3, unimodal_lrs=lrs)
+    res, m_d = _fit(toy, "mslr-d", epochs=3, unimodal_lrs=lrs, window=2, strength=0.0)
+    assert any(r["strategy"]["updated"] for r in res.history)
+    assert _same_weights(m_keep, m_d)
+
+
+def test_dynamic_changes_rates_and_resumes_exactly(tmp_path: Path, toy: Any) -> None:
+    params = {"unimodal_lrs": {"strong": 3e-3, "weak": 2e-2}, "window": 2, "update_every": 1}
+    full, m_full = _fit(toy, "mslr-d", epochs=4, out_dir=tmp_path / "full", **params)
+    lrs = [r["lr_weak"] for r in full.history]
+    assert len(set(lrs)) > 1  # the rates did move
+    _fit(toy, "mslr-d", epochs=2, out_dir=tmp_path / "part", **params)
+    resumed, m_res = _fit(toy, "mslr-d", epochs=4, out_dir=tmp_path / "part", resume=True, **params)
+    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert _same_weights(m_full, m_res)
+
+
+def test_dynamic_state_survives_weights_only_load() -> None:
+    model = _tiny_model()
+    strategy = MSLRDynamic({"a": 1e-3, "b": 1e-2}, window=2)
+    ctx = _ctx(model, strategy)
+    strategy.on_fit_start(ctx)
+    for e, (a, b) in enumerate([(0.3, 0.6), (0.6, 0.5)], 1):
+        strategy.on_epoch_end(ctx, e, _val(a, b), None)
+    buf = io.BytesIO()
+    torch.save(strategy.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    # loaded before on_fit_start (pending) and after (applied at once): same rates
+    other = MSLRDynamic({"a": 1e-3, "b": 1e-2}, window=2)
+    other.load_state_dict(state)
+    ctx2 = _ctx(model, other)
+    other.on_fit_start(ctx2)
+    assert _group_lrs(ctx2) == _group_lrs(ctx)
+    third = MSLRDynamic({"a": 1e-3, "b": 1e-2}, window=2)
+    ctx3 = _ctx(model, third)
+    third.on_fit_start(ctx3)
+    third.load_state_dict(state)
+    assert _group_lrs(ctx3) == _group_lrs(ctx) and third.history == strategy.history
+    with pytest.raises(ValueError, match="unexpected state keys"):
+        third.load_state_dict({**state, "bogus": 1})

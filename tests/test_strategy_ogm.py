@@ -1,0 +1,418 @@
+"""OGM and OGM-GE: hand-computed modulation, neutral setting, noise scale, window, errors."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import miles.strategies.ogm
+import miles.strategies.ogm_ge
+from miles.data import collate_multimodal
+from miles.models import JointFusionModel
+from miles.models.encoders import MLPEncoder
+from miles.models.fusion import FusionOutput
+from miles.models.losses import head_losses
+from miles.strategies import StrategyContext, build_strategy
+from miles.strategies.base import EvalResult, Strategy
+from miles.strategies.ogm import (
+    OGM,
+    discrepancy_ratios,
+    modality_logit_shares,
+    modulation_coefficient,
+)
+from miles.strategies.ogm_ge import OGMGE
+from miles.training import Trainer, TrainerConfig
+from tests.conftest import make_toy_splits
+
+LN3 = math.log(3.0)
+ALPHA = 0.5
+# Hand computation shared by the fixed-latent tests (see _fixed_batch):
+#   dominant modality: softmax of its share is (3/5, 1/5, 1/5) on the true class -> s = 2 * 3/5
+#   other modality: share is all zeros -> softmax 1/3 each -> s = 2 * 1/3
+S_DOM, S_OTHER = 6 / 5, 2 / 3
+RHO = S_DOM / S_OTHER  # 1.8
+K = 1 - math.tanh(ALPHA * RHO)  # Eq. 10: 1 - tanh(0.9)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _model(fusion: str, modalities: tuple[str, ...] = ("a", "b"), hidden: int = 4) -> Any:
+    torch.manual_seed(0)
+    encoders = {m: MLPEncoder(3, 2, hidden=(hidden,)) for m in modalities}
+    model = JointFusionModel(encoders, 3, fusion)
+    n = len(modalities)
+    with torch.no_grad():
+        eye = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])  # class c reads latent unit c
+        if fusion == "concat":
+            model.fused_head.weight.copy_(torch.cat([eye] * n, dim=1))
+        else:
+            model.fused_head.weight.copy_(eye)
+        # the bias is split evenly: each share gets (ln 3, 0, 0) / 2 when n = 2
+        model.fused_head.bias.copy_(torch.tensor([LN3 * n / 2, 0.0, 0.0]))
+    return model
+
+
+def _fixed_latents(dominant: str, modalities: tuple[str, ...] = ("a", "b")) -> dict[str, Tensor]:
+    """Latents whose shares are (ln3, 0, 0) / (0, ln3, 0) for the dominant modality, 0 otherwise.
+
+    Each share is ``z W_m^T + (ln 3 / 2, 0, 0)`` with ``W_m`` the identity on the first two
+    classes, so ``z = target share - (ln 3 / 2, 0)``.
+    """
+    h = LN3 / 2
+    out = {}
+    for m in modalities:
+        if m == dominant:
+            out[m] = torch.tensor([[LN3 - h, 0.0], [-h, LN3]])
+        else:
+            out[m] = torch.tensor([[-h, 0.0], [-h, 0.0]])
+    return out
+
+
+def _ctx(model: JointFusionModel, *, multilabel: bool = False, adam: bool = False) -> Any:
+    opt: torch.optim.Optimizer = (
+        torch.optim.Adam(model.parameters(), lr=0.1)
+        if adam
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    )
+
+    def evaluate(loader: Any) -> EvalResult:
+        raise AssertionError("not used")
+
+    return StrategyContext(
+        model=model,
+        optimizer=opt,
+        device=torch.device("cpu"),
+        epochs=1,
+        multilabel=multilabel,
+        metric="accuracy",
+        evaluate=evaluate,
+    )
+
+
+def _backward(strategy: Strategy, model: JointFusionModel, in_features: int = 3) -> Any:
+    """A real forward/backward on random inputs so that every parameter has a gradient."""
+    strategy.configure_model(model)
+    g = torch.Generator().manual_seed(1)
+    inputs = {m: torch.randn(2, in_features, generator=g) for m in model.modalities}
+    target = torch.tensor([0, 1])
+    out = model(inputs)
+    loss = strategy.loss(head_losses(out, target, multilabel=False), out, {"target": target})
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return out, target
+
+
+def _grads(model: JointFusionModel) -> dict[str, Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _run_fixed(
+    strategy: OGM,
+    fusion: str,
+    dominant: str,
+    modalities: tuple[str, ...] = ("a", "b"),
+    epoch: int = 1,
+) -> tuple[JointFusionModel, dict[str, Tensor], dict[str, Any]]:
+    model = _model(fusion, modalities)
+    ctx = _ctx(model)
+    out, target = _backward(strategy, model)
+    before = _grads(model)
+    strategy.on_fit_start(ctx)
+    strategy.on_epoch_start(ctx, epoch)
+    fixed = FusionOutput(out.fused, out.unimodal, _fixed_latents(dominant, modalities))
+    strategy.after_backward(ctx, fixed, {"target": target})
+    record = strategy.on_epoch_end(ctx, epoch, EvalResult(0.0, {}, 0.0), None)
+    return model, before, record
+
+
+def _fit(
+    data: Any, strategy: str, *, epochs: int = 3, out_dir: Path | None = None, **params: Any
+) -> tuple[Any, JointFusionModel]:
+    strat = build_strategy(strategy, **params)
+    torch.manual_seed(0)
+    model = JointFusionModel(data.build_encoders(8), data.num_classes, "concat")
+    cfg = TrainerConfig(
+        epochs=epochs, lr=5e-2, batch_size=32, seed=0, optimizer="sgd", progress=False
+    )
+    trainer = Trainer(model, strat, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
+    return trainer.fit(data.train, data.val, data.test, resume=out_dir is not None), model
+
+
+def _same_weights(a: JointFusionModel, b: JointFusionModel) -> bool:
+    pa, pb = a.state_dict(), b.state_dict()
+    return pa.keys() == pb.keys() and all(
+        torch.equal(pa[k], pb[k]) for k in pa if isinstance(pa[k], Tensor)
+    )
+
+
+# -- the pieces of the mechanism -------------------------------------------------------------------
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_logit_shares_add_up_to_the_fused_logits(fusion: str) -> None:
+    model = _model(fusion)
+    with torch.no_grad():
+        model.fused_head.weight.normal_()
+        model.fused_head.bias.normal_()
+    out = model({m: torch.randn(5, 3) for m in model.modalities})
+    shares = modality_logit_shares(model, out.latents)
+    assert torch.allclose(shares["a"] + shares["b"], out.fused, atol=1e-6)
+    assert not shares["a"].requires_grad
+
+
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+def test_hand_computed_scores(fusion: str) -> None:
+    model = _model(fusion)
+    coeffs, scores = OGM(alpha=ALPHA).coefficients(model, _fixed_latents("a"), torch.tensor([0, 1]))
+    assert scores["a"] == pytest.approx(S_DOM, rel=1e-6)
+    assert scores["b"] == pytest.approx(S_OTHER, rel=1e-6)
+    assert coeffs["a"] == pytest.approx(K, rel=1e-6)
+    assert coeffs["b"] == 1.0
+
+
+def test_ratio_and_coefficient_rules() -> None:
+    assert discrepancy_ratios({"a": 1.2, "b": 0.4}) == pytest.approx({"a": 3.0, "b": 1 / 3})
+    # three modalities: rho_m = s_m / mean of the others; two can dominate at once
+    r = discrepancy_ratios({"a": 3.0, "b": 3.0, "c": 0.0})
+    assert r == pytest.approx({"a": 2.0, "b": 2.0, "c": 0.0})
+    # zero denominators
+    assert discrepancy_ratios({"a": 1.0, "b": 0.0})["a"] == math.inf
+    assert discrepancy_ratios({"a": 0.0, "b": 0.0}) == {"a": 1.0, "b": 1.0}
+    assert modulation_coefficient(math.inf, 0.5) == 0.0
+    assert modulation_coefficient(math.inf, 0.0) == 1.0
+    # Eq. 10 and its continuous variant; no modulation at or below 1
+    assert modulation_coefficient(1.8, 0.5) == pytest.approx(1 - math.tanh(0.9))
+    assert modulation_coefficient(1.8, 0.5, continuous=True) == pytest.approx(1 - math.tanh(0.4))
+    assert modulation_coefficient(1.0, 0.5) == 1.0
+    assert modulation_coefficient(0.3, 0.5) == 1.0
+
+
+# -- the gradients after after_backward ------------------------------------------------------------
+@pytest.mark.parametrize("fusion", ["concat", "sum"])
+@pytest.mark.parametrize("dominant", ["a", "b"])
+def test_dominant_encoder_gradients_are_scaled_by_k(fusion: str, dominant: str) -> None:
+    model, before, record = _run_fixed(OGM(alpha=ALPHA), fusion, dominant)
+    other = "b" if dominant == "a" else "a"
+    after = _grads(model)
+    assert before.keys() == after.keys()
+    dom_names = [n for n in before if n.startswith(f"encoders.{dominant}.")]
+    # every parameter of the dominant encoder: 2-D weights and 1-D biases of both layers
+    assert len(dom_names) == 4 and {before[n].dim() for n in dom_names} == {1, 2}
+    for name, g in before.items():
+        if name in dom_names:
+            assert torch.allclose(after[name], g * K, rtol=1e-6, atol=0), name
+            assert not torch.equal(after[name], g) or not g.any(), name
+        else:  # the other encoder, the unimodal heads and the fused head are untouched
+            assert torch.equal(after[name], g), name
+    assert record["coeff_mean"][dominant] == pytest.approx(K, rel=1e-6)
+    assert record["coeff_mean"][other] == 1.0
+    assert record["score_mean"][dominant] == pytest.approx(S_DOM / 2, rel=1e-6)
+    assert record["modulated_fraction"] == 1.0 and record["modulation_active"] is True
+
+
+def test_continuous_variant_scales_by_shifted_coefficient() -> None:
+    model, before, record = _run_fixed(OGM(alpha=ALPHA, continuous=True), "concat", "a")
+    k = 1 - math.tanh(ALPHA * (RHO - 1))
+    after = _grads(model)
+    w = "encoders.a.net.0.weight"
+    assert torch.allclose(after[w], before[w] * k, rtol=1e-6, atol=0)
+    assert record["coeff_mean"]["a"] == pytest.approx(k, rel=1e-6)
+
+
+def test_three_modalities_generalise_with_mean_of_the_others() -> None:
+    mods = ("a", "b", "c")
+    model, before, record = _run_fixed(OGM(alpha=ALPHA), "sum", "a", mods)
+    # shares of b and c are 0 -> s = 2/3 each; rho_a = (6/5) / mean(2/3, 2/3) = 1.8 -> same k
+    after = _grads(model)
+    for name, g in before.items():
+        if name.startswith("encoders.a."):
+            assert torch.allclose(after[name], g * K, rtol=1e-6, atol=0), name
+        else:
+            assert torch.equal(after[name], g), name
+    assert record["coeff_mean"] == pytest.approx({"a": K, "b": 1.0, "c": 1.0}, rel=1e-6)
+
+
+def test_no_modulation_outside_the_window() -> None:
+    strategy = OGM(alpha=ALPHA, modulation_starts=2, modulation_ends=3)
+    for epoch, active in [(1, False), (2, True), (3, True), (4, False)]:
+        model, before, record = _run_fixed(strategy, "concat", "a", epoch=epoch)
+        w = "encoders.a.net.2.weight"
+        assert torch.equal(_grads(model)[w], before[w]) is not active, epoch
+        assert record["modulation_active"] is active
+        assert record["coeff_mean"]["a"] == (pytest.approx(K, rel=1e-6) if active else 1.0)
+        assert record["modulated_fraction"] == float(active)
+
+
+def test_epoch_record_averages_over_batches() -> None:
+    strategy = OGM(alpha=ALPHA)
+    model = _model("concat")
+    ctx = _ctx(model)
+    out, target = _backward(strategy, model)
+    strategy.on_fit_start(ctx)
+    strategy.on_epoch_start(ctx, 1)
+    for dominant in ("a", "a", "b", "tie"):
+        latents = _fixed_latents(dominant)  # "tie": both shares 0 -> rho = 1 -> no modulation
+        strategy.after_backward(
+            ctx, FusionOutput(out.fused, out.unimodal, latents), {"target": target}
+        )
+    record = strategy.on_epoch_end(ctx, 1, EvalResult(0.0, {}, 0.0), None)
+    assert record["coeff_mean"]["a"] == pytest.approx((2 * K + 2) / 4, rel=1e-6)
+    assert record["coeff_mean"]["b"] == pytest.approx((K + 3) / 4, rel=1e-6)
+    assert record["modulated_fraction"] == 0.75
+    strategy.on_epoch_start(ctx, 2)  # statistics restart every epoch
+    assert strategy.on_epoch_end(ctx, 2, EvalResult(0.0, {}, 0.0), None)["coeff_mean"] == {}
+
+
+# -- end to end ------------------------------------------------------------------------------------
+def test_alpha_zero_equals_joint_bit_for_bit() -> None:
+    data = make_toy_splits(n=(128, 40, 40))
+    joint, m_joint = _fit(data, "joint")
+    ogm, m_ogm = _fit(data, "ogm", alpha=0.0)
+    assert _same_weights(m_joint, m_ogm)
+    assert [r["val_fused"] for r in joint.history] == [r["val_fused"] for r in ogm.history]
+    assert all(r["strategy"]["modulated_fraction"] == 0.0 for r in ogm.history)
+    # with alpha > 0 it acts, and training differs
+    acting, m_acting = _fit(data, "ogm", alpha=1.0)
+    assert any(r["strategy"]["modulated_fraction"] > 0 for r in acting.history)
+    assert not _same_weights(m_joint, m_acting)
+    assert acting.strategy["name"] == "ogm" and acting.strategy["uses_aux_losses"] is False
+
+
+def test_ogm_ge_is_resumable_and_seeded(tmp_path: Path) -> None:
+    data = make_toy_splits(n=(96, 40, 40))
+    full, m_full = _fit(data, "ogm-ge", epochs=3, alpha=0.5, out_dir=tmp_path / "full")
+    _fit(data, "ogm-ge", epochs=2, alpha=0.5, out_dir=tmp_path / "part")
+    resumed, m_res = _fit(data, "ogm-ge", epochs=3, alpha=0.5, out_dir=tmp_path / "part")
+    assert _same_weights(m_full, m_res)
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in full.history]
+    assert strip == [{k: v for k, v in r.items() if k != "time_s"} for r in resumed.history]
+    # GE is not neutral at alpha = 0: the noise remains
+    _, m_joint = _fit(data, "joint", epochs=1)
+    _, m_ge0 = _fit(data, "ogm-ge", epochs=1, alpha=0.0)
+    assert not _same_weights(m_joint, m_ge0)
+
+
+# -- OGM-GE noise ----------------------------------------------------------------------------------
+def _ge_grads(seed: int) -> tuple[JointFusionModel, dict[str, Tensor], dict[str, Tensor]]:
+    """One GE step on a model with a large first layer (3 x 4000 weights) and fixed latents."""
+    torch.manual_seed(0)
+    encoders = {m: MLPEncoder(3, 2, hidden=(4000,)) for m in ("a", "b")}
+    model = JointFusionModel(encoders, 3, "concat")
+    ref = _model("concat")
+    model.fused_head.load_state_dict(ref.fused_head.state_dict())
+    strategy = OGMGE(alpha=ALPHA)
+    ctx = _ctx(model)
+    out, target = _backward(strategy, model)
+    with torch.no_grad():  # a known, large gradient for the statistical check
+        g = torch.Generator().manual_seed(5)
+        params = dict(model.named_parameters())
+        for m in ("a", "b"):
+            params[f"encoders.{m}.net.0.weight"].grad = 3.0 * torch.randn(4000, 3, generator=g)
+    before = _grads(model)
+    strategy.on_fit_start(ctx)
+    strategy.on_epoch_start(ctx, 1)
+    torch.manual_seed(seed)
+    fixed = FusionOutput(out.fused, out.unimodal, _fixed_latents("a"))
+    strategy.after_backward(ctx, fixed, {"target": target})
+    return model, before, _grads(model)
+
+
+def test_ogm_ge_noise_scale_and_targets() -> None:
+    _, before, after = _ge_grads(seed=123)
+    n = 4000 * 3
+    for m, k in (("a", K), ("b", 1.0)):  # noise on both encoders, scaled by the original std
+        w = f"encoders.{m}.net.0.weight"
+        noise = after[w] - before[w] * k
+        sd = float(before[w].std())
+        assert float(noise.std()) == pytest.approx(sd, rel=0.05)
+        assert abs(float(noise.mean())) < 5 * sd / math.sqrt(n)
+        # every encoder parameter gets noise (biases and the second layer too)
+        for name in before:
+            if name.startswith(f"encoders.{m}."):
+                assert not torch.allclose(after[name], before[name] * k), name
+    for name in before:  # heads and fused head: untouched
+        if not name.startswith("encoders."):
+            assert torch.equal(after[name], before[name]), name
+
+
+def test_ogm_ge_noise_is_reproducible_with_the_seed() -> None:
+    _, _, a1 = _ge_grads(seed=7)
+    _, _, a2 = _ge_grads(seed=7)
+    _, _, a3 = _ge_grads(seed=8)
+    assert all(torch.equal(a1[n], a2[n]) for n in a1)
+    assert not torch.equal(a1["encoders.a.net.0.weight"], a3["encoders.a.net.0.weight"])
+
+
+def test_ogm_ge_no_noise_outside_the_window() -> None:
+    model, before, record = _run_fixed(OGMGE(alpha=ALPHA, modulation_starts=3), "sum", "a")
+    after = _grads(model)
+    assert all(torch.equal(after[n], before[n]) for n in before)
+    assert record["modulation_active"] is False
+
+
+# -- settings it refuses ---------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [OGM, OGMGE])
+def test_multilabel_is_refused(cls: type[OGM]) -> None:
+    model = _model("concat")
+    with pytest.raises(ValueError, match="multilabel"):
+        cls().on_fit_start(_ctx(model, multilabel=True))
+
+
+def test_single_modality_is_refused() -> None:
+    model = JointFusionModel({"a": MLPEncoder(3, 2, hidden=(4,))}, 3)
+    with pytest.raises(ValueError, match="at least 2 modalities"):
+        OGM().configure_model(model)
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"alpha": True}, "alpha"),
+        ({"modulation_starts": 0}, "modulation_starts"),
+        ({"modulation_ends": 1.5}, "modulation_ends"),
+        ({"modulation_starts": 5, "modulation_ends": 4}, "modulation_ends"),
+        ({"continuous": "yes"}, "continuous"),
+    ],
+)
+def test_bad_arguments(params: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        OGM(**params)
+
+
+def test_adam_warning_only_when_it_matters() -> None:
+    model = _model("concat")
+    with pytest.warns(UserWarning, match="second-moment"):
+        OGM(alpha=0.3).on_fit_start(_ctx(model, adam=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OGM(alpha=0.3).on_fit_start(_ctx(model))  # SGD
+        OGM(alpha=0.0).on_fit_start(_ctx(model, adam=True))  # does nothing anyway
+
+
+def test_float_targets_are_refused() -> None:
+    strategy = OGM()
+    model = _model("concat")
+    with pytest.raises(ValueError, match="class-index targets"):
+        strategy.coefficients(model, _fixed_latents("a"), torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
+
+
+def test_registry_and_describe() -> None:
+    ogm = build_strategy("ogm", alpha=0.8)
+    ge = build_strategy("ogm-ge")
+    assert isinstance(ogm, miles.strategies.ogm.OGM) and isinstance(ge, OGMGE)
+    assert ogm.describe() == {
+        "name": "ogm",
+        "uses_aux_losses": False,
+        "alpha": 0.8,
+        "modulation_starts": 1,
+        "modulation_ends": 51,
+        "continuous": False,
+        "gaussian_noise": False,
+    }
+    assert ge.describe()["name"] == "ogm-ge" and ge.describe()["gaussian_noise"] is True
+    assert ogm.state_dict() == {}
