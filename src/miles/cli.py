@@ -1,4 +1,4 @@
-"""The ``miles`` command line: ``demo``, ``train --config FILE.yaml`` and ``list``."""
+"""The ``miles`` command line: ``demo``, ``train --config FILE.yaml``, ``compare`` and ``list``."""
 
 from __future__ import annotations
 
@@ -45,6 +45,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     train.add_argument("--quiet", action="store_true")
 
+    cmp_ = sub.add_parser("compare", help="every balancing method, same data, model and budget")
+    cmp_.add_argument("--dataset", default="fsdd-mnist")
+    cmp_.add_argument("--methods", default="all", help="comma-separated, or 'all'")
+    cmp_.add_argument("--fusion", type=_csv, default=["concat", "sum"])
+    cmp_.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1")
+    cmp_.add_argument("--epochs", type=_positive_int, default=10)
+    cmp_.add_argument("--lr", type=float, default=1e-3)
+    cmp_.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    cmp_.add_argument("--sweep-epochs", type=_positive_int, default=5)
+    cmp_.add_argument("--out", default="compare-out")
+
     sub.add_parser("list", help="registered datasets and strategies")
     return parser
 
@@ -82,6 +93,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from miles.compare import ALL_METHODS, CompareConfig, run_compare
+
+    methods = list(ALL_METHODS) if args.methods == "all" else _csv(args.methods)
+    config = CompareConfig(
+        dataset=args.dataset,
+        methods=methods,
+        fusions=args.fusion,
+        seeds=list(range(args.seeds)),
+        epochs=args.epochs,
+        lr=args.lr,
+        optimizer=args.optimizer,
+        sweep_epochs=args.sweep_epochs,
+        out_dir=args.out,
+    )
+    run_compare(config)
+    return 0
+
+
 def _cmd_list() -> int:
     from miles.data import available_datasets
     from miles.strategies import available_strategies
@@ -109,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "train":
         return _cmd_train(args)
+    if args.command == "compare":
+        return _cmd_compare(args)
     return _cmd_list()
 
 

@@ -99,6 +99,8 @@ class Strategy:
     needs_latents: bool = False
     #: ``w_m`` of the auxiliary losses: one number for all, or ``{modality: weight}`` (missing: 1)
     aux_weights: float | dict[str, float] = 1.0
+    #: results do not depend on the fusion (unimodal references): ``miles compare`` runs it once
+    fusion_independent: ClassVar[bool] = False
     #: put each unimodal head in its modality's param group (else in the shared group)
     head_follows_encoder: bool = True
 

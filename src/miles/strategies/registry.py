@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 from miles.strategies.base import Strategy
 
 S = TypeVar("S", bound=type[Strategy])
-_REGISTRY: dict[str, Callable[..., Strategy]] = {}
+_REGISTRY: dict[str, type[Strategy]] = {}
 
 
 def register_strategy(name: str) -> Callable[[S], S]:
@@ -25,16 +25,21 @@ def register_strategy(name: str) -> Callable[[S], S]:
 
 def build_strategy(name: str, **params: Any) -> Strategy:
     """Instantiate a registered strategy; unknown names list what exists."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown strategy {name!r}; available: {available_strategies()}"
-        ) from None
+    factory = strategy_class(name)
     try:
         return factory(**params)
     except TypeError as exc:
         raise TypeError(f"bad parameters for strategy {name!r}: {exc}") from exc
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    """The registered class, for class-level facts (``uses_aux_losses``, ``comparison_runs``)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown strategy {name!r}; available: {available_strategies()}"
+        ) from None
 
 
 def available_strategies() -> list[str]:

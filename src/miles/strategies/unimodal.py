@@ -34,6 +34,7 @@ class Unimodal(Strategy):
     """
 
     name = "unimodal"
+    fusion_independent = True  # the fused head is never trained
     uses_aux_losses = False
 
     def __init__(self, modality: str) -> None:
