@@ -1,0 +1,128 @@
+"""`miles compare`: the plan, the Table II rows, resuming without re-running finished runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import miles.compare as compare
+from miles.cli import main
+from miles.compare import CompareConfig, dominant_order, run_compare
+
+SMALL = {"max_train": 60}
+
+
+def _config(tmp_path: Path, **kw: Any) -> CompareConfig:
+    base: dict[str, Any] = {
+        "dataset_params": SMALL,
+        "methods": ["joint", "unimodal", "mslr-k", "miles"],
+        "fusions": ["concat", "sum"],
+        "seeds": [0, 1],
+        "epochs": 1,
+        "latent_dim": 8,
+        "sweep_lrs": [1e-3, 3e-3],
+        "sweep_epochs": 1,
+        "out_dir": str(tmp_path),
+    }
+    return CompareConfig(**(base | kw))
+
+
+def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = compare.run_experiment
+
+    def counting(config: Any, **kw: Any) -> Any:
+        calls.append(f"{config.strategy}/{config.fusion}/{config.trainer.seed}")
+        return real(config, **kw)
+
+    monkeypatch.setattr(compare, "run_experiment", counting)
+    first = run_compare(_config(tmp_path), echo=lambda _m: None)
+    # unimodal runs once per modality and seed (fusion-independent), the others per fusion
+    assert sorted(c for c in calls if c.startswith("unimodal")) == [
+        "unimodal/concat/0",
+        "unimodal/concat/0",
+        "unimodal/concat/1",
+        "unimodal/concat/1",
+    ]
+    assert len(calls) == 4 + 2 * 2 * 3
+    rows = first["rows"]
+    uni = [r for r in rows if r["method"] == "unimodal"]
+    assert {r["fusion"] for r in uni} == {"concat", "sum"}  # reused under both fusions
+    order = first["dominant_order"]
+    means = {
+        m: sum(r[m] for r in uni if r["label"] == m) / sum(1 for r in uni if r["label"] == m)
+        for m in ("audio", "image")
+    }
+    assert order[0] == max(means, key=lambda m: means[m])
+    assert first["dominant_rule"].startswith("unimodal reference")
+    for agg in first["aggregate"]:
+        assert agg["n"] == 2  # two seeds per cell
+        assert agg["gap_mean"] == pytest.approx(agg["head0_mean"] - agg["head1_mean"])
+    ref = next(a for a in first["aggregate"] if a["method"] == "unimodal" and a["fusion"] == "sum")
+    assert ref["head0_mean"] == pytest.approx(means[order[0]])
+    md = (tmp_path / "compare.md").read_text()
+    assert "## concat fusion" in md and "## sum fusion" in md
+    assert f"| {order[0]} head (dominant) |" in md and "| aux |" in md
+    assert (tmp_path / "compare.csv").read_text().count("\n") == len(rows) + 1
+
+    # a finished compare re-run trains nothing and reproduces the tables
+    calls.clear()
+    again = run_compare(_config(tmp_path), echo=lambda _m: None)
+    assert calls == []
+    assert again["aggregate"] == first["aggregate"]
+
+    # an interrupted run (no done.json) is the only one trained again
+    done = next((tmp_path / "runs" / "sum" / "miles").glob("seed1")) / compare.DONE
+    done.unlink()
+    run_compare(_config(tmp_path), echo=lambda _m: None)
+    assert calls == ["miles/sum/1"]
+
+
+def test_dominant_rule_falls_back_to_joint_heads() -> None:
+    rows = [
+        {"method": "joint", "label": "", "a": 0.4, "b": 0.9},
+        {"method": "joint", "label": "", "a": 0.5, "b": 0.7},
+    ]
+    order, rule = dominant_order(rows, ["a", "b"])
+    assert order == ["b", "a"] and "joint" in rule
+
+
+def test_bad_compare_configs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown methods"):
+        _config(tmp_path, methods=["joint", "magic"])
+    with pytest.raises(ValueError, match="duplicates"):
+        _config(tmp_path, methods=["joint", "joint"])
+    with pytest.raises(ValueError, match="fusion"):
+        _config(tmp_path, fusions=["attention"])
+    with pytest.raises(ValueError, match="unknown methods"):
+        main(["compare", "--methods", "joint,nope", "--out", str(tmp_path)])
+
+
+def test_unimodal_reference_does_not_depend_on_fusion() -> None:
+    """Why compare may run the unimodal references once and show them under every fusion."""
+    import torch
+
+    from miles.data import collate_multimodal
+    from miles.models import JointFusionModel
+    from miles.strategies import build_strategy
+    from miles.training import Trainer, TrainerConfig
+    from tests.conftest import make_toy_splits
+
+    data = make_toy_splits()
+    results = {}
+    for fusion in ("concat", "sum"):
+        torch.manual_seed(0)
+        model = JointFusionModel(data.build_encoders(8), data.num_classes, fusion)
+        trainer = Trainer(
+            model,
+            build_strategy("unimodal", modality="weak"),
+            TrainerConfig(epochs=2, progress=False),
+            collate_fn=collate_multimodal,
+        )
+        res = trainer.fit(data.train, data.val, data.test)
+        results[fusion] = (res.test["unimodal"], model.encoders["weak"].state_dict())  # type: ignore[index]
+    (h1, s1), (h2, s2) = results["concat"], results["sum"]
+    assert h1 == h2
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
