@@ -13,7 +13,8 @@ Order of calls::
     on_fit_start(ctx)                           once: build schedulers etc. on ctx.optimizer
     load_state_dict(state)                      when resuming
     per epoch:
-        on_epoch_start(ctx, epoch)
+        on_epoch_start(ctx, epoch)   (look param groups up in ctx.optimizer each time: resuming
+                                      replaces the group dicts, so cached ones go stale)
         per batch: loss(losses, output, batch) -> backward -> after_backward(ctx, output, batch)
                    -> optimizer.step()
         on_epoch_end(ctx, epoch, val, holdout) -> dict recorded in the history
@@ -38,13 +39,14 @@ from miles.models.param_groups import modality_param_groups
 
 @dataclass
 class EvalResult:
-    """One evaluation pass: metric per head, mean fused-objective loss, optional cached latents."""
+    """One evaluation pass: metric per head, mean loss per head, optional cached latents."""
 
     fused: float
     unimodal: dict[str, float]
-    loss: float
+    loss: float  #: mean loss of the fused head
     latents: dict[str, Tensor] | None = None
     target: Tensor | None = None
+    unimodal_loss: dict[str, float] = field(default_factory=dict)  #: mean loss of each head
 
 
 @dataclass
@@ -72,6 +74,9 @@ class StrategyContext:
     metric: str
     evaluate: Callable[[Any], EvalResult]
     holdout_loader: Any | None = None
+    #: eval-mode loader over a fixed slice of the training part, as large as the holdout (present
+    #: when ``holdout_fraction > 0``): train and held-out losses measured the same way
+    train_probe_loader: Any | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 

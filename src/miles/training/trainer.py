@@ -171,7 +171,8 @@ class Trainer:
         metrics = HeadMetrics(
             model.modalities, model.num_classes, self.metric, multilabel=self.multilabel
         ).to(self.device)
-        total_loss, count = 0.0, 0
+        loss_sums: dict[str, float] = {}
+        count = 0
         latents: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
         targets: list[Tensor] = []
         for raw in loader:
@@ -179,9 +180,10 @@ class Trainer:
             out = model(batch["inputs"], batch["lengths"] or None)
             metrics.update(out, batch["target"])
             n = batch["target"].shape[0]
-            total_loss += (
-                float(head_losses(out, batch["target"], multilabel=self.multilabel)[FUSED]) * n
-            )
+            for name, value in head_losses(
+                out, batch["target"], multilabel=self.multilabel
+            ).items():
+                loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * n
             count += n
             if keep_latents:
                 for m in model.modalities:
@@ -194,7 +196,8 @@ class Trainer:
         return EvalResult(
             fused=scores.fused,
             unimodal=scores.unimodal,
-            loss=total_loss / count,
+            loss=loss_sums[FUSED] / count,
+            unimodal_loss={m: loss_sums[m] / count for m in model.modalities},
             latents={m: torch.cat(v) for m, v in latents.items()} if keep_latents else None,
             target=torch.cat(targets) if keep_latents else None,
         )
@@ -256,9 +259,14 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed)
         train_loader = self._loader(train_part, train=True, generator=generator)
         val_loader = self._loader(val, train=False)
-        holdout_loader = (
-            self._loader(holdout_part, train=False) if holdout_part is not None else None
-        )
+        holdout_loader = train_probe_loader = None
+        if holdout_part is not None:
+            holdout_loader = self._loader(holdout_part, train=False)
+            # a fixed slice of the training part, as large as the holdout, scored the same way
+            n_train, n_holdout = len(train_part), len(holdout_part)  # type: ignore[arg-type]
+            probe = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + 1))
+            probe = probe[:n_holdout]
+            train_probe_loader = self._loader(Subset(train_part, probe.tolist()), train=False)
         ctx = StrategyContext(
             model=model,
             optimizer=optimizer,
@@ -268,6 +276,7 @@ class Trainer:
             metric=self.metric,
             evaluate=self.evaluate,
             holdout_loader=holdout_loader,
+            train_probe_loader=train_probe_loader,
         )
         strategy.on_fit_start(ctx)
 
@@ -286,6 +295,8 @@ class Trainer:
             best_epoch, best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
             best_state = load_checkpoint(self.out_dir / BEST)["model"] if best_epoch else None  # type: ignore[operator]
             torch.set_rng_state(ckpt["rng"])
+            if ckpt.get("cuda_rng") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
             generator.set_state(ckpt["loader_rng"])
             first_epoch = int(ckpt["epoch"]) + 1
             elapsed_before = float(ckpt.get("elapsed_s", 0.0))
@@ -340,6 +351,9 @@ class Trainer:
                         "best_epoch": best_epoch,
                         "best_score": best_score,
                         "rng": torch.get_rng_state(),
+                        "cuda_rng": (
+                            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+                        ),
                         "loader_rng": generator.get_state(),
                         "elapsed_s": elapsed_before + time.perf_counter() - start,
                         "stopped": stopped,
