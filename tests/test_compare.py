@@ -59,13 +59,21 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert first["dominant_rule"].startswith("unimodal reference")
     for agg in first["aggregate"]:
         assert agg["n"] == 2  # two seeds per cell
-        assert agg["gap_mean"] == pytest.approx(agg["head0_mean"] - agg["head1_mean"])
+        assert agg["gap_mean"] == pytest.approx(agg[f"{order[0]}_mean"] - agg[f"{order[1]}_mean"])
     ref = next(a for a in first["aggregate"] if a["method"] == "unimodal" and a["fusion"] == "sum")
-    assert ref["head0_mean"] == pytest.approx(means[order[0]])
+    assert ref[f"{order[0]}_mean"] == pytest.approx(means[order[0]])
+    assert ref["uses_aux_losses"] is None
+    joint = next(a for a in first["aggregate"] if a["method"] == "joint")
+    assert joint["uses_aux_losses"] is False
     md = (tmp_path / "compare.md").read_text()
     assert "## concat fusion" in md and "## sum fusion" in md
     assert f"| {order[0]} head (dominant) |" in md and "| aux |" in md
-    assert (tmp_path / "compare.csv").read_text().count("\n") == len(rows) + 1
+    assert (tmp_path / "compare_runs.csv").read_text().count("\n") == len(rows) + 1
+    table_csv = (tmp_path / "compare_table.csv").read_text().splitlines()
+    assert table_csv[0].startswith("fusion,method,uses_aux_losses,n,")
+    assert len(table_csv) == 1 + 2 * 4  # 4 methods x 2 fusions
+    for row in rows:  # one signed gap: dominant head minus the other
+        assert row["gap"] == pytest.approx(row[order[0]] - row[order[1]])
 
     # a finished compare re-run trains nothing and reproduces the tables
     calls.clear()
@@ -78,6 +86,36 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     done.unlink()
     run_compare(_config(tmp_path), echo=lambda _m: None)
     assert calls == ["miles/sum/1"]
+
+    # the same folder under another training budget is refused, not mixed
+    with pytest.raises(ValueError, match="different settings"):
+        run_compare(_config(tmp_path, epochs=2), echo=lambda _m: None)
+    # more seeds may be added to a folder: only the new runs train
+    calls.clear()
+    run_compare(_config(tmp_path, seeds=[0, 1, 2], methods=["joint"]), echo=lambda _m: None)
+    assert calls == ["joint/concat/2", "joint/sum/2"]
+
+
+def test_diverged_run_is_recorded_not_fatal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = compare.run_experiment
+
+    def diverge_miles(config: Any, **kw: Any) -> Any:
+        if config.strategy == "miles":
+            raise FloatingPointError("training loss became nan")
+        return real(config, **kw)
+
+    monkeypatch.setattr(compare, "run_experiment", diverge_miles)
+    cfg = _config(tmp_path, methods=["joint", "miles"], fusions=["concat"], seeds=[0])
+    payload = run_compare(cfg, echo=lambda _m: None)
+    failed = [r for r in payload["rows"] if r.get("failed")]
+    assert [r["method"] for r in failed] == ["miles"]
+    assert "diverged" in (tmp_path / "compare.md").read_text()
+    # recorded as done: a re-run does not retry it
+    monkeypatch.setattr(compare, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
+    again = run_compare(cfg, echo=lambda _m: None)
+    assert [r["method"] for r in again["rows"] if r.get("failed")] == ["miles"]
 
 
 def test_dominant_rule_falls_back_to_joint_heads() -> None:
@@ -96,8 +134,10 @@ def test_bad_compare_configs(tmp_path: Path) -> None:
         _config(tmp_path, methods=["joint", "joint"])
     with pytest.raises(ValueError, match="fusion"):
         _config(tmp_path, fusions=["attention"])
-    with pytest.raises(ValueError, match="unknown methods"):
-        main(["compare", "--methods", "joint,nope", "--out", str(tmp_path)])
+    for argv in (["--methods", "joint,nope"], ["--methods", ","], ["--fusion", "attention"]):
+        with pytest.raises(SystemExit) as exc:
+            main(["compare", *argv, "--out", str(tmp_path)])
+        assert exc.value.code == 2  # argparse usage error, not a traceback
 
 
 def test_unimodal_reference_does_not_depend_on_fusion() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import miles.strategies.gblend as gb
 from miles.data import DatasetSplits, MultimodalDataset, collate_multimodal
 from miles.models import JointFusionModel
 from miles.models.encoders import MLPEncoder
+from miles.models.fusion import FusionOutput
 from miles.models.losses import head_losses
 from miles.strategies import EvalResult, Strategy, StrategyContext, build_strategy
 from miles.strategies.gblend import GBlend, gblend_weights
@@ -122,6 +124,36 @@ def test_guards_no_gain_and_no_overfitting() -> None:
         gblend_weights(same, same, same, same, eps=0.0)
 
 
+def test_uniform_floor_keeps_every_head_training() -> None:
+    same = {"fused": 1.0, "a": 1.0, "b": 1.0}
+    train_now = {"fused": 0.5, "a": 0.6, "b": 0.8}
+    # fused got worse on held-out: the paper's weight is 0
+    # a: dG = 0.2, O 0 -> 0.2: 0.2 / 0.04 = 5;  b: dG = 0.1, O 0 -> 0.1: 0.1 / 0.01 = 10
+    hold_now = {"fused": 1.1, "a": 0.8, "b": 0.9}
+    w = gblend_weights(same, train_now, same, hold_now)
+    assert w == pytest.approx({"fused": 0.0, "a": 1 / 3, "b": 2 / 3}, rel=1e-9)
+    # floor 0.3 of the uniform share (1/3): w = 0.3 * 1/3 + 0.7 * w_paper
+    w = gblend_weights(same, train_now, same, hold_now, uniform_floor=0.3)
+    assert w == pytest.approx({"fused": 0.1, "a": 0.1 + 0.7 / 3, "b": 0.1 + 1.4 / 3}, rel=1e-9)
+    assert sum(w.values()) == pytest.approx(1.0)
+    # with sum-to-heads the floor scales with the uniform weight (1): fused gets 0.3
+    w = gblend_weights(same, train_now, same, hold_now, total=3.0, uniform_floor=0.3)
+    assert w == pytest.approx({"fused": 0.3, "a": 0.3 + 0.7, "b": 0.3 + 1.4}, rel=1e-9)
+    # floor 1: uniform whatever the losses
+    w = gblend_weights(same, train_now, same, hold_now, uniform_floor=1.0)
+    assert w == pytest.approx(dict.fromkeys(same, 1 / 3), rel=1e-9)
+    with pytest.raises(ValueError, match="uniform_floor"):
+        gblend_weights(same, train_now, same, hold_now, uniform_floor=1.5)
+
+
+def test_uniform_floor_end_to_end(small: DatasetSplits) -> None:
+    res, _ = _fit(small, GBlend(super_epoch=1, uniform_floor=0.5), epochs=3)
+    for r in _records(res):
+        paper = gblend_weights(r["train_prev"], r["train_now"], r["holdout_prev"], r["holdout_now"])
+        assert r["next_weights"] == {h: 0.5 / 3 + 0.5 * paper[h] for h in HEADS}
+        assert min(r["next_weights"].values()) >= 0.5 / 3 - 1e-12
+
+
 def test_constructor_validation_and_describe() -> None:
     for bad in (
         {"super_epoch": 0},
@@ -130,6 +162,9 @@ def test_constructor_validation_and_describe() -> None:
         {"holdout_fraction": 1.0},
         {"normalize": "softmax"},
         {"eps": -1.0},
+        {"uniform_floor": -0.1},
+        {"uniform_floor": 1.1},
+        {"uniform_floor": float("nan")},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             GBlend(**bad)  # type: ignore[arg-type]
@@ -141,6 +176,7 @@ def test_constructor_validation_and_describe() -> None:
         "holdout_fraction": 0.1,
         "normalize": "sum-to-one",
         "eps": 1e-8,
+        "uniform_floor": 0.0,
         "uses_aux_losses": True,
     }
 
@@ -169,8 +205,6 @@ def test_loss_is_the_weighted_sum_and_scales_gradients() -> None:
     model.zero_grad()
     head_losses(model(batch["inputs"]), batch["target"])["a"].backward()
     assert torch.allclose(grad_head_a, 0.2 * model.heads["a"].weight.grad)  # type: ignore[operator]
-    # the running training-loss estimate saw this batch
-    assert s._count == 5 and torch.equal(s._sums["a"], losses["a"].detach() * 5)
 
 
 # -- end to end ------------------------------------------------------------------------------------
@@ -195,8 +229,55 @@ def test_neutral_uniform_weights_equal_joint_aux_bit_for_bit(
     assert [r["val_fused"] for r in aux.history] == [r["val_fused"] for r in est.history]
 
 
-def test_weights_recomputed_exactly_every_k_epochs(small: DatasetSplits) -> None:
-    res, _ = _fit(small, GBlend(super_epoch=2), epochs=5)
+class _Spy(GBlend):
+    """Records what the trainer hands over and clean eval passes of its own (RNG forked, so the
+    run is unchanged), to check the losses G-Blend uses."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.sizes: list[int] = []
+        self.trained: list[int] = []
+        self.clean_train: list[dict[str, float]] = []  # checkpoint 0, then every epoch end
+        self.clean_holdout: list[dict[str, float]] = []
+        self.trainer_holdout: list[dict[str, float]] = []
+
+    def _measure(self, ctx: StrategyContext) -> None:
+        with torch.random.fork_rng(devices=[]):
+            for loader, out in (
+                (ctx.train_probe_loader, self.clean_train),
+                (ctx.holdout_loader, self.clean_holdout),
+            ):
+                r = ctx.evaluate(loader)
+                out.append({"fused": r.loss, **r.unimodal_loss})
+
+    def on_fit_start(self, ctx: StrategyContext) -> None:
+        super().on_fit_start(ctx)
+        self.sizes.append(len(ctx.holdout_loader.dataset))  # type: ignore[union-attr]
+        self.sizes.append(len(ctx.train_probe_loader.dataset))  # type: ignore[union-attr]
+        self._measure(ctx)  # the untrained model
+
+    def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
+        super().on_epoch_start(ctx, epoch)
+        self.trained.append(0)
+
+    def loss(
+        self, losses: Mapping[str, torch.Tensor], output: FusionOutput, batch: Mapping[str, Any]
+    ) -> torch.Tensor:
+        self.trained[-1] += batch["target"].shape[0]
+        return super().loss(losses, output, batch)
+
+    def on_epoch_end(
+        self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
+    ) -> dict[str, Any]:
+        assert holdout is not None
+        self.trainer_holdout.append({"fused": holdout.loss, **holdout.unimodal_loss})
+        self._measure(ctx)
+        return super().on_epoch_end(ctx, epoch, val, holdout)
+
+
+def test_weights_recomputed_every_k_epochs_from_clean_passes(small: DatasetSplits) -> None:
+    spy = _Spy(super_epoch=2)
+    res, _ = _fit(small, spy, epochs=5)
     recs = _records(res)
     assert [r["estimated"] for r in recs] == [False, True, False, True, False]
     uniform = dict.fromkeys(HEADS, 1 / 3)
@@ -210,41 +291,36 @@ def test_weights_recomputed_exactly_every_k_epochs(small: DatasetSplits) -> None
         assert sum(r["next_weights"].values()) == pytest.approx(1.0)
         if i + 2 < len(recs):  # used, unchanged, for the whole next super-epoch
             assert recs[i + 1]["weights"] == recs[i + 2]["weights"] == r["next_weights"]
-    assert recs[1]["train_prev"] == recs[1]["holdout_prev"]  # checkpoint 0: O_0 = 0
+        # both losses are clean eval-mode passes at the checkpoint (clean_*[0] is checkpoint 0,
+        # clean_*[e] the end of epoch e): train on the probe slice, held-out = the trainer's pass
+        assert r["train_now"] == spy.clean_train[i + 1]
+        assert r["holdout_now"] == spy.clean_holdout[i + 1] == spy.trainer_holdout[i]
+        assert r["train_prev"] == spy.clean_train[i - 1]
+        assert r["holdout_prev"] == spy.clean_holdout[i - 1]
+    # checkpoint 0 is measured, not assumed (O_0 = L_holdout - L_train on different data)
+    assert recs[1]["train_prev"] != recs[1]["holdout_prev"]
     assert recs[3]["train_prev"] == recs[1]["train_now"]
     assert recs[3]["holdout_prev"] == recs[1]["holdout_now"]
     assert recs[2]["weights"] != uniform  # it did act
+    # the spy's extra passes (RNG forked) and G-Blend's own did not change the run
+    plain, _ = _fit(small, GBlend(super_epoch=2), epochs=5)
+    assert _records(plain) == recs
 
 
-class _Spy(GBlend):
-    """Records what the trainer hands over, to check the held-out slice is the one used."""
-
-    def __init__(self, **kw: Any) -> None:
-        super().__init__(**kw)
-        self.sizes: list[int] = []
-        self.trained: list[int] = []
-        self.trainer_holdout: list[float] = []
-
-    def on_fit_start(self, ctx: StrategyContext) -> None:
-        super().on_fit_start(ctx)
-        self.sizes.append(len(ctx.holdout_loader.dataset))  # type: ignore[union-attr]
-
-    def on_epoch_end(
-        self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
-    ) -> dict[str, Any]:
-        self.trained.append(self._count)
-        assert holdout is not None
-        self.trainer_holdout.append(holdout.loss)
-        return super().on_epoch_end(ctx, epoch, val, holdout)
-
-
-def test_holdout_is_a_fraction_of_train_and_is_what_is_measured(small: DatasetSplits) -> None:
+def test_holdout_is_a_fraction_of_train_never_trained_on(small: DatasetSplits) -> None:
     spy = _Spy(super_epoch=1, holdout_fraction=0.25)
-    res, _ = _fit(small, spy, epochs=2)
-    assert spy.sizes == [30]  # 25% of the 120 training samples ...
-    assert spy.trained == [90, 90]  # ... never trained on
-    for rec, trainer_loss in zip(_records(res), spy.trainer_holdout, strict=True):
-        assert rec["holdout_now"]["fused"] == pytest.approx(trainer_loss, rel=1e-6)
+    _fit(small, spy, epochs=2)
+    assert spy.sizes == [30, 30]  # 25% of the 120 training samples, and a probe as large ...
+    assert spy.trained == [90, 90]  # ... and the held-out 30 are never trained on
+
+
+def test_reused_instance_starts_fresh(small: DatasetSplits) -> None:
+    s = GBlend(super_epoch=1)
+    first, m_first = _fit(small, s, epochs=2)
+    assert s.weights != dict.fromkeys(HEADS, 1 / 3)  # it learnt something
+    again, m_again = _fit(small, s, epochs=2)
+    assert _records(first) == _records(again)
+    assert _same_weights(m_first, m_again)
 
 
 def test_resume_reproduces_the_uninterrupted_run(small: DatasetSplits, tmp_path: Path) -> None:

@@ -116,7 +116,7 @@ def test_hand_made_sequences_freeze_the_converged_encoder(bn_toy: Any) -> None:
 
 def test_frozen_encoder_keeps_weights_and_batchnorm_stats(bn_toy: Any) -> None:
     model = _model(bn_toy)
-    strategy = MSES(patience=1)
+    strategy = MSES(patience=1, restore_best=True)
     ctx = _ctx(model, strategy)
     strategy.on_epoch_end(ctx, 1, _val(0.6, 0.3), None)
     record = strategy.on_epoch_end(ctx, 2, _val(0.6, 0.4), None)  # strong: no improvement
@@ -206,13 +206,13 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, bn_toy: Any, cu
 
 def test_state_dict_round_trip_and_validation(bn_toy: Any) -> None:
     model = _model(bn_toy)
-    strategy = MSES(patience=1)
+    strategy = MSES(patience=1, restore_best=True)
     ctx = _ctx(model, strategy)
     strategy.on_epoch_end(ctx, 1, _val(0.6, 0.3), None)
     strategy.on_epoch_end(ctx, 2, _val(0.5, 0.4), None)
     state = strategy.state_dict()
     assert state["pending_restore"] == ["strong"] and state["frozen_at"] == {"strong": 2}
-    other = MSES(patience=1)
+    other = MSES(patience=1, restore_best=True)
     other.load_state_dict(state)
     assert other.state_dict().keys() == state.keys()
     assert other.frozen_at == {"strong": 2} and other.best == {"strong": 0.6, "weak": 0.4}
@@ -237,6 +237,6 @@ def test_constructor_validation() -> None:
         "uses_aux_losses": True,
         "patience": 5,
         "min_delta": 0.0,
-        "restore_best": True,
+        "restore_best": False,
         "stop_when_all_frozen": True,
     }

@@ -15,6 +15,41 @@ def _csv(text: str) -> list[str]:
     return items
 
 
+def _methods(text: str) -> list[str]:
+    """``all`` or a comma-separated list of registered strategy names."""
+    from miles.compare import ALL_METHODS
+    from miles.strategies import available_strategies
+
+    items = _csv(text)
+    if items == ["all"]:
+        return list(ALL_METHODS)
+    unknown = [m for m in items if m not in available_strategies()]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown methods {unknown}; choose 'all' or from {available_strategies()}"
+        )
+    return items
+
+
+def _fusions(text: str) -> list[str]:
+    from miles.models import FUSIONS
+
+    items = _csv(text)
+    bad = [f for f in items if f not in FUSIONS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown fusions {bad}; choose from {list(FUSIONS)}")
+    return items
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -32,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     demo.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS)
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--fusion", type=_csv, default=["concat", "sum"], help="e.g. concat,sum")
+    demo.add_argument("--fusion", type=_fusions, default=["concat", "sum"], help="e.g. concat,sum")
     demo.add_argument("--methods", type=_csv, default=list(DEMO_METHODS))
     demo.add_argument("--tau", type=float, default=0.2, help="MILES threshold (default 0.2)")
     demo.add_argument("--mu", type=float, default=0.5, help="MILES LR factor (default 0.5)")
@@ -47,13 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp_ = sub.add_parser("compare", help="every balancing method, same data, model and budget")
     cmp_.add_argument("--dataset", default="fsdd-mnist")
-    cmp_.add_argument("--methods", default="all", help="comma-separated, or 'all'")
-    cmp_.add_argument("--fusion", type=_csv, default=["concat", "sum"])
-    cmp_.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1")
+    cmp_.add_argument(
+        "--methods", type=_methods, default="all", help="comma-separated, or 'all' (default)"
+    )
+    cmp_.add_argument("--fusion", type=_fusions, default=["concat", "sum"])
+    cmp_.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default 3)")
     cmp_.add_argument("--epochs", type=_positive_int, default=10)
     cmp_.add_argument("--lr", type=float, default=1e-3)
+    cmp_.add_argument("--batch-size", type=_positive_int, default=64)
+    cmp_.add_argument("--latent-dim", type=_positive_int, default=64)
     cmp_.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    cmp_.add_argument(
+        "--sweep-lrs",
+        type=_floats,
+        default=[3e-4, 1e-3, 3e-3],
+        help="unimodal LR candidates for MSLR (default 3e-4,1e-3,3e-3)",
+    )
     cmp_.add_argument("--sweep-epochs", type=_positive_int, default=5)
+    cmp_.add_argument("--sweep-cache", help="folder for the cached sweep (default OUT/sweep)")
     cmp_.add_argument("--out", default="compare-out")
 
     sub.add_parser("list", help="registered datasets and strategies")
@@ -94,9 +140,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from miles.compare import ALL_METHODS, CompareConfig, run_compare
+    from miles.compare import CompareConfig, run_compare
 
-    methods = list(ALL_METHODS) if args.methods == "all" else _csv(args.methods)
+    methods = args.methods if isinstance(args.methods, list) else _methods(args.methods)
     config = CompareConfig(
         dataset=args.dataset,
         methods=methods,
@@ -104,8 +150,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         seeds=list(range(args.seeds)),
         epochs=args.epochs,
         lr=args.lr,
+        batch_size=args.batch_size,
+        latent_dim=args.latent_dim,
         optimizer=args.optimizer,
+        sweep_lrs=args.sweep_lrs,
         sweep_epochs=args.sweep_epochs,
+        sweep_cache=args.sweep_cache,
         out_dir=args.out,
     )
     run_compare(config)

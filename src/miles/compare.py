@@ -47,6 +47,9 @@ ALL_METHODS = (
     "miles",
 )
 DONE = "done.json"
+RUN_CONFIG = "run_config.json"
+#: settings that may differ between invocations sharing an output folder (they add runs)
+_EXTENDABLE = ("methods", "fusions", "seeds", "out_dir")
 
 
 @dataclass
@@ -65,6 +68,7 @@ class CompareConfig:
     latent_dim: int = 64
     sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     sweep_epochs: int = 5
+    sweep_cache: str | None = None
     out_dir: str = "compare-out"
 
     def __post_init__(self) -> None:
@@ -145,10 +149,19 @@ def plan_runs(config: CompareConfig, setup: ComparisonSetup) -> list[PlannedRun]
 
 
 def _run_one(run: PlannedRun, config: CompareConfig, data: Any) -> dict[str, Any]:
-    """Train (or resume) one run; return its result dict. Finished runs are only read."""
+    """Train (or resume) one run and return its result; finished runs are only read.
+
+    A run whose training diverges (``FloatingPointError``) is recorded as failed, with the reason,
+    instead of aborting the comparison: re-running it would diverge the same way.
+    """
     done = run.out_dir / DONE
+    result_path = run.out_dir / "result.json"
     if done.is_file():
-        return json.loads((run.out_dir / "result.json").read_text(encoding="utf-8"))
+        status = json.loads(done.read_text(encoding="utf-8"))
+        if status.get("failed"):
+            return {"failed": status["failed"]}
+        if result_path.is_file():
+            return json.loads(result_path.read_text(encoding="utf-8"))
     exp = ExperimentConfig(
         dataset=config.dataset,
         dataset_params=dict(config.dataset_params),
@@ -159,9 +172,31 @@ def _run_one(run: PlannedRun, config: CompareConfig, data: Any) -> dict[str, Any
         trainer=config.trainer_config(run.seed),
         out_dir=str(run.out_dir),
     )
-    result = run_experiment(exp, data=data, resume=True).to_dict()
+    _check_same_settings(run.out_dir / RUN_CONFIG, exp.to_dict(), what=f"run {run.out_dir}")
+    try:
+        result = run_experiment(exp, data=data, resume=True).to_dict()
+    except FloatingPointError as exc:
+        write_json(done, {"failed": str(exc)})
+        return {"failed": str(exc)}
     write_json(done, {"finished": True, "wall_time_s": result["wall_time_s"]})
     return result
+
+
+def _check_same_settings(path: Path, settings: dict[str, Any], *, what: str) -> None:
+    """Refuse to mix results made under different settings in one output folder."""
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != json.loads(json.dumps(settings)):
+            diff = sorted(
+                k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k)
+            )
+            raise ValueError(
+                f"{what} was started with different settings (differs in {diff}); use a new "
+                "--out folder, or delete the old one, to compare under new settings"
+            )
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, settings)
 
 
 def _mean_head(
@@ -197,50 +232,39 @@ def dominant_order(
 def _table_rows(
     rows: list[dict[str, Any]], config: CompareConfig, order: list[str]
 ) -> list[dict[str, Any]]:
-    """Aggregate per (fusion, method), with heads renamed by rank (dominant, weaker, ...)."""
-    ranked = []
-    for r in rows:
-        base = {
-            "fusion": r["fusion"],
-            "method": r["method"],
-            "label": r["label"],
-            "seed": r["seed"],
-        }
-        if r["method"] == "unimodal":
-            # the reference row: each modality's own model in its column, no fused prediction
-            continue
-        ranked.append(
-            base
-            | {"fused": r["fused"], "best_epoch": r["best_epoch"], "acted": r["acted"]}
-            | {f"head{i}": r[m] for i, m in enumerate(order)}
-            | {"gap": r[order[0]] - r[order[-1]]}
-        )
+    """Aggregate per (fusion, method); the unimodal row holds each modality's own model."""
+    table = [r for r in rows if r["method"] != "unimodal" and not r.get("failed")]
     for fusion in config.fusions:
         for seed in config.seeds:
             refs = {
                 r["label"]: r[r["label"]]
                 for r in rows
-                if r["method"] == "unimodal" and r["seed"] == seed
+                if r["method"] == "unimodal" and r["seed"] == seed and not r.get("failed")
             }
             if len(refs) == len(order):
-                ranked.append(
-                    {
-                        "fusion": fusion,
-                        "method": "unimodal",
-                        "label": "",
-                        "seed": seed,
-                        "fused": None,
-                        "best_epoch": None,
-                        "acted": None,
-                    }
-                    | {f"head{i}": refs[m] for i, m in enumerate(order)}
+                table.append(
+                    {"fusion": fusion, "method": "unimodal", "seed": seed}
+                    | refs
                     | {"gap": refs[order[0]] - refs[order[-1]]}
                 )
-    values = ["fused", *(f"head{i}" for i in range(len(order))), "gap", "best_epoch", "acted"]
-    agg = aggregate(ranked, ["fusion", "method"], values)
+    values = ["fused", *order, "gap", "best_epoch", "acted"]
+    agg = aggregate(table, ["fusion", "method"], values)
     rank = {m: i for i, m in enumerate(config.methods)}
     agg.sort(key=lambda a: (config.fusions.index(a["fusion"]), rank.get(a["method"], 99)))
+    for a in agg:
+        a["uses_aux_losses"] = (
+            None if a["method"] == "unimodal" else strategy_class(a["method"]).uses_aux_losses
+        )
     return agg
+
+
+def _failures(rows: list[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """How many runs diverged, per (fusion, method)."""
+    counts: dict[tuple[str, str], int] = {}
+    for r in rows:
+        if r.get("failed"):
+            counts[(r["fusion"], r["method"])] = counts.get((r["fusion"], r["method"]), 0) + 1
+    return counts
 
 
 def markdown_report(
@@ -250,6 +274,7 @@ def markdown_report(
     rule: str,
     metric: str,
     meta: str,
+    failures: dict[tuple[str, str], int] | None = None,
 ) -> str:
     """The Table II-shaped markdown: one table per fusion."""
     head_cols = [f"{m} head" + (" (dominant)" if i == 0 else "") for i, m in enumerate(order)]
@@ -258,8 +283,9 @@ def markdown_report(
         "",
         f"Test {metric} (%) at the epoch chosen on validation, mean ± std over seeds "
         f"{config.seeds}. Dominant modality by {rule}: {order[0]}. "
-        "gap = dominant head - weakest head. The unimodal row holds each modality's own model "
-        "(its encoder and head trained alone). aux = trained with the auxiliary unimodal losses.",
+        f"gap = {order[0]} head - {order[-1]} head (negative: the dominant modality's head ended "
+        "below the other's). The unimodal row holds each modality's own model (its encoder and "
+        "head trained alone). aux = trained with the auxiliary unimodal losses.",
         "",
     ]
     for fusion in config.fusions:
@@ -274,35 +300,51 @@ def markdown_report(
         for a in agg:
             if a["fusion"] != fusion:
                 continue
-            cls = strategy_class(a["method"])
-            aux = "-" if a["method"] == "unimodal" else ("yes" if cls.uses_aux_losses else "no")
-            heads = " | ".join(pm(a, f"head{i}") for i in range(len(order)))
+            aux = {None: "-", True: "yes", False: "no"}[a["uses_aux_losses"]]
+            heads = " | ".join(pm(a, m) for m in order)
             acted = pm(a, "acted", pct=False) if a["method"] == "miles" else "-"
             lines.append(
                 f"| {a['method']} | {aux} | {pm(a, 'fused')} | {heads} | {pm(a, 'gap')} | "
                 f"{pm(a, 'best_epoch', pct=False)} | {acted} |"
             )
         lines.append("")
+    if failures:
+        notes = [f"{f}/{m}: {n} run(s) diverged" for (f, m), n in failures.items()]
+        lines += ["Diverged runs (left out of the means): " + "; ".join(notes) + ".", ""]
     lines.append(meta)
     return "\n".join(lines) + "\n"
 
 
+def _write_csv(path: Path, rows: list[dict[str, Any]], first: Sequence[str]) -> None:
+    columns = list(first) + sorted({k for r in rows for k in r} - set(first))
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def run_compare(config: CompareConfig, *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) the comparison; write ``compare.md``, ``compare.csv``, ``compare.json``."""
+    """Run (or resume) the comparison.
+
+    Writes ``compare.md`` (the tables), ``compare_table.csv`` (the aggregated table),
+    ``compare_runs.csv`` (one row per run and seed) and ``compare.json`` (everything).
+    """
     from miles.data import build_dataset
     from miles.training.lr_sweep import sweep_unimodal_lrs
 
     out = Path(config.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in asdict(config).items() if k not in _EXTENDABLE}
+    _check_same_settings(out / "compare_settings.json", settings, what=f"compare in {out}")
     write_json(out / "compare_config.json", asdict(config))
     data = build_dataset(config.dataset, **config.dataset_params)
     sweep: dict[str, float] = {}
+    sweep_dir = Path(config.sweep_cache) if config.sweep_cache else out / "sweep"
 
     def unimodal_lrs() -> dict[str, float]:
         if not sweep:
             echo(
                 f"unimodal LR sweep {config.sweep_lrs} x {list(data.modalities)}, "
-                f"{config.sweep_epochs} epochs (cached in {out / 'sweep'})"
+                f"{config.sweep_epochs} epochs (cached in {sweep_dir})"
             )
             sweep.update(
                 sweep_unimodal_lrs(
@@ -312,7 +354,7 @@ def run_compare(config: CompareConfig, *, echo: Callable[[str], None] = print) -
                     epochs=config.sweep_epochs,
                     seed=config.seeds[0],
                     latent_dim=config.latent_dim,
-                    cache_dir=out / "sweep",
+                    cache_dir=sweep_dir,
                     progress=True,
                     trainer_overrides={
                         "batch_size": config.batch_size,
@@ -326,35 +368,46 @@ def run_compare(config: CompareConfig, *, echo: Callable[[str], None] = print) -
 
     setup = ComparisonSetup(tuple(data.modalities), config.lr, unimodal_lrs)
     runs = plan_runs(config, setup)
+    to_train = sum(1 for r in runs if not (r.out_dir / DONE).is_file())
+    echo(f"{len(runs)} runs planned, {len(runs) - to_train} already done, {to_train} to train")
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     trained = 0
     for index, run in enumerate(runs, 1):
+        tag = f"[{index}/{len(runs)}] seed {run.seed} {run.fusion:6s} {run.display}"
         was_done = (run.out_dir / DONE).is_file()
+        if not was_done:
+            echo(f"{tag}: training ...")
         t0 = time.perf_counter()
         result = _run_one(run, config, data)
-        fusions = config.fusions if run.fusion_independent else [run.fusion]
-        for fusion in fusions:
-            row = summarize_run(result) | {
-                "fusion": fusion,
-                "method": run.method,
-                "label": run.label,
-            }
-            rows.append(row)
+        cls = strategy_class(run.method)
+        for fusion in config.fusions if run.fusion_independent else [run.fusion]:
+            ident = {"fusion": fusion, "method": run.method, "label": run.label, "seed": run.seed}
+            if "failed" in result:
+                rows.append(ident | {"failed": result["failed"]})
+            else:
+                rows.append(
+                    summarize_run(result) | ident | {"uses_aux_losses": cls.uses_aux_losses}
+                )
         if was_done:
-            echo(
-                f"[{index}/{len(runs)}] seed {run.seed} {run.fusion:6s} {run.display}: done earlier"
-            )
+            echo(f"{tag}: done earlier")
             continue
         trained += 1
         elapsed = time.perf_counter() - start
-        eta = elapsed / trained * (len(runs) - index)
+        eta = elapsed / trained * (to_train - trained)
+        outcome = (
+            f"DIVERGED ({result['failed']})"
+            if "failed" in result
+            else f"fused {100 * result['test']['fused']:.1f}"
+        )
         echo(
-            f"[{index}/{len(runs)}] seed {run.seed} {run.fusion:6s} {run.display}: fused "
-            f"{100 * result['test']['fused']:.1f} ({time.perf_counter() - t0:.0f} s; "
+            f"{tag}: {outcome} ({time.perf_counter() - t0:.0f} s; "
             f"elapsed {elapsed:.0f} s, ~{eta:.0f} s left)"
         )
-    order, rule = dominant_order(rows, data.modalities)
+    order, rule = dominant_order([r for r in rows if not r.get("failed")], data.modalities)
+    for row in rows:  # one signed gap everywhere: dominant head minus weakest head
+        if not row.get("failed"):
+            row["gap"] = row[order[0]] - row[order[-1]]
     agg = _table_rows(rows, config, order)
     wall = time.perf_counter() - start
     meta = (
@@ -367,16 +420,11 @@ def run_compare(config: CompareConfig, *, echo: Callable[[str], None] = print) -
         f"Wall time of this invocation: {wall:.0f} s ({trained} runs trained, "
         f"{len(runs) - trained} read from disk)."
     )
-    report = markdown_report(agg, config, order, rule, data.metric, meta)
+    failures = _failures(rows)
+    report = markdown_report(agg, config, order, rule, data.metric, meta, failures)
     (out / "compare.md").write_text(report, encoding="utf-8")
-    columns = sorted(
-        {k for r in rows for k in r},
-        key=lambda c: (c not in ("fusion", "method", "label", "seed"), c),
-    )
-    with (out / "compare.csv").open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    _write_csv(out / "compare_runs.csv", rows, ["fusion", "method", "label", "seed"])
+    _write_csv(out / "compare_table.csv", agg, ["fusion", "method", "uses_aux_losses", "n"])
     payload = {
         "config": asdict(config),
         "dominant_order": order,
@@ -389,5 +437,5 @@ def run_compare(config: CompareConfig, *, echo: Callable[[str], None] = print) -
     write_json(out / "compare.json", payload)
     echo("")
     echo(report)
-    echo(f"wrote {out / 'compare.md'}, compare.csv, compare.json")
+    echo(f"wrote {out / 'compare.md'}, compare_table.csv, compare_runs.csv, compare.json")
     return payload

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from miles.batch import move_batch
 from miles.models.fusion import FusionOutput
-from miles.models.losses import FUSED, head_losses
+from miles.models.losses import FUSED
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
 from miles.strategies.registry import register_strategy
 
@@ -38,6 +37,7 @@ def gblend_weights(
     *,
     eps: float = 1e-8,
     total: float = 1.0,
+    uniform_floor: float = 0.0,
 ) -> dict[str, float]:
     """G-Blend weights of every head from its losses at two checkpoints ``prev`` -> ``now``.
 
@@ -53,6 +53,10 @@ def gblend_weights(
     formula; we clip it at 0 (the head is dropped until the next estimate). ``dO ~ 0`` means no
     measurable overfitting: ``eps`` keeps the ratio finite, so such a head takes (almost) all the
     weight, which is the formula's limit. If no head improved at all, the weights are uniform.
+
+    ``uniform_floor = f`` in ``[0, 1]`` mixes the result with the uniform weights,
+    ``w = f * total / H + (1 - f) * w_GBlend``: every head keeps at least ``f`` times its uniform
+    share, the sum stays ``total`` and the order of the heads is unchanged (``0``: the paper).
     """
     heads = list(holdout_now)
     if not heads:
@@ -68,6 +72,8 @@ def gblend_weights(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     if not (math.isfinite(total) and total > 0):
         raise ValueError(f"total must be a finite number > 0, got {total!r}")
+    if not 0.0 <= uniform_floor <= 1.0:
+        raise ValueError(f"uniform_floor must be in [0, 1], got {uniform_floor!r}")
     raw: dict[str, float] = {}
     for h in heads:
         gain = holdout_prev[h] - holdout_now[h]
@@ -75,10 +81,14 @@ def gblend_weights(
         over_now = holdout_now[h] - train_now[h]
         d_over = over_now - over_prev
         raw[h] = max(gain, 0.0) / max(d_over * d_over, eps)
+    uniform = total / len(heads)
     z = sum(raw.values())
     if not z > 0 or not math.isfinite(z):
-        return {h: total / len(heads) for h in heads}
-    return {h: total * r / z for h, r in raw.items()}
+        return dict.fromkeys(heads, uniform)
+    if uniform_floor == 0.0:
+        return {h: total * r / z for h, r in raw.items()}
+    keep = 1.0 - uniform_floor
+    return {h: uniform_floor * uniform + keep * (total * r / z) for h, r in raw.items()}
 
 
 @register_strategy("gblend")
@@ -90,9 +100,15 @@ class GBlend(Strategy):
     How the weights are estimated (see :func:`gblend_weights`): ``L*`` is approximated by the loss
     on a held-out slice ``V`` of the *training* set (``holdout_fraction``; the trainer splits it
     off, seeded, and the model never trains on it). At checkpoints ``n = 0, k, 2k, ...`` we store,
-    per head, the held-out loss (a clean no-grad pass over ``ctx.holdout_loader`` in eval mode) and
-    the training loss; the weights used during epochs ``n+1 .. n+k`` come from checkpoints
-    ``n-k`` and ``n``. Before the first estimate (the first super-epoch) the weights are uniform.
+    per head, the held-out loss and the training loss, both measured the same way: a clean
+    no-grad pass in eval mode, over ``ctx.holdout_loader`` and over ``ctx.train_probe_loader`` (a
+    fixed slice of the training part as large as ``V``). At ``n > 0`` the held-out losses are the
+    trainer's own end-of-epoch pass (the ``holdout`` result of ``on_epoch_end``); checkpoint 0 is
+    the untrained model, measured before the first epoch. Measurement biases that are the same at
+    both checkpoints (eval mode, sampling of the slices) cancel in ``dG`` and ``dO``. The weights
+    used during epochs ``n+1 .. n+k`` come from checkpoints ``n-k`` and ``n``. Before the first
+    estimate (the first super-epoch) the weights are uniform. Our extra passes run inside
+    ``torch.random.fork_rng`` so they do not change the run's random stream.
 
     Deviations from the paper, and why:
 
@@ -104,13 +120,8 @@ class GBlend(Strategy):
       would cost ``M + 1`` extra trainings per super-epoch). Hence the first super-epoch is uniform,
       and the OGRs are measured under the blended loss itself. A head whose weight falls to 0 stops
       training, so its ``dG`` stays ~0 and it tends to stay out until the fused/other heads stop
-      generalising (the probe copies of the paper would re-test it from scratch).
-    * Training loss at a checkpoint = the per-head losses averaged over that checkpoint's epoch
-      (collected in :meth:`loss`, train mode), not a clean pass: it is free, but it lags the
-      end-of-epoch model and includes train-mode effects (dropout, BatchNorm batch statistics).
-      Constant biases cancel in ``dO``; the lag does not. At checkpoint 0 (the untrained model),
-      train and held-out data are equally unseen, so the train loss is taken equal to the
-      held-out loss (``O_0 = 0``).
+      generalising (the probe copies of the paper would re-test it from scratch); ``uniform_floor``
+      prevents that.
     * Normalisation: the paper constrains ``sum_h w_h = 1`` (Proposition 2; its printed ``Z`` has
       a stray factor 1/2, and public implementations normalise to 1). That is our default
       ``normalize="sum-to-one"``; then uniform weights are ``1/H`` for ``H`` heads, i.e. joint+aux
@@ -126,12 +137,20 @@ class GBlend(Strategy):
             0.08). Must be in ``(0, 1)``.
         normalize: ``"sum-to-one"`` (paper) or ``"sum-to-heads"`` (uniform = joint+aux).
         eps: floor on ``dO^2`` (``dO ~ 0`` would divide by zero; 1e-8 as in tsai).
+        uniform_floor: ``f`` in ``[0, 1]``: every head's weight is at least ``f`` times its
+            uniform share (the estimate is mixed with the uniform weights, see
+            :func:`gblend_weights`). Default ``0.0``, the paper, where a head whose held-out loss
+            did not improve gets weight 0, the fused head included: its gradient then only comes
+            through the encoders, although its validation metric picks the best epoch. A value
+            like ``0.1`` keeps every head, the fused one in particular, training. ``1.0`` is
+            uniform weights throughout.
 
     Uses the auxiliary unimodal losses (``uses_aux_losses = True``): every head's loss is in the
     blend, with G-Blend's weights (the base class's ``aux_weights`` are not used). Works with any
     number of modalities and with multilabel targets (BCE per head). Needs the trainer to hold
-    out data (``ctx.holdout_loader``) and attached unimodal heads; raises otherwise. Note that it
-    trains on ``1 - holdout_fraction`` of the training set, as in the paper.
+    out data (``ctx.holdout_loader`` and ``ctx.train_probe_loader``) and attached unimodal heads;
+    raises otherwise. Note that it trains on ``1 - holdout_fraction`` of the training set, as in
+    the paper.
     """
 
     name = "gblend"
@@ -143,6 +162,7 @@ class GBlend(Strategy):
         holdout_fraction: float = 0.1,
         normalize: str = "sum-to-one",
         eps: float = 1e-8,
+        uniform_floor: float = 0.0,
     ) -> None:
         if isinstance(super_epoch, bool) or not isinstance(super_epoch, int) or super_epoch < 1:
             raise ValueError(f"super_epoch must be an int >= 1, got {super_epoch!r}")
@@ -161,22 +181,30 @@ class GBlend(Strategy):
             or eps <= 0
         ):
             raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+        if (
+            isinstance(uniform_floor, bool)
+            or not isinstance(uniform_floor, (int, float))
+            or not 0 <= uniform_floor <= 1
+        ):
+            raise ValueError(f"uniform_floor must be in [0, 1], got {uniform_floor!r}")
         self.super_epoch = super_epoch
         self.holdout_fraction = float(holdout_fraction)
         self.normalize = normalize
         self.eps = float(eps)
+        self.uniform_floor = float(uniform_floor)
+        self._heads: list[str] = []
+        self._reset()
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        """Forget everything learnt in a previous fit (a resumed fit reloads it afterwards)."""
         self.weights: dict[str, float] = {}
         # losses at the last checkpoint (None until checkpoint 0 is taken)
         self._ref_epoch: int | None = None
         self._ref_train: dict[str, float] = {}
         self._ref_holdout: dict[str, float] = {}
         self._last_estimate: int | None = None
-        # per-epoch running sums of the training losses (reset every epoch, never checkpointed)
-        self._sums: dict[str, Tensor] = {}
-        self._count = 0
-        self._heads: list[str] = []
 
-    # -- helpers -----------------------------------------------------------------------------------
     def _total(self, n_heads: int) -> float:
         return 1.0 if self.normalize == "sum-to-one" else float(n_heads)
 
@@ -184,40 +212,28 @@ class GBlend(Strategy):
         n = len(self._heads)
         return {h: self._total(n) / n for h in self._heads}
 
-    @torch.no_grad()
-    def _holdout_losses(self, ctx: StrategyContext) -> dict[str, float]:
-        """Mean per-head loss on the held-out slice, eval mode, without touching the global RNG
-        (DataLoader iterators draw a seed from it; the run must not depend on our extra pass)."""
-        model, loader = ctx.model, ctx.holdout_loader
+    @staticmethod
+    def _per_head(result: EvalResult) -> dict[str, float]:
+        """``{head: mean loss}`` of one evaluation pass, fused first."""
+        return {FUSED: float(result.loss), **{m: float(v) for m, v in result.unimodal_loss.items()}}
+
+    def _clean_losses(self, ctx: StrategyContext, loader: Any) -> dict[str, float]:
+        """Per-head mean loss of ``loader`` (``ctx.evaluate``: eval mode, no grad), without
+        touching the global RNG (DataLoader iterators draw a seed from it; the run must not depend
+        on our extra passes)."""
         if loader is None:
-            raise ValueError("G-Blend needs ctx.holdout_loader (holdout_fraction > 0)")
-        was_training = model.training
-        sums: dict[str, Tensor] = {}
-        count = 0
+            raise ValueError(
+                "G-Blend needs ctx.holdout_loader and ctx.train_probe_loader (holdout_fraction > 0)"
+            )
         with torch.random.fork_rng(devices=[]):
-            model.eval()
-            try:
-                for raw in loader:
-                    batch = move_batch(raw, ctx.device)
-                    out = model(batch["inputs"], batch["lengths"] or None)
-                    n = batch["target"].shape[0]
-                    for h, value in head_losses(
-                        out, batch["target"], multilabel=ctx.multilabel
-                    ).items():
-                        sums[h] = sums[h] + value * n if h in sums else value * n
-                    count += n
-            finally:
-                model.train(was_training)
-        if count == 0:
-            raise ValueError("G-Blend: the held-out loader is empty")
-        return {h: float(v) / count for h, v in sums.items()}
+            return self._per_head(ctx.evaluate(loader))
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self, ctx: StrategyContext) -> None:
-        if ctx.holdout_loader is None:
+        if ctx.holdout_loader is None or ctx.train_probe_loader is None:
             raise ValueError(
                 "G-Blend needs a held-out slice of the training set (holdout_fraction > 0); "
-                "the trainer gave no ctx.holdout_loader"
+                "the trainer gave no ctx.holdout_loader / ctx.train_probe_loader"
             )
         if ctx.model.detach_unimodal_heads:
             raise ValueError(
@@ -225,8 +241,8 @@ class GBlend(Strategy):
                 "detach_unimodal_heads=True"
             )
         self._heads = [FUSED, *ctx.model.modalities]
-        if not self.weights:
-            self.weights = self._uniform()
+        self._reset()
+        self.weights = self._uniform()
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         if sorted(self.weights) != sorted(self._heads):  # e.g. a state restored for another model
@@ -234,21 +250,17 @@ class GBlend(Strategy):
                 f"G-Blend weights are for heads {sorted(self.weights)}, the model has "
                 f"{sorted(self._heads)}"
             )
-        self._sums, self._count = {}, 0
         if self._ref_epoch is None:
-            # checkpoint 0: the untrained model; O_0 = 0 (train and held-out data both unseen)
-            hold = self._holdout_losses(ctx)
-            self._ref_epoch, self._ref_holdout, self._ref_train = epoch - 1, hold, dict(hold)
+            # checkpoint 0, the untrained model (taken here, not in on_fit_start: a resumed run
+            # restores it instead)
+            self._ref_train = self._clean_losses(ctx, ctx.train_probe_loader)
+            self._ref_holdout = self._clean_losses(ctx, ctx.holdout_loader)
+            self._ref_epoch = epoch - 1
 
     def loss(
         self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
     ) -> Tensor:
         """``sum_h w_h L_h`` (fused first, then modalities: the base class's summation order)."""
-        n = batch["target"].shape[0]
-        for h, value in losses.items():
-            v = value.detach() * n
-            self._sums[h] = self._sums[h] + v if h in self._sums else v
-        self._count += n
         w = self.weights
         total = w[FUSED] * losses[FUSED]
         for h, value in losses.items():
@@ -262,10 +274,10 @@ class GBlend(Strategy):
         record: dict[str, Any] = {"weights": dict(self.weights), "estimated": False}
         if epoch % self.super_epoch != 0:
             return record
-        if self._count == 0 or self._ref_epoch is None:
-            raise RuntimeError("G-Blend: no training loss was collected this epoch")
-        train_now = {h: float(v) / self._count for h, v in self._sums.items()}
-        hold_now = self._holdout_losses(ctx)
+        if holdout is None or self._ref_epoch is None:
+            raise RuntimeError("G-Blend: the trainer passed no held-out evaluation")
+        train_now = self._clean_losses(ctx, ctx.train_probe_loader)
+        hold_now = self._per_head(holdout)
         new = gblend_weights(
             self._ref_train,
             train_now,
@@ -273,6 +285,7 @@ class GBlend(Strategy):
             hold_now,
             eps=self.eps,
             total=self._total(len(hold_now)),
+            uniform_floor=self.uniform_floor,
         )
         record.update(
             estimated=True,
@@ -316,5 +329,6 @@ class GBlend(Strategy):
             holdout_fraction=self.holdout_fraction,
             normalize=self.normalize,
             eps=self.eps,
+            uniform_floor=self.uniform_floor,
         )
         return info

@@ -51,8 +51,10 @@ class MSES(Strategy):
         min_delta: an improvement must exceed this (>= 0, in metric units). Default 0.
         restore_best: when ``m`` is frozen, reload encoder ``m``'s and head ``m``'s weights and
             BatchNorm buffers from its best validation epoch, as classical early stopping returns
-            the best model rather than the overfitted last one. Default ``True`` (our reading; the
-            paper's abstract only says "early stopping"). The reload happens at the start of the
+            the best model rather than the overfitted last one. Default ``False``: the paper's
+            "learning rate control" reading is that the modality's learning rate drops to zero,
+            i.e. its weights stay where they are; reloading older weights would also hand the
+            fused head, trained on later latents, latents it has not seen. The reload happens at the start of the
             next epoch (so each saved checkpoint matches its validation row); when training stops
             right after the last freeze, that last reload never happens, and the trainer's
             best-epoch weights are what gets tested. Costs one extra copy of each encoder in
@@ -77,7 +79,7 @@ class MSES(Strategy):
         self,
         patience: int = 5,
         min_delta: float = 0.0,
-        restore_best: bool = True,
+        restore_best: bool = False,
         stop_when_all_frozen: bool = True,
     ) -> None:
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:

@@ -76,10 +76,11 @@ def discrepancy_ratios(scores: Mapping[str, float]) -> dict[str, float]:
 
 
 def modulation_coefficient(ratio: float, alpha: float, *, continuous: bool = False) -> float:
-    """Eq. 10: ``k = 1 - tanh(alpha * rho)`` when ``rho > 1``, else ``1``.
+    """Eq. 10 as the authors implement it: ``k = 1 - tanh(alpha * rho)`` when ``rho > 1``, else 1.
 
-    ``continuous=True`` uses ``rho - 1`` instead of ``rho``, so ``k`` tends to 1 as the two
-    modalities draw level (the paper's form jumps from 1 to ``1 - tanh(alpha)`` at ``rho = 1``).
+    This default jumps from 1 to at most ``1 - tanh(alpha)`` as soon as ``rho`` exceeds 1.
+    ``continuous=True`` is ``k = 1 - tanh(alpha * relu(rho - 1))``, which tends to 1 as the
+    modalities draw level.
     """
     if not ratio > 1 or alpha == 0:
         return 1.0
@@ -115,19 +116,26 @@ class OGM(Joint):
        batch (Eq. 8).
     2. Discrepancy ratio ``rho_m = s_m / s_other`` (Eq. 9).
     3. Coefficient ``k_m = 1 - tanh(alpha * rho_m)`` when ``rho_m > 1`` (the dominant modality),
-       ``1`` otherwise (Eq. 10).
+       ``1`` otherwise: the paper's Eq. 10 as implemented in the authors' ``main.py``. It is
+       discontinuous at ``rho = 1``: as soon as ``rho_m > 1``, ``k_m`` drops from 1 to at most
+       ``1 - tanh(alpha)`` (e.g. 0.90 for ``alpha = 0.1``), however small the lead. The form
+       ``k_m = 1 - tanh(alpha * relu(rho_m - 1))`` (continuous, ``k -> 1`` as ``rho -> 1``), as
+       written in our task's specification, is ``continuous=True``.
     4. Every gradient of encoder ``m`` is multiplied by ``k_m`` before the optimizer steps. Only the
        encoders are modulated; the unimodal heads and the fused head are not.
 
     Args:
-        alpha: modulation strength (Eq. 10). Default 0.1, the authors' README default; the README
-            recommends 0.8 for CREMA-D and 0.1 for VGGSound. ``alpha = 0`` is exactly ``joint``.
+        alpha: modulation strength (Eq. 10). The authors' ``main.py`` has no default
+            (``--alpha`` is required); the value their README suggests differs between versions
+            of the repository (0.1 in one, 0.5 in another). Our default is 0.1. ``alpha = 0`` is
+            exactly ``joint``.
         modulation_starts: first modulated epoch (1-based, inclusive).
         modulation_ends: last modulated epoch (1-based, inclusive). The authors modulate 0-based
             epochs ``0 <= epoch <= 50`` by default (``--modulation_starts 0 --modulation_ends
             50``), i.e. our epochs 1 to 51, hence the defaults 1 and 51.
-        continuous: use ``1 - tanh(alpha * (rho - 1))`` (continuous at ``rho = 1``) instead of the
-            paper's ``1 - tanh(alpha * rho)``. Default ``False`` (the paper and code).
+        continuous: use ``1 - tanh(alpha * relu(rho - 1))`` (continuous at ``rho = 1``; the
+            specification's form) instead of ``1 - tanh(alpha * rho)`` for ``rho > 1``. Default
+            ``False``: Eq. 10 as the authors implement it.
 
     Deviations from the authors' code, on purpose:
 

@@ -9,12 +9,13 @@ from miles.strategies.ogm import NOISE_EPS, OGM
 from miles.strategies.registry import register_strategy
 
 
-def gradient_noise_std(grad: Tensor) -> float:
+def gradient_noise_std(grad: Tensor) -> Tensor:
     """Standard deviation of the GE noise: ``std(grad) + 1e-8`` (unbiased std, as the authors).
 
-    A one-element gradient has no spread: its std is taken as 0 (torch's unbiased std is NaN).
+    A 0-d tensor on ``grad``'s device: no host synchronisation per parameter and batch. A
+    one-element gradient has no spread: its std is taken as 0 (torch's unbiased std is NaN).
     """
-    std = float(grad.std()) if grad.numel() > 1 else 0.0
+    std = grad.std() if grad.numel() > 1 else grad.new_zeros(())
     return std + NOISE_EPS
 
 
@@ -37,11 +38,12 @@ class OGMGE(OGM):
     encoders).
 
     The noise is drawn from torch's global generator of the gradient's device, so a run is
-    reproducible with the same seed, and resumable exactly on CPU (the trainer checkpoints the
-    CPU generator's state). ``alpha = 0`` is *not* vanilla joint training: the noise remains.
-    Unlike the rescaling, the noise is not normalised away by Adam. In the per-epoch record,
-    ``modulated_fraction`` counts batches with some ``k_m < 1``; the noise is added in every batch
-    of an epoch whose ``modulation_active`` is true.
+    reproducible with the same seed and resumable (the trainer checkpoints the CPU and CUDA
+    generator states; on GPU, bit-exactness also needs deterministic kernels). The noise scale
+    stays on the device (no host synchronisation per parameter). ``alpha = 0`` is *not* vanilla
+    joint training: the noise remains. Unlike the rescaling, the noise is not normalised away by
+    Adam. In the per-epoch record, ``modulated_fraction`` counts batches with some ``k_m < 1``;
+    the noise is added in every batch of an epoch whose ``modulation_active`` is true.
     """
 
     name = "ogm-ge"
@@ -52,8 +54,7 @@ class OGMGE(OGM):
             grad = p.grad
             if grad is None:
                 continue
-            std = gradient_noise_std(grad)
+            std = gradient_noise_std(grad)  # of the original gradient, before the scaling
             if coeff != 1.0:
                 grad.mul_(coeff)
-            noise = torch.randn(grad.shape, dtype=grad.dtype, device=grad.device)
-            grad.add_(noise, alpha=std)
+            grad.add_(torch.randn_like(grad) * std)
