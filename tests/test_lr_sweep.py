@@ -126,3 +126,11 @@ def test_no_cache_dir_always_trains(small: Any, counted: list[Any]) -> None:
 def test_bad_arguments(small: Any, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _sweep(small, None, **kw)
+
+
+def test_all_diverged_is_an_error_not_a_choice() -> None:
+    from miles.training.lr_sweep import best_lrs
+
+    with pytest.raises(FloatingPointError, match="every candidate learning rate diverged"):
+        best_lrs({"a": {1e-3: float("nan"), 3e-3: float("nan")}})
+    assert best_lrs({"a": {1e-3: float("nan"), 3e-3: 0.5}}) == {"a": 3e-3}

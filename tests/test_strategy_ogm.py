@@ -26,7 +26,7 @@ from miles.strategies.ogm import (
     modality_logit_shares,
     modulation_coefficient,
 )
-from miles.strategies.ogm_ge import OGMGE
+from miles.strategies.ogm_ge import OGMGE, gradient_noise_std
 from miles.training import Trainer, TrainerConfig
 from tests.conftest import make_toy_splits
 
@@ -171,6 +171,31 @@ def test_hand_computed_scores(fusion: str) -> None:
     assert scores["b"] == pytest.approx(S_OTHER, rel=1e-6)
     assert coeffs["a"] == pytest.approx(K, rel=1e-6)
     assert coeffs["b"] == 1.0
+
+
+def test_concat_unequal_latent_sizes_use_each_modality_own_columns() -> None:
+    # latent sizes 2 (a) and 3 (b): a reads columns 0-1 of the fused layer, b columns 2-4
+    model = JointFusionModel(
+        {"a": MLPEncoder(3, 2, hidden=()), "b": MLPEncoder(3, 3, hidden=())}, 2, "concat"
+    )
+    assert model.latent_sizes == {"a": 2, "b": 3}
+    with torch.no_grad():
+        model.fused_head.weight.copy_(torch.tensor([[1.0, 2, 3, 4, 5], [-1, 0, 1, 0, -2]]))
+        model.fused_head.bias.copy_(torch.tensor([0.4, -0.2]))  # half to each: (0.2, -0.1)
+    latents = {"a": torch.tensor([[1.0, -1.0]]), "b": torch.tensor([[0.5, 0.0, 1.0]])}
+    shares = modality_logit_shares(model, latents)
+    # a: (1 - 2, -1 + 0) + (0.2, -0.1) = (-0.8, -1.1)
+    # b: (1.5 + 0 + 5, 0.5 + 0 - 2) + (0.2, -0.1) = (6.7, -1.6)
+    assert torch.allclose(shares["a"], torch.tensor([[-0.8, -1.1]]), atol=1e-6)
+    assert torch.allclose(shares["b"], torch.tensor([[6.7, -1.6]]), atol=1e-6)
+    fused = model.fused_head(torch.cat([latents["a"], latents["b"]], dim=1))
+    assert torch.allclose(shares["a"] + shares["b"], fused, atol=1e-6)
+    # true class 0: s = softmax(share)[0] = sigmoid(share_0 - share_1)
+    coeffs, scores = OGM(alpha=ALPHA).coefficients(model, latents, torch.tensor([0]))
+    s_a, s_b = 1 / (1 + math.exp(-0.3)), 1 / (1 + math.exp(-8.3))
+    assert scores == pytest.approx({"a": s_a, "b": s_b}, rel=1e-6)
+    assert coeffs["a"] == 1.0
+    assert coeffs["b"] == pytest.approx(1 - math.tanh(ALPHA * s_b / s_a), rel=1e-6)
 
 
 def test_ratio_and_coefficient_rules() -> None:
@@ -336,6 +361,14 @@ def test_ogm_ge_noise_scale_and_targets() -> None:
     for name in before:  # heads and fused head: untouched
         if not name.startswith("encoders."):
             assert torch.equal(after[name], before[name]), name
+
+
+def test_gradient_noise_std_stays_a_tensor() -> None:
+    g = torch.tensor([1.0, 2.0, 4.0])
+    std = gradient_noise_std(g)
+    assert isinstance(std, Tensor) and std.dim() == 0 and std.device == g.device
+    assert float(std) == pytest.approx(math.sqrt(7 / 3) + 1e-8, rel=1e-6)  # unbiased
+    assert float(gradient_noise_std(torch.tensor([5.0]))) == pytest.approx(1e-8)  # no spread
 
 
 def test_ogm_ge_noise_is_reproducible_with_the_seed() -> None:

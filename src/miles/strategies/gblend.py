@@ -274,8 +274,10 @@ class GBlend(Strategy):
         record: dict[str, Any] = {"weights": dict(self.weights), "estimated": False}
         if epoch % self.super_epoch != 0:
             return record
-        if holdout is None or self._ref_epoch is None:
+        if holdout is None:
             raise RuntimeError("G-Blend: the trainer passed no held-out evaluation")
+        if self._ref_epoch is None:
+            raise RuntimeError("G-Blend: on_epoch_start was not called (no checkpoint 0)")
         train_now = self._clean_losses(ctx, ctx.train_probe_loader)
         hold_now = self._per_head(holdout)
         new = gblend_weights(

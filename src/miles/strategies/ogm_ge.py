@@ -57,4 +57,5 @@ class OGMGE(OGM):
             std = gradient_noise_std(grad)  # of the original gradient, before the scaling
             if coeff != 1.0:
                 grad.mul_(coeff)
-            grad.add_(torch.randn_like(grad) * std)
+            # grad += noise * std in one kernel (same rounding as the former add_(alpha=float))
+            grad.addcmul_(torch.randn_like(grad), std)

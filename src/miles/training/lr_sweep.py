@@ -82,6 +82,11 @@ def best_lrs(scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
     for modality, by_lr in scores.items():
         if not by_lr:
             raise ValueError(f"no scores for modality {modality!r}")
+        if all(math.isnan(v) for v in by_lr.values()):
+            raise FloatingPointError(
+                f"every candidate learning rate diverged for modality {modality!r} "
+                f"({sorted(by_lr)}); try smaller rates"
+            )
 
         def key(lr: float, table: Mapping[float, float] = by_lr) -> tuple[float, float]:
             score = table[lr]
@@ -159,9 +164,18 @@ def sweep_unimodal_lrs(
     base = TrainerConfig(epochs=epochs, lr=candidates[0], seed=seed, progress=False, **overrides)
     ExperimentConfig(dataset=dataset, fusion=fusion, latent_dim=latent_dim)  # validates them
     trainer_key = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("lr", "progress")}
+    if data is None:
+        from miles.data import build_dataset
+
+        data = build_dataset(dataset, **params)
     settings: dict[str, Any] = {
         "dataset": dataset,
         "dataset_params": params,
+        # the data actually swept, so two different datasets under one name never share a file
+        "data": {
+            "modalities": list(data.modalities),
+            "sizes": [len(data.train), len(data.val), len(data.test)],  # type: ignore[arg-type]
+        },
         "lrs": list(candidates),
         "latent_dim": latent_dim,
         "fusion": fusion,
@@ -176,10 +190,6 @@ def sweep_unimodal_lrs(
                 print(f"[lr-sweep] {dataset}: cached {cached} ({path})", flush=True)
             return cached
 
-    if data is None:
-        from miles.data import build_dataset
-
-        data = build_dataset(dataset, **params)
     modalities = tuple(data.modalities)
     scores: dict[str, dict[float, float]] = {m: {} for m in modalities}
     trials: list[dict[str, Any]] = []
