@@ -57,8 +57,8 @@ class MSES(Strategy):
             fused head, trained on later latents, latents it has not seen. When enabled, the
             reload happens at the start of the next epoch (so each saved checkpoint matches its
             validation row); when training stops right after the last freeze, that last reload
-            never happens, and the trainer's best-epoch weights are what gets tested. Costs one extra copy of each encoder in
-            memory and in ``last.pt``.
+            never happens, and the trainer's best-epoch weights are what gets tested. Costs one
+            extra copy of each encoder in memory and in ``last.pt``.
         stop_when_all_frozen: end training once every encoder is frozen. Default ``True``: the
             paper trains "until all parts have converged"; the remaining part, the fused linear
             head, is early-stopped by the trainer's best-epoch selection on the fused metric.
