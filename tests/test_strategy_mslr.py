@@ -21,6 +21,7 @@ from miles.strategies.mslr import (  # importing registers mslr-k, mslr-s, mslr-
     smooth_lrs,
 )
 from miles.training import Trainer, TrainerConfig
+from tests.helpers import same_weights, strip_times
 
 BASE = 1e-2
 
@@ -40,17 +41,6 @@ def _fit(
     cfg = TrainerConfig(epochs=epochs, lr=BASE, batch_size=32, seed=0, progress=False)
     trainer = Trainer(model, strat, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
     return trainer.fit(data.train, data.val, data.test, resume=resume), model
-
-
-def _same_weights(a: JointFusionModel, b: JointFusionModel) -> bool:
-    pa, pb = a.state_dict(), b.state_dict()
-    return pa.keys() == pb.keys() and all(
-        torch.equal(pa[k], pb[k]) for k in pa if isinstance(pa[k], torch.Tensor)
-    )
-
-
-def _strip_times(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
 
 
 def _ctx(model: JointFusionModel, strategy: Strategy, lr: float = BASE) -> StrategyContext:
@@ -134,7 +124,7 @@ def test_keep_sets_group_rates_and_shared_stays_base() -> None:
 def test_keep_with_base_rates_is_joint_aux_bit_for_bit(toy: Any) -> None:
     aux, m_aux = _fit(toy, "joint+aux", epochs=3)
     keep, m_keep = _fit(toy, "mslr-k", epochs=3, unimodal_lrs={"strong": BASE, "weak": BASE})
-    assert _same_weights(m_aux, m_keep)
+    assert same_weights(m_aux, m_keep)
     assert [r["val_fused"] for r in aux.history] == [r["val_fused"] for r in keep.history]
 
 
@@ -144,7 +134,7 @@ def test_keep_trains_with_its_rates(toy: Any) -> None:
     for row in res.history:
         assert (row["lr_strong"], row["lr_weak"], row["lr_shared"]) == (1e-3, 3e-2, BASE)
         assert row["strategy"]["lrs"] == {"strong": 1e-3, "weak": 3e-2}
-    assert not _same_weights(m_aux, m_keep)
+    assert not same_weights(m_aux, m_keep)
 
 
 def test_heads_can_stay_at_base_rate() -> None:
@@ -193,11 +183,11 @@ def test_smooth_neutral_settings_are_keep(toy: Any) -> None:
     assert smooth_lrs(equal, 0.7) == equal  # exactly, no exp(log(.)) noise
     _, m_keep = _fit(toy, "mslr-k", epochs=2, unimodal_lrs=equal)
     _, m_s = _fit(toy, "mslr-s", epochs=2, unimodal_lrs=equal, smoothing=0.7)
-    assert _same_weights(m_keep, m_s)
+    assert same_weights(m_keep, m_s)
     apart = {"strong": 3e-3, "weak": 3e-2}
     _, m_keep2 = _fit(toy, "mslr-k", epochs=2, unimodal_lrs=apart)
     _, m_s0 = _fit(toy, "mslr-s", epochs=2, unimodal_lrs=apart, smoothing=0.0)
-    assert _same_weights(m_keep2, m_s0)
+    assert same_weights(m_keep2, m_s0)
 
 
 # -- Dynamic -------------------------------------------------------------------------------------
@@ -245,7 +235,7 @@ def test_dynamic_strength_zero_is_keep_bit_for_bit(toy: Any) -> None:
     _, m_keep = _fit(toy, "mslr-k", epochs=3, unimodal_lrs=lrs)
     res, m_d = _fit(toy, "mslr-d", epochs=3, unimodal_lrs=lrs, window=2, strength=0.0)
     assert any(r["strategy"]["updated"] for r in res.history)
-    assert _same_weights(m_keep, m_d)
+    assert same_weights(m_keep, m_d)
 
 
 def test_dynamic_changes_rates_and_resumes_exactly(tmp_path: Path, toy: Any) -> None:
@@ -255,8 +245,8 @@ def test_dynamic_changes_rates_and_resumes_exactly(tmp_path: Path, toy: Any) -> 
     assert len(set(lrs)) > 1  # the rates did move
     _fit(toy, "mslr-d", epochs=2, out_dir=tmp_path / "part", **params)
     resumed, m_res = _fit(toy, "mslr-d", epochs=4, out_dir=tmp_path / "part", resume=True, **params)
-    assert _strip_times(resumed.history) == _strip_times(full.history)
-    assert _same_weights(m_full, m_res)
+    assert strip_times(resumed.history) == strip_times(full.history)
+    assert same_weights(m_full, m_res)
 
 
 def test_dynamic_state_survives_weights_only_load() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,15 +15,6 @@ from miles.strategies import build_strategy
 from miles.strategies.base import ComparisonSetup
 from miles.strategies.unimodal import Unimodal
 from miles.training import Trainer, TrainerConfig
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: extra intra-op threads only add contention on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _cfg(epochs: int) -> TrainerConfig:

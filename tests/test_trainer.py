@@ -16,6 +16,7 @@ from miles.strategies import EvalResult, Strategy, StrategyContext, build_strate
 from miles.training import Trainer, TrainerConfig
 from miles.training.experiment import ExperimentConfig, run_experiment
 from tests.conftest import make_toy_splits
+from tests.helpers import same_weights, strip_times
 
 
 def _fit(
@@ -37,24 +38,13 @@ def _fit(
     return trainer.fit(data.train, data.val, data.test, resume=resume), model
 
 
-def _same_weights(a: JointFusionModel, b: JointFusionModel) -> bool:
-    pa, pb = a.state_dict(), b.state_dict()
-    return pa.keys() == pb.keys() and all(
-        torch.equal(pa[k], pb[k]) for k in pa if isinstance(pa[k], torch.Tensor)
-    )
-
-
-def _strip_times(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "time_s"} for row in history]
-
-
 def test_same_seed_same_numbers(toy: Any) -> None:
     a, ma = _fit(toy, "miles", tau=0.05)
     b, mb = _fit(toy, "miles", tau=0.05)
-    assert _strip_times(a.history) == _strip_times(b.history)
-    assert _same_weights(ma, mb)
+    assert strip_times(a.history) == strip_times(b.history)
+    assert same_weights(ma, mb)
     c, _ = _fit(toy, "miles", tau=0.05, seed=1)
-    assert _strip_times(c.history) != _strip_times(a.history)
+    assert strip_times(c.history) != strip_times(a.history)
 
 
 def test_mu_one_equals_joint_aux_bit_for_bit(toy: Any) -> None:
@@ -63,7 +53,7 @@ def test_mu_one_equals_joint_aux_bit_for_bit(toy: Any) -> None:
     assert any(
         d["strategy"]["decision"]["slowed"] for d in mil.history
     )  # it did "act", with mu = 1
-    assert _same_weights(m_aux, m_mil)
+    assert same_weights(m_aux, m_mil)
     assert [r["val_fused"] for r in aux.history] == [r["val_fused"] for r in mil.history]
 
 
@@ -77,16 +67,16 @@ def test_miles_changes_training_when_it_acts(toy: Any) -> None:
     nxt = mil.history[first + 1]
     assert nxt[f"lr_{slowed[first]}"] == pytest.approx(0.5e-2)
     assert nxt["lr_shared"] == pytest.approx(1e-2)
-    assert not _same_weights(m_aux, m_mil)
+    assert not same_weights(m_aux, m_mil)
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path: Path, toy: Any) -> None:
     full, m_full = _fit(toy, "miles", epochs=4, tau=0.05, out_dir=tmp_path / "full")
     _fit(toy, "miles", epochs=2, tau=0.05, out_dir=tmp_path / "part")
     resumed, m_res = _fit(toy, "miles", epochs=4, tau=0.05, out_dir=tmp_path / "part", resume=True)
-    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert strip_times(resumed.history) == strip_times(full.history)
     assert resumed.test == full.test and resumed.best_epoch == full.best_epoch
-    assert _same_weights(m_full, m_res)
+    assert same_weights(m_full, m_res)
 
 
 def test_best_epoch_and_files(tmp_path: Path, toy: Any) -> None:

@@ -174,7 +174,7 @@ def sweep_unimodal_lrs(
         # the data actually swept, so two different datasets under one name never share a file
         "data": {
             "modalities": list(data.modalities),
-            "sizes": [len(data.train), len(data.val), len(data.test)],  # type: ignore[arg-type]
+            "sizes": [len(data.train), len(data.val), len(data.test)],
         },
         "lrs": list(candidates),
         "latent_dim": latent_dim,
