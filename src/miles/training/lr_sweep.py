@@ -1,10 +1,10 @@
 """Per-modality learning-rate search for unimodal models, the input MSLR needs.
 
 MSLR (Yao and Mihalcea, Findings of ACL 2022; :mod:`miles.strategies.mslr_base`) starts each
-encoder at the learning rate that was best for its unimodal model. :func:`sweep_unimodal_lrs` finds those
-rates: for every modality and candidate rate it trains the ``unimodal`` strategy (encoder ``m`` and
-head ``m`` alone, best epoch chosen on ``m``'s validation metric) and keeps, per modality, the rate
-with the best validation score (ties go to the smaller rate).
+encoder at the learning rate that was best for its unimodal model. :func:`sweep_unimodal_lrs` finds
+those rates: for every modality and candidate rate it trains the ``unimodal`` strategy (encoder
+``m`` and head ``m`` alone, best epoch chosen on ``m``'s validation metric) and keeps, per
+modality, the rate with the best validation score (ties go to the smaller rate).
 
 Results are cached as JSON in ``cache_dir``, one file per setting (dataset and its parameters,
 candidate rates, epochs, seed, latent size, fusion and every trainer setting except ``progress``),
