@@ -102,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--sweep-cache", help="folder for the cached sweep (default OUT/sweep)")
     cmp_.add_argument("--out", default="compare-out")
 
+    prep = sub.add_parser("prepare", help="decode a raw dataset copy into a memory-mapped cache")
+    prep.add_argument("dataset", help="e.g. cremad, smnist, luma, mmimdb (see `miles list`)")
+    prep.add_argument("--raw", required=True, type=Path, help="the dataset's official raw folder")
+    prep.add_argument("--out", required=True, type=Path, help="cache folder to write")
+    prep.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a preprocessing option (repeatable), e.g. --option frame=middle",
+    )
+    prep.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable samples (listed in the manifest) instead of stopping",
+    )
+    prep.add_argument("--quiet", action="store_true")
+
     sub.add_parser("list", help="registered datasets and strategies")
     return parser
 
@@ -162,11 +180,42 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
+    """``["frame=middle", "size=224"]`` -> ``{"frame": "middle", "size": 224}`` (YAML scalars)."""
+    import yaml
+
+    options: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"miles prepare: --option expects KEY=VALUE, got {pair!r}")
+        options[key.replace("-", "_")] = yaml.safe_load(value)
+    return options
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    import miles.data  # noqa: F401  (registers the preparers)
+    from miles.data.prepare import build_preparer, prepare
+
+    preparer = build_preparer(args.dataset, **_parse_options(args.option))
+    manifest = prepare(
+        preparer, args.raw, args.out, skip_bad=args.skip_bad, progress=not args.quiet
+    )
+    print(
+        f"{args.dataset}: {manifest['sizes']} samples per split, "
+        f"{len(manifest['skipped'])} skipped; cache in {args.out} "
+        f"(checksums in {args.out / 'manifest.json'})"
+    )
+    return 0
+
+
 def _cmd_list() -> int:
     from miles.data import available_datasets
+    from miles.data.prepare import available_preparers
     from miles.strategies import available_strategies
 
     print("datasets:   " + ", ".join(available_datasets()))
+    print("prepare:    " + (", ".join(available_preparers()) or "(none registered)"))
     print("strategies: " + ", ".join(available_strategies()))
     return 0
 
@@ -191,6 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_train(args)
     if args.command == "compare":
         return _cmd_compare(args)
+    if args.command == "prepare":
+        return _cmd_prepare(args)
     return _cmd_list()
 
 

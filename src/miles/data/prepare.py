@@ -1,0 +1,285 @@
+"""Turn a user's raw copy of a dataset into a memory-mapped cache, resumably and verifiably.
+
+Raw multimodal datasets (WAV + FLV, JPEG + JSON, ...) are slow to decode and easy to preprocess
+inconsistently. ``miles prepare`` decodes every sample once, with the options recorded, into one
+``.npy`` array per modality (written through ``numpy.lib.format.open_memmap``, read back with
+``mmap_mode="r"`` so a data loader never holds the whole set in memory), plus labels, the split and
+a manifest with a SHA-256 checksum of every output file.
+
+A dataset plugs in with a :class:`Preparer`: ``scan`` lists the samples and their labels from the
+official layout (an error names the first missing or malformed file), ``process`` decodes one
+sample into fixed-shape arrays, ``split`` assigns samples to train/val/test. The driver here does
+the rest: progress bar, resumption from the last committed chunk after an interruption, skipping
+unreadable samples only when asked (``skip_bad``, with their names and reasons in the manifest),
+checksums, and refusing to mix caches made with different options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+PROGRESS = "progress.json"
+LABELS = "labels.npy"
+SPLITS = "splits.json"
+SPLIT_NAMES = ("train", "val", "test")
+FORMAT_VERSION = 1
+
+
+class RawDataError(ValueError):
+    """A raw file is missing, truncated or malformed; the message names the file."""
+
+    def __init__(self, path: Path | str, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = str(path)
+        self.why = why
+
+
+@dataclass(frozen=True)
+class RawItem:
+    """One sample of the raw dataset: its id, label, raw files per modality and split group."""
+
+    key: str
+    label: Any
+    files: Mapping[str, Path]
+    group: str | None = None  #: e.g. the speaker: samples of one group never cross splits
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape (of one sample) and dtype of a modality's array in the cache."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Preparer(ABC):
+    """How one dataset's raw layout becomes cached arrays. Subclasses set ``name``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def options(self) -> dict[str, Any]:
+        """Every preprocessing choice, recorded in the manifest (JSON-able)."""
+
+    @abstractmethod
+    def specs(self) -> dict[str, ArraySpec]:
+        """Per modality, the fixed shape and dtype of one processed sample."""
+
+    @abstractmethod
+    def label_spec(self) -> ArraySpec:
+        """Shape/dtype of one label: ``()`` int64 for single-label, ``(C,)`` for multilabel."""
+
+    @abstractmethod
+    def scan(self, raw: Path) -> list[RawItem]:
+        """List the samples of the raw copy in a deterministic order; raise RawDataError early."""
+
+    @abstractmethod
+    def process(self, item: RawItem) -> dict[str, np.ndarray]:
+        """Decode one sample to arrays matching :meth:`specs`; raise RawDataError if unreadable."""
+
+    @abstractmethod
+    def split(self, items: Sequence[RawItem]) -> dict[str, list[int]]:
+        """Indices into ``items`` for each of train/val/test (disjoint, deterministic)."""
+
+    def encode_label(self, item: RawItem) -> np.ndarray:
+        """The label as an array matching :meth:`label_spec` (override for multilabel)."""
+        spec = self.label_spec()
+        return np.asarray(item.label, dtype=spec.dtype).reshape(spec.shape)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_split(split: Mapping[str, list[int]], n: int) -> None:
+    if set(split) != set(SPLIT_NAMES):
+        raise ValueError(f"split must have exactly {SPLIT_NAMES}, got {sorted(split)}")
+    seen: set[int] = set()
+    for name in SPLIT_NAMES:
+        idx = split[name]
+        if any(not 0 <= i < n for i in idx) or seen & set(idx) or len(set(idx)) != len(idx):
+            raise ValueError(f"split {name!r} has out-of-range, repeated or shared indices")
+        seen |= set(idx)
+
+
+def prepare(
+    preparer: Preparer,
+    raw: Path | str,
+    out: Path | str,
+    *,
+    skip_bad: bool = False,
+    progress: bool = True,
+    chunk: int = 64,
+) -> dict[str, Any]:
+    """Build (or finish building) the cache of ``preparer``'s dataset from ``raw`` into ``out``.
+
+    Returns the manifest. A finished cache with the same options is left as is; one made with other
+    options is refused (use another ``out``). Interrupted runs continue from the last committed
+    chunk of ``chunk`` samples.
+    """
+    from tqdm.auto import tqdm
+
+    raw, out = Path(raw), Path(out)
+    if not raw.is_dir():
+        raise FileNotFoundError(f"raw dataset folder {raw} does not exist")
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {
+        "dataset": preparer.name,
+        "format_version": FORMAT_VERSION,
+        "options": preparer.options(),
+        "skip_bad": skip_bad,
+    }
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        if {k: manifest.get(k) for k in identity} != identity:
+            raise ValueError(
+                f"{out} holds a cache made with other settings ({manifest.get('options')}); "
+                "prepare into another folder"
+            )
+        return dict(manifest)
+
+    items = preparer.scan(raw)
+    if not items:
+        raise RawDataError(raw, "no samples found in the expected layout")
+    n = len(items)
+    specs = preparer.specs()
+    label_spec = preparer.label_spec()
+    progress_path = out / PROGRESS
+    state: dict[str, Any] = {"identity": identity, "n": n, "done": 0, "skipped": {}}
+    if progress_path.is_file():
+        stored = json.loads(progress_path.read_text(encoding="utf-8"))
+        if stored.get("identity") != identity or stored.get("n") != n:
+            raise ValueError(
+                f"{out} holds an unfinished cache made with other settings or another raw copy; "
+                "prepare into another folder or delete it"
+            )
+        state = stored
+    mode = "r+" if state["done"] else "w+"
+    arrays = {
+        m: np.lib.format.open_memmap(
+            out / f"{m}.npy", mode=mode, dtype=np.dtype(spec.dtype), shape=(n, *spec.shape)
+        )
+        for m, spec in specs.items()
+    }
+    labels = np.lib.format.open_memmap(
+        out / LABELS, mode=mode, dtype=np.dtype(label_spec.dtype), shape=(n, *label_spec.shape)
+    )
+    bar = tqdm(
+        total=n, initial=state["done"], desc=f"prepare {preparer.name}", disable=not progress
+    )
+    for start in range(state["done"], n, chunk):
+        for i in range(start, min(start + chunk, n)):
+            item = items[i]
+            try:
+                decoded = preparer.process(item)
+                for m, spec in specs.items():
+                    value = np.asarray(decoded[m])
+                    if value.shape != spec.shape:
+                        raise RawDataError(
+                            item.files.get(m, item.key),
+                            f"decoded to shape {value.shape}, expected {spec.shape}",
+                        )
+                    arrays[m][i] = value
+                labels[i] = preparer.encode_label(item)
+            except RawDataError as exc:
+                if not skip_bad:
+                    raise
+                state["skipped"][item.key] = str(exc)
+            bar.update(1)
+        for array in (*arrays.values(), labels):
+            array.flush()
+        state["done"] = min(start + chunk, n)
+        _write_json(progress_path, state)
+    bar.close()
+
+    split = preparer.split(items)
+    _check_split(split, n)
+    skipped_idx = {i for i, item in enumerate(items) if item.key in state["skipped"]}
+    split = {name: [i for i in idx if i not in skipped_idx] for name, idx in split.items()}
+    _write_json(out / SPLITS, split)
+    del arrays, labels  # close the memmaps before hashing
+    files = sorted([*(f"{m}.npy" for m in specs), LABELS, SPLITS])
+    manifest = {
+        **identity,
+        "modalities": list(specs),
+        "n_samples": n,
+        "sizes": {name: len(idx) for name, idx in split.items()},
+        "skipped": state["skipped"],
+        "keys": [item.key for item in items],
+        "sha256": {name: sha256_file(out / name) for name in files},
+    }
+    _write_json(manifest_path, manifest)
+    progress_path.unlink(missing_ok=True)
+    if state["skipped"]:
+        print(
+            f"prepare {preparer.name}: skipped {len(state['skipped'])} unreadable samples "
+            f"(listed in {manifest_path})"
+        )
+    return manifest
+
+
+def verify(out: Path | str) -> dict[str, Any]:
+    """Re-hash a finished cache against its manifest; raise naming the first mismatching file."""
+    out = Path(out)
+    manifest_path = out / MANIFEST
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{out} is not a prepared cache (no {MANIFEST}); run miles prepare")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for name, expected in manifest["sha256"].items():
+        path = out / name
+        if not path.is_file():
+            raise RawDataError(path, "missing from the prepared cache")
+        if sha256_file(path) != expected:
+            raise RawDataError(path, "checksum differs from the manifest (file changed or damaged)")
+    return dict(manifest)
+
+
+_PREPARERS: dict[str, type[Preparer]] = {}
+
+
+def register_preparer(name: str) -> Any:
+    """Class decorator: make ``miles prepare NAME`` build this preparer."""
+
+    def decorate(cls: type[Preparer]) -> type[Preparer]:
+        if name in _PREPARERS:
+            raise ValueError(f"preparer {name!r} is already registered")
+        cls.name = name
+        _PREPARERS[name] = cls
+        return cls
+
+    return decorate
+
+
+def build_preparer(name: str, **options: Any) -> Preparer:
+    if name not in _PREPARERS:
+        raise ValueError(f"unknown dataset {name!r} to prepare; available: {sorted(_PREPARERS)}")
+    try:
+        return _PREPARERS[name](**options)
+    except TypeError as exc:
+        raise TypeError(f"bad options for {name!r}: {exc}") from exc
+
+
+def available_preparers() -> list[str]:
+    return sorted(_PREPARERS)

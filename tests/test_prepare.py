@@ -1,0 +1,151 @@
+"""The prepare driver: cache layout, checksums, resumption, bad files, and the Dataset over it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from miles.data.prepare import (
+    ArraySpec,
+    Preparer,
+    RawDataError,
+    RawItem,
+    prepare,
+    verify,
+)
+from miles.data.prepared import PreparedDataset, prepared_splits
+
+
+class TextPreparer(Preparer):
+    """Raw layout ``raw/<label>_<id>.txt`` holding 4 numbers; ``scale`` is an option."""
+
+    name = "text-toy"
+
+    def __init__(self, scale: float = 1.0, fail_at: int | None = None) -> None:
+        self.scale = scale
+        self.fail_at = fail_at
+        self.calls = 0
+
+    def options(self) -> dict[str, Any]:
+        return {"scale": self.scale}
+
+    def specs(self) -> dict[str, ArraySpec]:
+        return {"vec": ArraySpec((4,), "float32"), "twice": ArraySpec((2, 4), "float32")}
+
+    def label_spec(self) -> ArraySpec:
+        return ArraySpec((), "int64")
+
+    def scan(self, raw: Path) -> list[RawItem]:
+        items = []
+        for path in sorted(raw.glob("*.txt")):
+            label, _, _ = path.stem.partition("_")
+            if not label.isdigit():
+                raise RawDataError(path, "file name must start with '<label>_'")
+            items.append(RawItem(path.stem, int(label), {"vec": path, "twice": path}))
+        return items
+
+    def process(self, item: RawItem) -> dict[str, np.ndarray]:
+        self.calls += 1
+        if self.fail_at is not None and self.calls == self.fail_at:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C
+        text = Path(item.files["vec"]).read_text().split()
+        if len(text) != 4:
+            raise RawDataError(item.files["vec"], f"expected 4 numbers, found {len(text)}")
+        vec = np.asarray([float(t) for t in text], dtype=np.float32) * self.scale
+        return {"vec": vec, "twice": np.stack([vec, 2 * vec])}
+
+    def split(self, items: Sequence[RawItem]) -> dict[str, list[int]]:
+        n = len(items)
+        return {"train": list(range(0, n - 4)), "val": [n - 4, n - 3], "test": [n - 2, n - 1]}
+
+
+def _raw(tmp_path: Path, n: int = 40, bad: int | None = None) -> Path:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(n):
+        values = "1 2" if i == bad else f"{i} {i + 1} {i + 2} {i + 3}"
+        (raw / f"{i % 3}_{i:03d}.txt").write_text(values)
+    return raw
+
+
+def test_prepare_writes_a_verifiable_cache(tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    manifest = prepare(TextPreparer(scale=0.5), raw, tmp_path / "out", progress=False, chunk=8)
+    assert manifest["sizes"] == {"train": 36, "val": 2, "test": 2}
+    assert manifest["options"] == {"scale": 0.5} and manifest["skipped"] == {}
+    assert verify(tmp_path / "out")["n_samples"] == 40
+    ds = PreparedDataset(tmp_path / "out", "val")
+    item = ds[1]  # the 38th file in sorted order
+    key = manifest["keys"][37]
+    expected = np.asarray([float(v) for v in (raw / f"{key}.txt").read_text().split()]) * 0.5
+    torch.testing.assert_close(item["inputs"]["vec"], torch.tensor(expected, dtype=torch.float32))
+    assert item["inputs"]["twice"].shape == (2, 4)
+    assert int(item["target"]) == int(key[0])
+    assert isinstance(np.load(tmp_path / "out" / "vec.npy", mmap_mode="r"), np.memmap)
+    # tampering is caught
+    arr = np.load(tmp_path / "out" / "vec.npy")
+    arr[0, 0] += 1
+    np.save(tmp_path / "out" / "vec.npy", arr)
+    with pytest.raises(RawDataError, match=r"vec\.npy: checksum differs"):
+        verify(tmp_path / "out")
+
+
+def test_interrupted_prepare_resumes_where_it_stopped(tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(TextPreparer(fail_at=21), raw, tmp_path / "out", progress=False, chunk=8)
+    progress = json.loads((tmp_path / "out" / "progress.json").read_text())
+    assert progress["done"] == 16  # two committed chunks
+    again = TextPreparer()
+    prepare(again, raw, tmp_path / "out", progress=False, chunk=8)
+    assert again.calls == 40 - 16  # only the rest was decoded
+    prepare(TextPreparer(), raw, tmp_path / "ref", progress=False, chunk=8)
+    for name in ("vec.npy", "twice.npy", "labels.npy", "splits.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    # finished: a re-run decodes nothing; other options are refused, not mixed in
+    done = TextPreparer()
+    prepare(done, raw, tmp_path / "out", progress=False)
+    assert done.calls == 0
+    with pytest.raises(ValueError, match="other settings"):
+        prepare(TextPreparer(scale=2.0), raw, tmp_path / "out", progress=False)
+
+
+def test_bad_file_stops_with_its_name_or_is_skipped_when_asked(tmp_path: Path) -> None:
+    raw = _raw(tmp_path, bad=5)
+    with pytest.raises(RawDataError, match=r"2_005\.txt: expected 4 numbers, found 2"):
+        prepare(TextPreparer(), raw, tmp_path / "strict", progress=False)
+    manifest = prepare(TextPreparer(), raw, tmp_path / "lenient", skip_bad=True, progress=False)
+    assert list(manifest["skipped"]) == ["2_005"]
+    assert manifest["sizes"]["train"] == 35  # the bad sample left the split, not silently zeroed
+    ds = PreparedDataset(tmp_path / "lenient", "train")
+    assert all(ds[i]["inputs"]["vec"].abs().sum() > 0 for i in range(len(ds)))
+
+
+def test_layout_errors_and_reader_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        prepare(TextPreparer(), tmp_path / "nope", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RawDataError, match="no samples"):
+        prepare(TextPreparer(), tmp_path / "empty", tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="miles prepare"):
+        PreparedDataset(tmp_path / "empty", "train")
+    raw = _raw(tmp_path)
+    prepare(TextPreparer(), raw, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="not in the cache"):
+        PreparedDataset(tmp_path / "out", "train", modalities=["audio"])
+    splits = prepared_splits(
+        tmp_path / "out",
+        num_classes=3,
+        multilabel=False,
+        metric="accuracy",
+        build_encoders=lambda d: {},
+        modalities=["vec"],
+        check=True,
+    )
+    assert splits.modalities == ("vec",) and splits.info["sizes"]["train"] == 36
