@@ -149,3 +149,48 @@ def test_layout_errors_and_reader_errors(tmp_path: Path) -> None:
         check=True,
     )
     assert splits.modalities == ("vec",) and splits.info["sizes"]["train"] == 36
+
+
+def test_resume_refuses_a_changed_raw_copy_but_allows_skip_bad(tmp_path: Path) -> None:
+    raw = _raw(tmp_path, bad=30)
+    with pytest.raises(RawDataError, match="0_030"):
+        prepare(TextPreparer(), raw, tmp_path / "out", progress=False, chunk=8)
+    committed = json.loads((tmp_path / "out" / "progress.json").read_text())["done"]
+    assert committed > 0
+    # the documented recovery: the same command with skip_bad continues the unfinished cache
+    resumed = TextPreparer()
+    manifest = prepare(resumed, raw, tmp_path / "out", skip_bad=True, progress=False, chunk=8)
+    assert list(manifest["skipped"]) == ["0_030"] and resumed.calls == 40 - committed
+    # an unfinished cache over a raw copy whose samples changed is refused
+    raw2 = tmp_path / "raw2"
+    raw2.mkdir()
+    for i in range(40):
+        (raw2 / f"{(i + 1) % 3}_{i:03d}.txt").write_text("1 2 3 4" if i != 9 else "1 2")
+    with pytest.raises(RawDataError):
+        prepare(TextPreparer(), raw2, tmp_path / "out2", progress=False, chunk=8)
+    assert (tmp_path / "out2" / "progress.json").is_file()
+    (raw2 / "1_009.txt").unlink()
+    (raw2 / "2_009.txt").write_text("1 2 3 4")  # relabelled: same count, other samples
+    with pytest.raises(ValueError, match="changed since"):
+        prepare(TextPreparer(), raw2, tmp_path / "out2", progress=False, chunk=8)
+
+
+class _WrongDtype(TextPreparer):
+    def process(self, item: RawItem) -> dict[str, np.ndarray]:
+        out = super().process(item)
+        return {**out, "vec": out["vec"].astype(np.float64)}
+
+
+class _BadSplit(TextPreparer):
+    def split(self, items: Sequence[RawItem]) -> dict[str, list[int]]:
+        return {"train": [0, 1], "val": [1], "test": [2]}
+
+
+def test_dtype_and_split_are_checked(tmp_path: Path) -> None:
+    raw = _raw(tmp_path)
+    with pytest.raises(RawDataError, match="decoded to float64"):
+        prepare(_WrongDtype(), raw, tmp_path / "a", progress=False)
+    bad = _BadSplit()
+    with pytest.raises(ValueError, match="shared indices"):
+        prepare(bad, raw, tmp_path / "b", progress=False)
+    assert bad.calls == 0  # refused before any decoding

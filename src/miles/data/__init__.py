@@ -1,10 +1,11 @@
 """Datasets as named, paired modalities behind one registry.
 
 Importing this package registers the built-in datasets, so ``build_dataset("fsdd-mnist")`` works
-right after ``import miles.data``.
+right after ``import miles.data``, and the preparers of the paper's datasets (``miles prepare``).
+Their decoders (soundfile, PyAV, Pillow, transformers) are imported only when used.
 """
 
-from miles.data import fsdd_mnist  # registers "fsdd-mnist"
+from miles.data import cremad, fsdd_mnist, luma, mmimdb, smnist  # register datasets/preparers
 from miles.data.base import (
     DatasetSplits,
     MissingDataPackageError,
@@ -20,6 +21,10 @@ __all__ = [
     "available_datasets",
     "build_dataset",
     "collate_multimodal",
+    "cremad",
     "fsdd_mnist",
+    "luma",
+    "mmimdb",
     "register_dataset",
+    "smnist",
 ]

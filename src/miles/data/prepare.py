@@ -106,6 +106,14 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def items_fingerprint(items: Sequence[RawItem]) -> str:
+    """SHA-256 over every sample's key, label and group, in order."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps([item.key, item.label, item.group], default=str).encode())
+    return digest.hexdigest()
+
+
 def _write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -164,16 +172,29 @@ def prepare(
     if not items:
         raise RawDataError(raw, "no samples found in the expected layout")
     n = len(items)
+    # the split is checked now, not after hours of decoding
+    split = preparer.split(items)
+    _check_split(split, n)
     specs = preparer.specs()
     label_spec = preparer.label_spec()
     progress_path = out / PROGRESS
-    state: dict[str, Any] = {"identity": identity, "n": n, "done": 0, "skipped": {}}
+    # what rows mean: resuming over a raw copy that changed (files added, removed, relabelled)
+    # would write samples into the wrong rows
+    fingerprint = items_fingerprint(items)
+    unfinished = {k: v for k, v in identity.items() if k != "skip_bad"}  # may be switched on
+    state: dict[str, Any] = {
+        "identity": unfinished,
+        "n": n,
+        "fingerprint": fingerprint,
+        "done": 0,
+        "skipped": {},
+    }
     if progress_path.is_file():
         stored = json.loads(progress_path.read_text(encoding="utf-8"))
-        if stored.get("identity") != identity or stored.get("n") != n:
+        if stored.get("identity") != unfinished or stored.get("fingerprint") != fingerprint:
             raise ValueError(
-                f"{out} holds an unfinished cache made with other settings or another raw copy; "
-                "prepare into another folder or delete it"
+                f"{out} holds an unfinished cache made with other settings or from a raw copy "
+                "whose samples have changed since; prepare into another folder or delete it"
             )
         state = stored
     mode = "r+" if state["done"] else "w+"
@@ -196,11 +217,15 @@ def prepare(
                 decoded = preparer.process(item)
                 for m, spec in specs.items():
                     value = np.asarray(decoded[m])
-                    if value.shape != spec.shape:
+                    where = item.files.get(m, item.key)
+                    if value.shape != spec.shape or value.dtype != np.dtype(spec.dtype):
                         raise RawDataError(
-                            item.files.get(m, item.key),
-                            f"decoded to shape {value.shape}, expected {spec.shape}",
+                            where,
+                            f"decoded to {value.dtype}{list(value.shape)}, expected "
+                            f"{spec.dtype}{list(spec.shape)}",
                         )
+                    if value.dtype.kind == "f" and not np.isfinite(value).all():
+                        raise RawDataError(where, "decoded to non-finite values")
                     arrays[m][i] = value
                 labels[i] = preparer.encode_label(item)
             except RawDataError as exc:
@@ -214,8 +239,6 @@ def prepare(
         _write_json(progress_path, state)
     bar.close()
 
-    split = preparer.split(items)
-    _check_split(split, n)
     skipped_idx = {i for i, item in enumerate(items) if item.key in state["skipped"]}
     split = {name: [i for i in idx if i not in skipped_idx] for name, idx in split.items()}
     _write_json(out / SPLITS, split)

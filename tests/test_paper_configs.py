@@ -1,0 +1,212 @@
+"""Every ``configs/paper/*.yaml`` parses, builds its dataset and model, and trains one step on CPU.
+
+Each config goes through the same path ``miles train --config`` takes: ``ExperimentConfig`` ->
+the registered dataset builder with the config's ``dataset_params`` -> ``build_encoders(
+latent_dim)`` -> ``JointFusionModel`` -> the strategy's loss. Only the cache is a stand-in: a
+miniature one written by the real ``prepare`` driver with the dataset's own array names and dtypes
+(from its default :class:`Preparer`) at reduced size (sides cut to 32, e.g. 32 x 32 instead of
+224 x 224, 32 tokens instead of 512), and, for MM-IMDb, a small randomly initialised BERT in place
+of BERT-base. Encoders are randomly initialised (the configs name no weights).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from miles.data.base import collate_multimodal
+from miles.data.prepare import ArraySpec, Preparer, RawItem, build_preparer, prepare
+from miles.data.registry import available_datasets, build_dataset
+from miles.models.fusion import JointFusionModel
+from miles.models.losses import head_losses
+from miles.strategies.registry import build_strategy
+from miles.training.experiment import ExperimentConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
+DATASETS = ("cremad", "smnist", "luma", "mmimdb")
+FUSIONS = ("concat", "sum")
+#: The paper's epochs per dataset (MILES.md, "Experimental setup in the paper").
+PAPER_EPOCHS = {"cremad": 200, "smnist": 50, "luma": 60, "mmimdb": 50}
+PAPER_MODALITIES = {
+    "cremad": {"audio", "video"},
+    "smnist": {"image", "audio"},
+    "luma": {"audio", "image"},
+    "mmimdb": {"text", "image"},
+}
+MAX_SIDE = 32  # reduced input size: every cached dim above this is cut to it
+N_SAMPLES, N_TRAIN = 8, 4
+#: LUMA derives its classes from the cache keys ("<class>_<id>"); harmless for the others.
+KEY_CLASSES = ("cat", "dog")
+SMALL_BERT = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 64,
+}
+#: Per dataset: builder arguments replaced for the CPU test (beyond ``root``).
+TEST_OVERRIDES: dict[str, dict[str, Any]] = {
+    "mmimdb": {"bert_path": None, "bert_config": SMALL_BERT}
+}
+
+CASES = [(d, f) for d in DATASETS for f in FUSIONS]
+
+
+def _module(dataset: str) -> Any:
+    """The dataset module; skip (only) when its file does not exist yet."""
+    name = f"miles.data.{dataset}"
+    if importlib.util.find_spec(name) is None:
+        pytest.skip(f"{name} does not exist (dataset module not written yet)")
+    return importlib.import_module(name)
+
+
+def _load(dataset: str, fusion: str) -> tuple[dict[str, Any], ExperimentConfig]:
+    path = CONFIG_DIR / f"{dataset}_{fusion}.yaml"
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    return raw, ExperimentConfig.from_dict(raw)
+
+
+def _tokenizer_dir(tmp_path: Path) -> Path:
+    """A local BERT tokenizer folder (vocab.txt + tokenizer_config.json), as mmimdb requires."""
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "movie", "plot"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def _default_preparer(dataset: str, tmp_path: Path) -> Preparer:
+    options: dict[str, Any] = {}
+    if dataset == "mmimdb":
+        options["tokenizer"] = str(_tokenizer_dir(tmp_path))
+    return build_preparer(dataset, **options)
+
+
+def _reduced(spec: ArraySpec) -> ArraySpec:
+    return ArraySpec(tuple(min(d, MAX_SIDE) for d in spec.shape), spec.dtype)
+
+
+class _MiniPreparer(Preparer):
+    """Random arrays with the real preparer's names, dtypes and label spec, at reduced size."""
+
+    def __init__(self, real: Preparer) -> None:
+        self.name = real.name  # type: ignore[misc]  # the builders check the cache's dataset name
+        self._specs = {m: _reduced(s) for m, s in real.specs().items()}
+        self._label = real.label_spec()
+        self._rng = np.random.default_rng(0)
+
+    def options(self) -> dict[str, Any]:
+        return {"test": "miniature"}
+
+    def specs(self) -> dict[str, ArraySpec]:
+        return self._specs
+
+    def label_spec(self) -> ArraySpec:
+        return self._label
+
+    def scan(self, raw: Path) -> list[RawItem]:
+        items = []
+        for i in range(N_SAMPLES):
+            if self._label.shape:  # multilabel: a multi-hot row with at least one positive
+                label: Any = (np.arange(self._label.shape[0]) % (i + 2) == 0).astype(np.float32)
+            else:
+                label = i % len(KEY_CLASSES)
+            items.append(RawItem(f"{KEY_CLASSES[i % len(KEY_CLASSES)]}_{i:04d}", label, {}))
+        return items
+
+    def process(self, item: RawItem) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for m, spec in self._specs.items():
+            if m == "text":  # (2, L): token ids, then the attention mask (a padded tail)
+                ids = self._rng.integers(5, SMALL_BERT["vocab_size"], size=spec.shape[1:])
+                mask = np.ones(spec.shape[1:], dtype=np.int64)
+                mask[spec.shape[-1] // 2 :] = 0
+                out[m] = np.stack([ids * mask, mask]).astype(spec.dtype)
+            elif np.issubdtype(np.dtype(spec.dtype), np.integer):
+                out[m] = self._rng.integers(0, 256, size=spec.shape).astype(spec.dtype)
+            else:
+                out[m] = self._rng.standard_normal(spec.shape).astype(spec.dtype)
+        return out
+
+    def split(self, items: Sequence[RawItem]) -> dict[str, list[int]]:
+        n = len(items)
+        return {
+            "train": list(range(N_TRAIN)),
+            "val": list(range(N_TRAIN, (n + N_TRAIN) // 2)),
+            "test": list(range((n + N_TRAIN) // 2, n)),
+        }
+
+
+def test_every_dataset_and_fusion_has_a_config() -> None:
+    names = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+    assert names == sorted(f"{d}_{f}.yaml" for d, f in CASES)
+
+
+@pytest.mark.parametrize(("dataset", "fusion"), CASES)
+def test_config_states_the_paper_setup(dataset: str, fusion: str) -> None:
+    raw, config = _load(dataset, fusion)
+    assert config.dataset == dataset and config.fusion == fusion
+    assert config.trainer.epochs == PAPER_EPOCHS[dataset]
+    assert config.trainer.optimizer == "adam"
+    assert config.trainer.device == "cuda"
+    assert config.strategy == "miles"
+    assert config.strategy_params["tau"] == 0.2 and config.strategy_params["mu"] == 0.5
+    assert "root" in config.dataset_params
+    build_strategy(config.strategy, **config.strategy_params)  # the parameters are valid
+    # The pair differs only in the fusion (and names): same encoders and hyper-parameters.
+    other_raw, _ = _load(dataset, "sum" if fusion == "concat" else "concat")
+    for key in ("dataset", "dataset_params", "latent_dim", "strategy", "strategy_params"):
+        assert raw[key] == other_raw[key], key
+    assert raw["trainer"] == other_raw["trainer"]
+
+
+@pytest.mark.parametrize(("dataset", "fusion"), CASES)
+def test_config_trains_one_step_on_cpu(
+    dataset: str, fusion: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _module(dataset)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _, config = _load(dataset, fusion)
+    assert dataset in available_datasets()
+    real = _default_preparer(dataset, tmp_path)
+    assert set(real.specs()) == PAPER_MODALITIES[dataset]
+    cache = tmp_path / "cache"
+    prepare(_MiniPreparer(real), tmp_path, cache, progress=False)
+
+    params = {**config.dataset_params, "root": str(cache), **TEST_OVERRIDES.get(dataset, {})}
+    data = build_dataset(config.dataset, **params)
+    assert set(data.modalities) == PAPER_MODALITIES[dataset]
+    assert len(data.train) == N_TRAIN
+
+    torch.manual_seed(config.trainer.seed)
+    encoders = data.build_encoders(config.latent_dim)
+    model = JointFusionModel(encoders, data.num_classes, config.fusion)
+    assert all(size == config.latent_dim for size in model.latent_sizes.values())
+    strategy = build_strategy(config.strategy, **config.strategy_params)
+    model.train()
+    batch = collate_multimodal([data.train[i] for i in range(len(data.train))])
+    out = model(batch["inputs"], batch["lengths"] or None)
+    assert out.fused.shape == (N_TRAIN, data.num_classes)
+    losses = head_losses(out, batch["target"], multilabel=data.multilabel)
+    loss = strategy.loss(losses, out, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, encoder in model.encoders.items():
+        params_ = [p for p in encoder.parameters() if p.requires_grad]
+        assert params_, name
+        missing = [n for n, p in encoder.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, f"{name}: no gradient for {missing[:5]}"
+        assert all(torch.isfinite(p.grad).all() for p in params_ if p.grad is not None), name
+        assert any(p.grad.abs().sum() > 0 for p in params_ if p.grad is not None), name
