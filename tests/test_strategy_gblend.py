@@ -25,14 +25,6 @@ from tests.conftest import make_toy_splits
 HEADS = ("fused", "strong", "weak")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny ops on a loaded machine are far faster single-threaded (no thread contention)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def small() -> DatasetSplits:
