@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -30,10 +33,15 @@ from miles.data.video import frame_index, read_frame, read_image
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255)]
 
 
-def write_flv(path: Path, colours: Sequence[tuple[int, int, int]], size: int = 32) -> Path:
+def write_flv(
+    path: Path,
+    colours: Sequence[tuple[int, int, int]],
+    size: int = 32,
+    rate: int | Fraction = 25,
+) -> Path:
     """A Flash video (FLV1 codec) whose frame i is a flat image of ``colours[i]``."""
     with av.open(str(path), "w", format="flv") as container:
-        stream = container.add_stream("flv", rate=25)
+        stream = container.add_stream("flv", rate=rate)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
         for colour in colours:
@@ -257,6 +265,78 @@ def test_read_frame_picks_the_frame_by_decoded_index(tmp_path: Path) -> None:
     assert nearest_colour(read_frame(path, "random", seed=7)) == nearest_colour(
         read_frame(path, "random", seed=7)
     )
+
+
+def truncate_after_packet(path: Path, keep: int) -> Path:
+    """Cut a FLV right after its ``keep``-th video packet: it still decodes without error."""
+    with av.open(str(path)) as container:
+        packets = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    pos, size = packets[keep - 1]
+    data = path.read_bytes()
+    path.write_bytes(data[: pos + size + 4])  # the tag and its trailing previous-tag-size field
+    return path
+
+
+def test_truncated_video_is_an_error_not_another_frame(tmp_path: Path) -> None:
+    path = write_flv(tmp_path / "clip.flv", (COLOURS * 4)[:20])
+    assert nearest_colour(read_frame(path)) == 10 % 6  # frame 10 of 20, full file
+    truncate_after_packet(path, 8)
+    with av.open(str(path)) as container:  # decodes cleanly: 8 frames, the "middle" would be 4
+        assert sum(1 for _ in container.decode(video=0)) == 8
+    for which in ("middle", "first", 1.0):
+        with pytest.raises(RawDataError, match="truncated video") as info:
+            read_frame(path, which)  # type: ignore[arg-type]
+        assert info.value.path == str(path)
+    assert nearest_colour(read_frame(path, min_coverage=None)) == 4  # check off: as decoded
+    # the take's length known from elsewhere (CREMA-D: the WAV) is checked too
+    whole = write_flv(tmp_path / "whole.flv", COLOURS[:5])  # 0.2 s at 25 fps
+    assert nearest_colour(read_frame(whole, expected_seconds=0.21)) == 2
+    with pytest.raises(RawDataError, match=r"paired audio lasts 2\.00 s"):
+        read_frame(whole, expected_seconds=2.0)
+
+
+def test_read_frame_keeps_no_decoded_frames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory stays flat: no decoded frame is stored, and only the chosen one is converted."""
+    path = write_flv(tmp_path / "clip.flv", (COLOURS * 5)[:30])
+    refs: list[int] = []
+    converted: list[int] = []
+    real_to_ndarray = av.VideoFrame.to_ndarray
+    real_open = av.open
+
+    class Tracking:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._c = real_open(*args, **kwargs)
+
+        def __enter__(self) -> Tracking:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._c.close()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._c, name)
+
+        def decode(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            for frame in self._c.decode(*args, **kwargs):
+                yield frame
+                refs.append(sys.getrefcount(frame))  # one more if the caller stored it
+
+    def to_ndarray(self: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        converted.append(1)
+        return real_to_ndarray(self, *args, **kwargs)
+
+    with Tracking(str(path)) as container:  # the count for a caller that keeps nothing
+        for _ in container.decode(video=0):
+            pass
+    baseline = max(refs)
+    refs.clear()
+    monkeypatch.setattr(av, "open", Tracking)
+    monkeypatch.setattr(av.VideoFrame, "to_ndarray", to_ndarray)
+    assert nearest_colour(read_frame(path)) == 15 % 6
+    assert len(converted) == 1 and len(refs) >= 30
+    assert max(refs) <= baseline, (baseline, refs)
 
 
 def test_read_frame_errors_name_the_file(tmp_path: Path) -> None:

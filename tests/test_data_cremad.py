@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,17 @@ from miles.data.cremad import (
     split_counts,
     split_indices,
 )
-from miles.data.prepare import RawDataError, RawItem, prepare, verify
+from miles.data.prepare import (
+    RawDataError,
+    RawItem,
+    check_positive_int,
+    prepare,
+    resolve_split_counts,
+    verify,
+)
 from miles.data.prepared import PreparedDataset
 from miles.data.registry import build_dataset
-from tests.test_audio_video import COLOURS, nearest_colour, write_flv
+from tests.test_audio_video import COLOURS, nearest_colour, truncate_after_packet, write_flv
 
 SR = 16000
 # (actor, sentence, emotion, level, seconds, frames): 3 actors, all 6 emotions, clips shorter and
@@ -62,7 +70,8 @@ def make_raw(root: Path, clips: list[tuple[Any, ...]] = CLIPS) -> Path:
         noise = (rng.standard_normal(round(clip[4] * sr)) * 0.1).astype(np.float32)
         sf.write(root / "AudioWAV" / f"{stem(clip)}.wav", noise, sr, subtype="PCM_16")
         colours = [COLOURS[(i + k) % len(COLOURS)] for k in range(clip[5])]
-        write_flv(root / "VideoFlash" / f"{stem(clip)}.flv", colours)
+        rate = Fraction(clip[5]) / Fraction(str(clip[4]))  # the video lasts as long as the WAV
+        write_flv(root / "VideoFlash" / f"{stem(clip)}.flv", colours, rate=rate)
     return root
 
 
@@ -98,8 +107,23 @@ def test_split_counts_give_the_paper_sizes() -> None:
     assert split_counts(10, (8, 1, 1)) == (8, 1, 1)
     with pytest.raises(ValueError, match="sum to 1"):
         split_counts(10, (0.5, 0.1, 0.1))
-    with pytest.raises(ValueError, match="sum to 10"):
+    with pytest.raises(ValueError, match="there are 10 samples"):
         split_counts(10, (8, 1, 2))
+
+
+def test_one_split_rule_for_every_dataset() -> None:
+    """The shared helper rounds val/test half up (not banker's round) and train takes the rest."""
+    assert resolve_split_counts([0.70, 0.15, 0.15], 7442) == (5210, 1116, 1116)
+    assert resolve_split_counts([0.5, 0.25, 0.25], 18) == (8, 5, 5)  # round() would give 4, 4
+    assert resolve_split_counts([0.0, 0.5, 0.5], 5) == (0, 3, 2)  # never more than n
+    assert resolve_split_counts([3, 1, 1], 5) == (3, 1, 1)
+    for bad in ([0.7, 0.2, 0.2], [0.5, 0.5], [-1, 3, 3], ["a", 1, 1], [True, 2, 3]):
+        with pytest.raises(ValueError, match="split sizes"):
+            resolve_split_counts(bad, 5)  # type: ignore[arg-type]
+    assert check_positive_int("n", 3) == 3
+    for bad_int in (0, True, 2.0, "3"):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            check_positive_int("n", bad_int)
 
 
 def test_split_indices_at_full_size() -> None:
@@ -251,7 +275,8 @@ def test_missing_partner_and_unknown_emotion_fail_first(tmp_path: Path) -> None:
     missing = root / "VideoFlash" / f"{stem(CLIPS[4])}.flv"
     missing.unlink()
     items = CremadPreparer().scan(root)
-    assert items[0].key == stem(CLIPS[4])  # problems are listed first: the run stops at once
+    # sorted order whatever is wrong: the seeded split does not depend on which clips are bad
+    assert [it.key for it in items] == sorted(stem(c) for c in CLIPS[:6])
     with pytest.raises(RawDataError, match="missing: the video of") as info:
         prepare(CremadPreparer(**SMALL), root, tmp_path / "a", progress=False)
     assert info.value.path == str(missing)
@@ -270,6 +295,41 @@ def test_missing_partner_and_unknown_emotion_fail_first(tmp_path: Path) -> None:
     assert all(0 <= labels[i] < 6 for i in kept)
 
 
+def test_skip_bad_split_is_the_full_split_minus_the_skipped(tmp_path: Path) -> None:
+    root = make_raw(tmp_path / "raw", CLIPS)
+    full = prepare(CremadPreparer(**SMALL), root, tmp_path / "full", progress=False)
+    (root / "VideoFlash" / f"{stem(CLIPS[5])}.flv").unlink()  # sorts after most clips
+    part = prepare(CremadPreparer(**SMALL), root, tmp_path / "part", skip_bad=True, progress=False)
+    assert set(part["skipped"]) == {stem(CLIPS[5])}
+    by_key = {}
+    for name, manifest in (("full", full), ("part", part)):
+        splits = json.loads((tmp_path / name / "splits.json").read_text())
+        by_key[name] = {s: {manifest["keys"][i] for i in idx} for s, idx in splits.items()}
+    for s in ("train", "val", "test"):
+        assert by_key["part"][s] == by_key["full"][s] - {stem(CLIPS[5])}
+
+
+def test_truncated_flv_is_named_not_a_wrong_frame(tmp_path: Path) -> None:
+    root = make_raw(tmp_path / "raw", CLIPS[:6])
+    flv = truncate_after_packet(root / "VideoFlash" / f"{stem(CLIPS[1])}.flv", 2)  # 2 of 5
+    with pytest.raises(RawDataError, match="truncated video") as info:
+        prepare(CremadPreparer(**SMALL), root, tmp_path / "a", progress=False)
+    assert info.value.path == str(flv)
+    manifest = prepare(CremadPreparer(**SMALL), root, tmp_path / "b", skip_bad=True, progress=False)
+    assert set(manifest["skipped"]) == {stem(CLIPS[1])}
+    # a video much shorter than its WAV (same take) is caught even when its header agrees
+    short = root / "VideoFlash" / f"{stem(CLIPS[2])}.flv"
+    write_flv(short, COLOURS[:4], rate=25)  # 0.16 s for a 1.2 s WAV
+    item = next(it for it in CremadPreparer().scan(root) if it.key == stem(CLIPS[2]))
+    with pytest.raises(RawDataError, match=r"paired audio lasts 1\.20 s"):
+        CremadPreparer(**SMALL).process(item)
+    assert CremadPreparer(**SMALL, min_video_coverage=None).process(item)["video"].shape == (
+        3,
+        16,
+        16,
+    )
+
+
 def test_layout_and_option_errors(tmp_path: Path) -> None:
     (tmp_path / "raw" / "AudioWAV").mkdir(parents=True)
     with pytest.raises(RawDataError, match="VideoFlash: folder missing"):
@@ -280,6 +340,8 @@ def test_layout_and_option_errors(tmp_path: Path) -> None:
         CremadPreparer(frame=1.5)
     with pytest.raises(ValueError, match="sum to 1"):
         CremadPreparer(sizes=[0.7, 0.2, 0.2])
+    with pytest.raises(ValueError, match="min_video_coverage"):
+        CremadPreparer(min_video_coverage=1.5)
     with pytest.raises(ValueError, match="image_size"):
         CremadPreparer(image_size=0)
 

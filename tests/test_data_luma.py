@@ -169,8 +169,10 @@ def test_split_sizes_scale_counts_and_fractions() -> None:
     by_fraction = luma.stratified_split(labels, groups, [25 / 33, 4 / 33, 4 / 33], seed=0)
     assert {k: len(v) for k, v in by_fraction.items()} == {"train": 250, "val": 40, "test": 40}
     assert luma.resolve_split_sizes([25000, 4000, 4000], 33000)["train"] == 25000
-    with pytest.raises(ValueError, match="sum to 330, but 331"):
+    with pytest.raises(ValueError, match="sum to 330, but there are 331 samples"):
         luma.resolve_split_sizes([250, 40, 40], 331)
+    # the shared rule (prepare.resolve_split_counts): val/test rounded half up, not banker's
+    assert luma.resolve_split_sizes([0.5, 0.25, 0.25], 18) == {"train": 8, "val": 5, "test": 5}
 
 
 def test_split_keeps_reused_clips_together_where_possible() -> None:
@@ -198,7 +200,7 @@ def test_split_counts_must_match_the_selection(raw: Path) -> None:
     with pytest.raises(ValueError, match="min_per_class"):
         luma.LumaPreparer(per_class=10, min_per_class=5)
     split = small(split_sizes=[0.5, 0.25, 0.25]).split(small().scan(raw))
-    assert {k: len(v) for k, v in split.items()} == {"train": 10, "val": 4, "test": 4}
+    assert {k: len(v) for k, v in split.items()} == {"train": 8, "val": 5, "test": 5}
 
 
 def test_cache_is_reused_and_resumes_after_interruption(
@@ -231,6 +233,37 @@ def test_cache_is_reused_and_resumes_after_interruption(
     with pytest.raises(ValueError, match="other settings"):
         prepare(small(audio_fit="resize"), raw, tmp_path / "out", progress=False)
     luma.build_luma(tmp_path / "out", check=True)  # checksums verify
+
+
+def test_kept_classes_come_from_the_manifest_not_the_keys(raw: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    manifest = prepare(small(), raw, out, progress=False)
+    assert manifest["extra"] == {"classes": ["dog", "fish", "cat"]}
+    path = out / "manifest.json"
+    stored = json.loads(path.read_text())
+    stored["keys"] = [f"renamed_key_{i}" for i in range(len(stored["keys"]))]  # keys say nothing
+    path.write_text(json.dumps(stored))
+    assert luma.build_luma(out).info["classes"] == ["dog", "fish", "cat"]
+    del stored["extra"]
+    path.write_text(json.dumps(stored))
+    with pytest.raises(ValueError, match="no kept class list"):
+        luma.build_luma(out)
+
+
+def test_raw_image_files_are_cached_per_preparer_and_version(raw: Path) -> None:
+    prep = small()
+    items = prep.scan(raw)
+    item = next(it for it in items if Path(it.files["image"]).parent.name == luma.CIFAR10_DIR)
+    path = Path(item.files["image"])
+    before = prep.process(item)["image"]
+    assert any(key[1] == str(path) for key in prep._raw_cache)
+    assert not small()._raw_cache  # nothing process-wide: a new preparer starts empty
+    batch = pickle.loads(path.read_bytes())
+    batch[b"data"] = 255 - batch[b"data"]  # the file changes on disk (size/mtime differ)
+    batch[b"batch_label"] = b"changed"
+    _dump(path, batch)
+    after = prep.process(item)["image"]
+    assert (after == 255 - before).all()  # read again, not the stale copy
 
 
 def test_unknown_class_name_names_the_csv(raw: Path) -> None:

@@ -63,7 +63,9 @@ def test_select_samples_scaled_sizes_and_no_shared_utterance() -> None:
     for mode, units in (("one", 17), ("group", 20)):
         for seed in range(5):
             got = select_samples(train, test, (0.5, 0.25, 1.0), seed=seed, duplicates=mode)
-            assert len(got["train"]) == units // 2 and len(got["val"]) == units // 4
+            # fractions of the train part, rounded half up (prepare.resolve_split_counts)
+            assert len(got["train"]) == (units + 1) // 2
+            assert len(got["val"]) == int(units / 4 + 0.5)
             groups = {s: {(test if s == "test" else train)[i] for i in got[s]} for s in got}
             assert not groups["train"] & groups["val"] and not groups["test"] & groups["train"]
             assert not groups["test"] & groups["val"]
@@ -77,6 +79,11 @@ def test_select_samples_scaled_sizes_and_no_shared_utterance() -> None:
         select_samples(train, test, (30, 2, 2))
     with pytest.raises(ValueError, match="fraction"):
         select_samples(train, test, (1.5, 2, 2))
+    with pytest.raises(ValueError, match="more than 1"):
+        select_samples(train, test, (0.75, 0.5, 2))
+    # ties never overfill the part: 0.5 + 0.5 of 17 units is 9 + 8
+    both = select_samples(train, test, (0.5, 0.5, 1), seed=0)
+    assert (len(both["train"]), len(both["val"])) == (9, 8)
 
 
 def test_mfcc_to_image_modes() -> None:
@@ -140,11 +147,11 @@ def test_prepare_reads_pairs_labels_and_keeps_duplicates_in_one_split(
 def test_fractions_standardize_and_builder(tmp_path: Path) -> None:
     raw = _make_raw(tmp_path)
     out = tmp_path / "cache"
-    # 38 distinct train utterances -> 19 / 9; 12 test rows -> 6
+    # 38 distinct train utterances -> 19 / 10 (9.5 rounds half up); 12 test rows -> 6
     manifest = _prep(
         raw, out, sizes=[0.5, 0.25, 0.5], audio_norm="standardize", audio_to_image="reshape"
     )
-    assert manifest["sizes"] == {"train": 19, "val": 9, "test": 6}
+    assert manifest["sizes"] == {"train": 19, "val": 10, "test": 6}
     train_audio = np.load(out / "audio.npy")[json.loads((out / "splits.json").read_text())["train"]]
     mfcc = train_audio.reshape(len(train_audio), -1)[:, :507].reshape(-1, 39, 13)
     assert np.allclose(mfcc.mean(axis=(0, 1)), 0.0, atol=1e-5)
@@ -239,6 +246,29 @@ def test_bad_rows_stop_with_file_and_row_or_are_skipped(tmp_path: Path) -> None:
     np.save(raw2 / "labels_train.npy", labels)
     with pytest.raises(RawDataError, match=r"data_sp_train\.npy row \d+: the same utterance"):
         _prep(raw2, tmp_path / "conflict", sizes=[1.0, 0, 4])
+
+
+def test_image_scale_decides_per_file_and_refuses_mixed_floats(tmp_path: Path) -> None:
+    raw = _make_raw(tmp_path)
+    wr = raw / FILES["train"][0]
+    images = np.load(wr)
+    np.save(wr, images / 255.0)  # a 0..1 float file: kept as is
+    out = tmp_path / "unit"
+    _prep(raw, out, sizes=[4, 2, 2])
+    row = _rows(json.loads((out / "manifest.json").read_text()), out, "train")[0][1]
+    assert np.load(out / "image.npy")[0, 0].max() == pytest.approx(images[row].max() / 255.0)
+    mixed = images / 255.0
+    mixed[5] = images[5]  # one row in 0..255 among 0..1 rows: must not darken all the others
+    np.save(wr, mixed)
+    with pytest.raises(RawDataError, match="ambiguous") as info:
+        _prep(raw, tmp_path / "mixed", sizes=[4, 2, 2])
+    assert info.value.path == str(wr)
+    _prep(raw, tmp_path / "forced", sizes=[4, 2, 2], image_scale=255)  # the user decides
+    np.save(wr, images.astype(np.uint8))  # integers are 0..255 whatever their values
+    _prep(raw, tmp_path / "ints", sizes=[4, 2, 2])
+    assert 0.0 <= np.load(tmp_path / "ints" / "image.npy").max() <= 1.0
+    with pytest.raises(ValueError, match="image_scale"):
+        SMNISTPreparer(image_scale=100)
 
 
 def test_bad_options() -> None:

@@ -25,7 +25,6 @@ from tests.conftest import make_toy_splits
 HEADS = ("fused", "strong", "weak")
 
 
-
 @pytest.fixture
 def small() -> DatasetSplits:
     """Half the usual toy task: these tests run several fits each."""

@@ -29,7 +29,13 @@ Preprocessing (every choice is an option recorded in the cache's manifest; defau
   ``image_size`` = 224 and stored as ``video`` ``(3, 224, 224)`` **uint8** (7,442 clips: 1.1 GB
   instead of 4.5 GB as float32). :func:`build_encoders`' video encoder turns uint8 into float /255
   and applies the ImageNet mean/std, so the Dataset can return the raw bytes.
-* split: seeded (``seed`` = 0) 70/15/15 with ``val = round(0.15 n)``, ``test = round(0.15 n)``,
+* truncated videos: a truncated FLV often decodes without error, just with fewer frames, which
+  would silently move the "middle" frame. The decoded frames must cover ``min_video_coverage`` =
+  0.9 of the duration the container declares and of the paired WAV's duration (the same take);
+  otherwise the clip is an error naming the video (skippable with ``--skip-bad``).
+  ``min_video_coverage=null`` turns the check off (unverified on the full release: if some
+  official clips have videos much shorter than their audio, lower it).
+* split: seeded (``seed`` = 0) 70/15/15 with ``val = floor(0.15 n + 0.5)``, ``test`` likewise,
   ``train = n - val - test`` (7,442 -> 5,210 / 1,116 / 1,116), stratified by emotion
   (``stratify``); ``speaker_disjoint=True`` instead assigns whole actors (sizes then approximate).
 
@@ -40,7 +46,7 @@ normalisation it used, nor its split seed; the defaults above are our documented
 from __future__ import annotations
 
 import functools
-import math
+import logging
 import os
 import re
 import zlib
@@ -67,6 +73,7 @@ from miles.data.prepare import (
     RawDataError,
     RawItem,
     register_preparer,
+    resolve_split_counts,
 )
 from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
@@ -87,6 +94,7 @@ __all__ = [
 ]
 
 NAME = "cremad"
+_log = logging.getLogger(__name__)
 EMOTIONS = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 #: OGM-GE's class indices (``class_dict`` in their CramedDataset.py), for comparing predictions.
 OGM_GE_ORDER = {"NEU": 0, "HAP": 1, "SAD": 2, "FEA": 3, "DIS": 4, "ANG": 5}
@@ -121,28 +129,13 @@ def parse_name(stem: str) -> tuple[str, str, str, str]:
 
 
 def split_counts(n: int, sizes: Sequence[float]) -> tuple[int, int, int]:
-    """Train/val/test counts for ``n`` samples.
+    """Train/val/test counts for ``n`` samples: :func:`miles.data.prepare.resolve_split_counts`.
 
-    ``sizes`` are three fractions summing to 1: ``val = round(f_val n)``, ``test =
-    round(f_test n)`` (half up), ``train`` takes the rest: 7,442 with 0.70/0.15/0.15 gives
-    5,210 / 1,116 / 1,116, the paper's sizes (rounding the train share itself would give 5,209).
-    Or three ints summing to ``n``, used as is.
+    Fractions: ``val`` and ``test`` rounded half up, ``train`` the rest (7,442 at 0.70/0.15/0.15
+    gives 5,210 / 1,116 / 1,116, the paper's sizes; rounding the train share would give 5,209).
+    Three ints summing to ``n`` are used as given.
     """
-    if len(sizes) != 3:
-        raise ValueError(f"need three split sizes (train, val, test), got {list(sizes)}")
-    if all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
-        counts = tuple(int(s) for s in sizes)
-        if sum(counts) != n or min(counts) < 0:
-            raise ValueError(f"split counts {counts} must be >= 0 and sum to {n}")
-        return counts[0], counts[1], counts[2]
-    fr = [float(s) for s in sizes]
-    if min(fr) < 0 or not math.isclose(sum(fr), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split fractions {fr} must be >= 0 and sum to 1")
-    val = math.floor(fr[1] * n + 0.5)
-    test = math.floor(fr[2] * n + 0.5)
-    if val + test > n:
-        test = n - val
-    return n - val - test, val, test
+    return resolve_split_counts(sizes, n)
 
 
 def _interleave(counts: Sequence[int]) -> list[int]:
@@ -211,7 +204,7 @@ def _check_sizes(sizes: Any) -> list[Any]:
         raise ValueError(f"sizes must be [train, val, test], got {sizes!r}")
     if all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
         return [int(s) for s in sizes]
-    split_counts(1000, [float(s) for s in sizes])  # raises for bad fractions
+    resolve_split_counts([float(s) for s in sizes], 1000)  # raises for bad fractions
     return [float(s) for s in sizes]
 
 
@@ -254,6 +247,7 @@ class CremadPreparer(Preparer):
         sizes: Sequence[float] = (0.70, 0.15, 0.15),
         speaker_disjoint: bool = False,
         stratify: bool = True,
+        min_video_coverage: float | None = 0.9,
     ) -> None:
         if frame not in ("middle", "first", "random"):
             frame_index(frame, 2)  # validates the fraction
@@ -290,6 +284,15 @@ class CremadPreparer(Preparer):
         self.sizes = _check_sizes(sizes)
         self.speaker_disjoint = bool(speaker_disjoint)
         self.stratify = bool(stratify)
+        if min_video_coverage is not None and (
+            isinstance(min_video_coverage, bool)
+            or not isinstance(min_video_coverage, int | float)
+            or not 0 < min_video_coverage <= 1
+        ):
+            raise ValueError(
+                f"min_video_coverage must be in (0, 1] or null, got {min_video_coverage!r}"
+            )
+        self.min_video_coverage = None if min_video_coverage is None else float(min_video_coverage)
 
     def options(self) -> dict[str, Any]:
         return {
@@ -312,6 +315,7 @@ class CremadPreparer(Preparer):
             "sizes": self.sizes,
             "speaker_disjoint": self.speaker_disjoint,
             "stratify": self.stratify,
+            "min_video_coverage": self.min_video_coverage,
         }
 
     def specs(self) -> dict[str, ArraySpec]:
@@ -327,9 +331,12 @@ class CremadPreparer(Preparer):
     def scan(self, raw: Path) -> list[RawItem]:
         """Pair ``AudioWAV/<stem>.wav`` with ``VideoFlash/<stem>.flv`` and parse the labels.
 
-        A clip whose partner file is missing or whose name does not parse is kept as an item that
-        fails in :meth:`process` with the file's name (so ``--skip-bad`` can skip it) and is put
-        first, so that a run without ``--skip-bad`` stops at once rather than hours later.
+        Items are in sorted clip-name order, whatever is wrong with some of them, so the seeded
+        split of a ``--skip-bad`` cache is the full split minus the skipped clips. A clip whose
+        partner file is missing or whose name does not parse is kept as an item that fails in
+        :meth:`process` with the file's name (so ``--skip-bad`` can skip it); such problems are
+        also logged here, before any decoding, naming the first one and the count, so that a run
+        without ``--skip-bad`` (which stops at the first bad clip) is not a surprise hours later.
         """
         audio_dir, video_dir = raw / AUDIO_DIR, raw / VIDEO_DIR
         for folder in (audio_dir, video_dir):
@@ -341,8 +348,8 @@ class CremadPreparer(Preparer):
                 )
         wavs = self._by_stem(audio_dir, ".wav")
         flvs = self._by_stem(video_dir, ".flv")
-        bad: list[RawItem] = []
-        good: list[RawItem] = []
+        items: list[RawItem] = []
+        problems: list[tuple[str, str]] = []
         for stem in sorted(set(wavs) | set(flvs)):
             wav = wavs.get(stem, audio_dir / f"{stem}.wav")
             flv = flvs.get(stem, video_dir / f"{stem}.flv")
@@ -359,9 +366,17 @@ class CremadPreparer(Preparer):
             except ValueError as exc:
                 error = error or (str(named), str(exc))
             meta = {"error": error} if error else {}
-            item = RawItem(stem, label, {"audio": wav, "video": flv}, group, meta)
-            (bad if error else good).append(item)
-        return bad + good
+            items.append(RawItem(stem, label, {"audio": wav, "video": flv}, group, meta))
+            if error:
+                problems.append(error)
+        if problems:
+            _log.warning(
+                "cremad: %d clip(s) cannot be prepared (first: %s: %s); without --skip-bad the "
+                "run stops at the first of them",
+                len(problems),
+                *problems[0],
+            )
+        return items
 
     @staticmethod
     def _by_stem(folder: Path, suffix: str) -> dict[str, Path]:
@@ -383,6 +398,7 @@ class CremadPreparer(Preparer):
         if error:
             raise RawDataError(error[0], error[1])
         wave, sr = read_audio(item.files["audio"])
+        take_seconds = len(wave) / sr  # the same take: the video should last as long
         if sr != self.sample_rate:
             wave = resample(wave, sr, self.sample_rate)
         wave = fit_length(wave, self.n_samples, self.fit, crop=self.crop)
@@ -399,7 +415,13 @@ class CremadPreparer(Preparer):
         if self.spectrogram_size is not None:
             spec = resize_2d(spec, self.spectrogram_size)
         seed = zlib.crc32(f"{self.seed}:{item.key}".encode()) if self.frame == "random" else None
-        frame = read_frame(item.files["video"], self.frame, seed=seed)
+        frame = read_frame(
+            item.files["video"],
+            self.frame,
+            seed=seed,
+            expected_seconds=take_seconds,
+            min_coverage=self.min_video_coverage,
+        )
         image = resize_2d(frame.transpose(2, 0, 1), self.image_size)
         return {"audio": spec[None].astype(np.float32), "video": image}
 

@@ -6,6 +6,8 @@ image upsampled to 3 x 96 x 96. This module turns the LUMA release into that cac
 ``miles prepare luma --raw DATA --out CACHE`` and reads it back with ``build_dataset("luma",
 root=CACHE)``.
 
+The kept class names are stored in the manifest (``extra.classes``) for :func:`build_luma`.
+
 Supported raw layout: the ``data/`` folder of the LUMA tool (github.com/bezirganyan/LUMA) after
 ``git clone https://huggingface.co/datasets/bezirganyan/LUMA data`` plus the CIFAR python archives
 the tool unpacks next to it::
@@ -31,7 +33,8 @@ split keeps each clip's pairs in one part wherever the quotas allow (a clip is s
 the exact sizes). The LUMA release defines no image-audio pairs for this raw data (its compiled
 benchmark pairs rows at random within a class), so we pair by class ourselves.
 
-Split: stratified by class with exact totals (``split_sizes``, counts or fractions); per-class
+Split: stratified by class with exact totals (``split_sizes``, counts or fractions, the totals by
+the shared ``resolve_split_counts``: val/test rounded half up, train the rest); per-class
 quotas are proportional, the remainders assigned in a seeded class order.
 
 Preprocessing (recorded in the manifest as options): audio read with soundfile (mono), resampled
@@ -74,7 +77,9 @@ from miles.data.prepare import (
     Preparer,
     RawDataError,
     RawItem,
+    check_positive_int,
     register_preparer,
+    resolve_split_counts,
 )
 from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
@@ -199,7 +204,6 @@ def _label_names(path: Path, field: str) -> list[str]:
     return [CIFAR_RENAME.get(n, n) for n in names]
 
 
-@functools.lru_cache(maxsize=16)
 def _cifar_batch(path_str: str, label_field: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 3, 32, 32) uint8, labels (N,) int64) of one CIFAR python batch file."""
     path = Path(path_str)
@@ -235,7 +239,6 @@ def _read_edm(path: Path) -> tuple[np.ndarray, list[Any]]:
     return images, labels
 
 
-@functools.lru_cache(maxsize=2)
 def _edm_images(path_str: str, cifar100_names: tuple[str, ...]) -> tuple[np.ndarray, list[str]]:
     """EDM images as (N, 3, 32, 32) uint8 and their LUMA class names."""
     path = Path(path_str)
@@ -316,32 +319,27 @@ def audio_features(
 
 
 def _check_split_sizes(sizes: Sequence[float]) -> list[float]:
-    """Three non-negative numbers: integer counts, or fractions summing to 1 (JSON-able)."""
+    """Three non-negative numbers: int counts, or fractions summing to 1 (JSON-able)."""
     values = list(sizes) if not isinstance(sizes, (str, bytes)) else []
     if len(values) != 3 or any(
         isinstance(s, bool) or not isinstance(s, (int, float)) or s < 0 for s in values
     ):
         raise ValueError(f"split_sizes must be three non-negative numbers, got {sizes!r}")
     out: list[float] = [int(s) if float(s).is_integer() else float(s) for s in values]
-    is_counts = all(isinstance(s, int) for s in out) and sum(out) > 1
-    if not is_counts and not math.isclose(sum(out), 1.0, abs_tol=1e-6):
-        raise ValueError(f"split_sizes: counts must be integers, fractions sum to 1: {sizes}")
-    return out
+    if all(isinstance(s, int) for s in out) and sum(out) > 1:
+        return out  # counts: checked against the selection in scan
+    fractions = [float(s) for s in values]
+    resolve_split_counts(fractions, 1000)  # raises for fractions not summing to 1
+    return fractions
 
 
 def resolve_split_sizes(sizes: Sequence[float], n: int) -> dict[str, int]:
-    """Train/val/test counts from counts summing to ``n`` or fractions summing to 1."""
+    """Train/val/test counts by :func:`miles.data.prepare.resolve_split_counts` (half up)."""
     sizes = _check_split_sizes(sizes)
-    if all(float(s).is_integer() for s in sizes) and sum(sizes) > 1:
-        counts = [int(s) for s in sizes]
-        if sum(counts) != n:
-            raise ValueError(
-                f"split_sizes {counts} sum to {sum(counts)}, but {n} pairs were selected "
-                "(kept classes x per_class); give counts that add up, or fractions"
-            )
-    else:
-        val, test = round(sizes[1] * n), round(sizes[2] * n)
-        counts = [n - val - test, val, test]
+    try:
+        counts = resolve_split_counts(sizes, n)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({n} pairs were selected: kept classes x per_class)") from None
     return dict(zip(SPLIT_NAMES, counts, strict=True))
 
 
@@ -420,12 +418,6 @@ def stratified_split(
 # --------------------------------------------------------------------------- preparer
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 @register_preparer(NAME)
 class LumaPreparer(Preparer):
     """LUMA raw release -> balanced, paired, split cache (see the module docstring).
@@ -464,8 +456,8 @@ class LumaPreparer(Preparer):
         image_size: int = 96,
         image_dtype: str = "uint8",
     ) -> None:
-        self.per_class = _positive_int("per_class", per_class)
-        self.min_per_class = _positive_int("min_per_class", min_per_class)
+        self.per_class = check_positive_int("per_class", per_class)
+        self.min_per_class = check_positive_int("min_per_class", min_per_class)
         if self.min_per_class < self.per_class:
             raise ValueError(
                 f"min_per_class ({min_per_class}) must be >= per_class ({per_class}) so that "
@@ -480,23 +472,43 @@ class LumaPreparer(Preparer):
             raise ValueError(f"image_parts must be distinct values of {IMAGE_PARTS}, got {parts}")
         self.image_parts = [p for p in IMAGE_PARTS if p in parts]
         self.reuse_audio = bool(reuse_audio)
-        self.sample_rate = _positive_int("sample_rate", sample_rate)
-        self.n_mels = _positive_int("n_mels", n_mels)
-        self.n_frames = _positive_int("n_frames", n_frames)
-        self.n_fft = _positive_int("n_fft", n_fft)
-        self.win_length = _positive_int("win_length", win_length)
-        self.hop = _positive_int("hop", hop)
+        self.sample_rate = check_positive_int("sample_rate", sample_rate)
+        self.n_mels = check_positive_int("n_mels", n_mels)
+        self.n_frames = check_positive_int("n_frames", n_frames)
+        self.n_fft = check_positive_int("n_fft", n_fft)
+        self.win_length = check_positive_int("win_length", win_length)
+        self.hop = check_positive_int("hop", hop)
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length ({win_length}) must be <= n_fft ({n_fft})")
         if audio_fit not in AUDIO_FITS:
             raise ValueError(f"audio_fit must be one of {AUDIO_FITS}, got {audio_fit!r}")
         self.audio_fit = audio_fit
-        self.image_size = _positive_int("image_size", image_size)
+        self.image_size = check_positive_int("image_size", image_size)
         if image_dtype not in IMAGE_DTYPES:
             raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
         self.image_dtype = image_dtype
         self._cifar100_names: tuple[str, ...] = ()
         self.classes: list[str] = []  #: kept class names, in label order (after scan)
+        # decoded CIFAR / generated-image files, per preparer (freed with it, unlike a
+        # process-wide cache) and keyed by size and mtime so a changed file is read again
+        self._raw_cache: dict[tuple[Any, ...], Any] = {}
+
+    def _raw(self, reader: Any, path: Path, arg: Any) -> Any:
+        """``reader(str(path), arg)``, decoded once per file version for this preparer."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return reader(str(path), arg)  # the reader names the missing file
+        key = (reader.__name__, str(path), arg)
+        version = (stat.st_size, stat.st_mtime_ns)
+        cached = self._raw_cache.get(key)
+        if cached is None or cached[0] != version:
+            self._raw_cache[key] = (version, reader(str(path), arg))
+        return self._raw_cache[key][1]
+
+    def manifest_extra(self, items: Sequence[RawItem]) -> dict[str, Any]:
+        """The kept class names in label order, read back by :func:`build_luma`."""
+        return {"classes": list(self.classes)}
 
     def options(self) -> dict[str, Any]:
         return {
@@ -546,7 +558,7 @@ class LumaPreparer(Preparer):
             sources += [(raw / CIFAR100_DIR / "test", "fine_labels", names100)]
         pool: dict[str, list[tuple[str, str, int]]] = defaultdict(list)
         for path, field, names in sources:
-            _, labels = _cifar_batch(str(path), field)
+            _, labels = self._raw(_cifar_batch, path, field)
             if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
                 raise RawDataError(path, f"label index outside 0..{len(names) - 1}")
             for j, lab in enumerate(labels.tolist()):
@@ -555,7 +567,7 @@ class LumaPreparer(Preparer):
                     pool[name].append((str(path), field, j))
         if "synthetic" in self.image_parts:
             path = raw / EDM_FILE
-            _, edm_names = _edm_images(str(path), self._cifar100_names)
+            _, edm_names = self._raw(_edm_images, path, self._cifar100_names)
             for j, name in enumerate(edm_names):
                 if name in _CLASS_ID:
                     pool[name].append((str(path), "edm", j))
@@ -624,9 +636,9 @@ class LumaPreparer(Preparer):
         path = Path(item.files["image"])
         field, j = str(item.meta["image_field"]), int(item.meta["image_index"])
         if field == "edm":
-            images, _ = _edm_images(str(path), self._cifar100_names)
+            images, _ = self._raw(_edm_images, path, self._cifar100_names)
         else:
-            images, _ = _cifar_batch(str(path), field)
+            images, _ = self._raw(_cifar_batch, path, field)
         if not 0 <= j < images.shape[0]:
             raise RawDataError(path, f"image index {j} out of range ({images.shape[0]} images)")
         return images[j]
@@ -664,7 +676,7 @@ def build_encoders(
     pretrained_image: str | Path | None = None,
 ) -> dict[str, nn.Module]:
     """ResNet-6 for the 1-channel spectrogram and for the RGB image (weights: local files only)."""
-    _positive_int("latent_dim", latent_dim)
+    check_positive_int("latent_dim", latent_dim)
     return {
         "audio": ProjectedEncoder(resnet6(1, pretrained_audio), latent_dim),
         "image": ProjectedEncoder(resnet6(3, pretrained_image), latent_dim),
@@ -672,6 +684,7 @@ def build_encoders(
 
 
 def _cache_classes(root: Path) -> list[str]:
+    """Kept class names in label order, as the preparer stored them in the manifest."""
     path = root / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(
@@ -681,8 +694,13 @@ def _cache_classes(root: Path) -> list[str]:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     if manifest.get("dataset") != NAME:
         raise ValueError(f"{root} holds a {manifest.get('dataset')!r} cache, not {NAME!r}")
-    names = {str(key).rsplit("_", 1)[0] for key in manifest["keys"]}
-    return sorted(names, key=lambda n: _CLASS_ID.get(n, len(_CLASS_ID)))
+    classes = (manifest.get("extra") or {}).get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise ValueError(
+            f"{path} has no kept class list (extra.classes); it was made by an older miles: "
+            "prepare the cache again"
+        )
+    return [str(c) for c in classes]
 
 
 @register_dataset(NAME)

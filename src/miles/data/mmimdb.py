@@ -58,7 +58,14 @@ import numpy as np
 from torch import nn
 
 from miles.data.base import DatasetSplits
-from miles.data.prepare import ArraySpec, Preparer, RawDataError, RawItem, register_preparer
+from miles.data.prepare import (
+    ArraySpec,
+    Preparer,
+    RawDataError,
+    RawItem,
+    check_positive_int,
+    register_preparer,
+)
 from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
 
@@ -150,12 +157,6 @@ def _pick_plot(plots: Any, how: str) -> str:
     return max(texts, key=len)  # first of the longest on ties, as numpy's argmax
 
 
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def fit_image(image: Any, size: int, fit: str) -> np.ndarray:
     """A PIL image as a ``(3, size, size)`` uint8 array, centre-cropped or padded to a square."""
     from PIL import Image
@@ -204,8 +205,8 @@ class MMIMDbPreparer(Preparer):
                 "(e.g. bert-base-uncased's vocab.txt + tokenizer_config.json); nothing is "
                 "downloaded"
             )
-        self.max_length = _positive_int("max_length", max_length, minimum=2)
-        self.size = _positive_int("size", size)
+        self.max_length = check_positive_int("max_length", max_length, minimum=2)
+        self.size = check_positive_int("size", size)
         if plot not in PLOTS:
             raise ValueError(f"plot must be one of {PLOTS}, got {plot!r}")
         if image_fit not in IMAGE_FITS:

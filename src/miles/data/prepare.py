@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -96,6 +97,65 @@ class Preparer(ABC):
         """The label as an array matching :meth:`label_spec` (override for multilabel)."""
         spec = self.label_spec()
         return np.asarray(item.label, dtype=spec.dtype).reshape(spec.shape)
+
+    def manifest_extra(self, items: Sequence[RawItem]) -> dict[str, Any]:
+        """JSON-able facts about the prepared set (e.g. kept class names), stored under "extra".
+
+        For what a Dataset needs to read the cache back and cannot rebuild from the keys.
+        """
+        return {}
+
+
+def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def resolve_split_counts(sizes: Sequence[int | float], n: int) -> tuple[int, int, int]:
+    """Train/val/test counts for ``n`` samples, the one rounding rule every dataset uses.
+
+    Three ints summing to ``n`` are used as given. Three fractions summing to 1 (within 1e-9)
+    give ``val = floor(f_val * n + 0.5)``, ``test = floor(f_test * n + 0.5)`` (half up, not
+    Python's banker's ``round``) and ``train = n - val - test``, so train absorbs the rounding:
+    7,442 at 0.70/0.15/0.15 gives 5,210 / 1,116 / 1,116. Should both halves round up past ``n``
+    (possible only when ``f_train`` is about 0), ``test`` gives one back.
+
+    Raises:
+        ValueError: anything else (not three numbers, negative, ints not summing to ``n``,
+            fractions not summing to 1), naming the sizes.
+    """
+    values = list(sizes) if not isinstance(sizes, str | bytes) else []
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"split sizes {sizes!r}: n must be an int >= 0, got {n!r}")
+    if len(values) != 3 or any(
+        isinstance(v, bool)
+        or not isinstance(v, int | float | np.integer | np.floating)
+        or not math.isfinite(float(v))
+        or v < 0
+        for v in values
+    ):
+        raise ValueError(
+            f"split sizes {sizes!r} must be three non-negative numbers (train, val, test)"
+        )
+    if all(isinstance(v, int | np.integer) for v in values):
+        counts = [int(v) for v in values]
+        if sum(counts) != n:
+            raise ValueError(
+                f"split sizes {counts} sum to {sum(counts)}, but there are {n} samples; give "
+                "counts that add up, or fractions summing to 1"
+            )
+        return counts[0], counts[1], counts[2]
+    fractions = [float(v) for v in values]
+    if abs(sum(fractions) - 1.0) > 1e-9:
+        raise ValueError(
+            f"split sizes {sizes!r}: fractions must sum to 1 (got {sum(fractions)!r}); "
+            "or give three int counts"
+        )
+    val = math.floor(fractions[1] * n + 0.5)
+    test = min(math.floor(fractions[2] * n + 0.5), n - val)
+    return n - val - test, val, test
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -251,6 +311,7 @@ def prepare(
         "sizes": {name: len(idx) for name, idx in split.items()},
         "skipped": state["skipped"],
         "keys": [item.key for item in items],
+        "extra": preparer.manifest_extra(items),
         "sha256": {name: sha256_file(out / name) for name in files},
     }
     _write_json(manifest_path, manifest)

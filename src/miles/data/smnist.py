@@ -18,7 +18,9 @@ Preparation (``miles prepare smnist --raw DIR --out DIR``):
 * Splits (the paper's 8,000 / 2,000 / 2,000): train and val are drawn from the release's train
   part, test from its test part, by a ``numpy.random.default_rng(data_seed)`` permutation; not
   stratified (MNIST is near balanced). ``sizes`` takes counts (int) or fractions (float) of the
-  available units of the part, so a miniature copy gets scaled sizes.
+  available units of the part (train and val: of the train part, so at most 1 together; test:
+  of the test part), rounded half up by the shared ``resolve_split_counts``, so a miniature copy
+  gets scaled sizes.
 * Duplicated utterances never cross splits. The release carries no utterance ids, so a duplicate
   is defined as an identical MFCC row (same 507 values, hashed as float64 bytes). ``duplicates=
   "one"`` (default) keeps at most one row per utterance in the whole cache (a random one; 34,801
@@ -29,8 +31,11 @@ Preparation (``miles prepare smnist --raw DIR --out DIR``):
 * Labels: integer digits 0..9 (a ``(N, 10)`` one-hot file is also accepted); a label that is not a
   digit, or an utterance whose duplicates carry different labels, raises a ``RawDataError`` naming
   the file and row (skippable with ``skip_bad``).
-* Image: float32 ``(1, 28, 28)`` in [0, 1]: values are divided by 255 when the file holds 0..255
-  (uint8, or floats whose maximum exceeds 1), else kept; out-of-range or non-finite rows are errors.
+* Image: float32 ``(1, 28, 28)`` in [0, 1], the values divided by ``image_scale``: ``"auto"``
+  (default) decides per part from the dtype (integer: 255) or, for floats, from the rows (no row
+  above 1: 1; (nearly) all rows above 1: 255; only some: an error naming the file, since one
+  choice would silently blacken or overflow the others); ``1`` or ``255`` force it.
+  Out-of-range or non-finite rows are errors.
 * Audio: float32 ``(1, 28, 28)``; the 507 values are read as ``(39 time, 13 coefficient)``
   (``mfcc_layout="time_major"``; ``"coef_major"`` reads ``(13, 39)`` and transposes), then
   ``audio_to_image``: ``"resize"`` (default) bilinear resize to 28 x 28 (``align_corners=False``,
@@ -66,7 +71,9 @@ from miles.data.prepare import (
     Preparer,
     RawDataError,
     RawItem,
+    check_positive_int,
     register_preparer,
+    resolve_split_counts,
 )
 from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
@@ -93,6 +100,7 @@ AUDIO_TO_IMAGE = ("resize", "pad", "reshape")
 MFCC_LAYOUTS = ("time_major", "coef_major")
 AUDIO_NORMS = ("none", "standardize")
 DUPLICATES = ("one", "group")
+IMAGE_SCALES: tuple[str | int, ...] = ("auto", 1, 255)
 #: part -> (images, spoken MFCCs, labels), as named in the Zenodo release.
 FILES: dict[str, tuple[str, str, str]] = {
     "train": ("data_wr_train.npy", "data_sp_train.npy", "labels_train.npy"),
@@ -142,21 +150,36 @@ def _center_fit(arr: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _resolve_size(size: Size, available: int, name: str) -> int:
-    """A count stays a count; a fraction in (0, 1] is taken of ``available`` (rounded down)."""
-    if isinstance(size, bool):
-        raise ValueError(f"size of {name} must be an int count or a float fraction, got {size!r}")
-    if isinstance(size, int | np.integer):
-        count = int(size)
-    elif isinstance(size, float) and 0.0 < size <= 1.0:
-        count = math.floor(size * available + 1e-9)
-    else:
+def _check_size(size: Size, name: str) -> None:
+    """An int count >= 0 or a float fraction in (0, 1]."""
+    ok_count = isinstance(size, int | np.integer) and not isinstance(size, bool) and size >= 0
+    ok_fraction = isinstance(size, float) and 0.0 < size <= 1.0
+    if not (ok_count or ok_fraction):
         raise ValueError(
             f"size of {name} must be an int count >= 0 or a float fraction in (0, 1], got {size!r}"
         )
-    if count < 0:
-        raise ValueError(f"size of {name} must be >= 0, got {count}")
-    return count
+
+
+def _part_counts(sizes: Sequence[Size], available: int) -> list[int]:
+    """Counts for the splits drawn from one part of ``available`` units.
+
+    Counts stay counts. Fractions (at most two per part: train and val share the train part) go
+    through :func:`miles.data.prepare.resolve_split_counts` with the unused rest of the part as
+    its first share, so every dataset rounds the same way (half up) and the fractions of one
+    part never add up to more than the part.
+    """
+    counts = [int(s) if not isinstance(s, float) else 0 for s in sizes]
+    fractions = [(i, float(s)) for i, s in enumerate(sizes) if isinstance(s, float)]
+    if fractions:
+        shares = [f for _, f in fractions] + [0.0] * (2 - len(fractions))
+        if sum(shares) > 1.0 + 1e-9:
+            raise ValueError(
+                f"fractions {[f for _, f in fractions]} of one part add up to more than 1"
+            )
+        _, first, second = resolve_split_counts([max(0.0, 1.0 - sum(shares)), *shares], available)
+        for (i, _), count in zip(fractions, (first, second), strict=False):
+            counts[i] = count
+    return counts
 
 
 def _check_sizes(sizes: Sequence[Size]) -> tuple[Size, Size, Size]:
@@ -164,7 +187,8 @@ def _check_sizes(sizes: Sequence[Size]) -> tuple[Size, Size, Size]:
     if len(values) != 3:
         raise ValueError(f"sizes must be (train, val, test), got {list(values)}")
     for name, size in zip(("train", "val", "test"), values, strict=True):
-        _resolve_size(size, 1, name)  # type/range check only
+        _check_size(size, name)
+    _part_counts(values[:2], 1000)  # train and val fractions share the train part
     return values[0], values[1], values[2]
 
 
@@ -213,7 +237,8 @@ def select_samples(
     visited in a ``default_rng(seed)`` permutation; each utterance goes whole to the first split
     that still has room (``duplicates="group"``) or contributes one row (``"one"``), so no
     utterance is in two splits. A float size is a fraction of the part's units (distinct utterances
-    for ``"one"``, rows for ``"group"``); train and val fractions both refer to the train part.
+    for ``"one"``, rows for ``"group"``), rounded half up as in :func:`resolve_split_counts`;
+    train and val fractions both refer to the train part (so they may sum to at most 1).
     Returned rows are sorted (sequential reads of the memory-mapped release).
 
     Raises:
@@ -230,10 +255,7 @@ def select_samples(
         return len(set(kept)) if duplicates == "one" else len(kept)
 
     avail_train = units(train_groups)
-    wanted = [
-        _resolve_size(n_train_sz, avail_train, "train"),
-        _resolve_size(n_val_sz, avail_train, "val"),
-    ]
+    wanted = _part_counts([n_train_sz, n_val_sz], avail_train)
     tr, va = _take(
         train_groups,
         rng.permutation(len(train_groups)),
@@ -242,7 +264,7 @@ def select_samples(
         excluded=set(),
     )
     used = {train_groups[i] for i in tr} | {train_groups[i] for i in va}
-    n_test = _resolve_size(n_test_sz, units(test_groups, used), "test")
+    (n_test,) = _part_counts([n_test_sz], units(test_groups, used))
     (te,) = _take(
         test_groups,
         rng.permutation(len(test_groups)),
@@ -311,16 +333,35 @@ def _utterance_ids(audio: np.ndarray, chunk: int = 4096) -> list[str]:
     return ids
 
 
-def _image_scale(images: np.ndarray, chunk: int = 4096) -> float:
-    """255 when the file holds 0..255 (uint8, or a finite maximum above 1), else 1."""
-    if images.dtype == np.uint8:
+def _image_scale(images: np.ndarray, path: Path, mode: str | int, chunk: int = 4096) -> float:
+    """The divisor that brings a part's images to [0, 1] (see ``image_scale``).
+
+    ``1`` or ``255`` are taken as given. ``"auto"``: an integer dtype is 0..255; a float file is
+    0..1 when no row exceeds 1, and 0..255 when (nearly: at most 1 % of the non-blank rows
+    excepted, faint digits) every row does. A float file where only some rows exceed 1 is
+    ambiguous: dividing all by 255 would turn its 0..1 rows near black, keeping all would push
+    the others out of range; that is an error asking for an explicit ``image_scale``.
+    """
+    if mode in (1, 255):
+        return float(mode)
+    if images.dtype.kind in "biu":
         return 255.0
+    above = below = 0  # rows whose finite maximum exceeds 1 / lies in (0, 1]
     for start in range(0, images.shape[0], chunk):
         block = np.asarray(images[start : start + chunk], dtype=np.float64)
-        finite = block[np.isfinite(block)]
-        if finite.size and float(finite.max()) > 1.0:
-            return 255.0
-    return 1.0
+        block = np.where(np.isfinite(block), block, 0.0).reshape(block.shape[0], -1)
+        peak = block.max(axis=1) if block.size else np.zeros(0)
+        above += int((peak > 1.0).sum())
+        below += int(((peak > 0.0) & (peak <= 1.0)).sum())
+    if above == 0:
+        return 1.0
+    if below <= 0.01 * (above + below):
+        return 255.0
+    raise RawDataError(
+        path,
+        f"float images are ambiguous: {above} rows exceed 1 (0..255?) but {below} rows lie in "
+        "(0, 1]; set --option image_scale=255 or image_scale=1",
+    )
 
 
 @register_preparer(NAME)
@@ -335,6 +376,8 @@ class SMNISTPreparer(Preparer):
         duplicates: ``"one"`` (default) or ``"group"``; see :func:`select_samples`.
         sizes: train / val / test, counts or fractions (default the paper's 8,000 / 2,000 / 2,000).
         data_seed: seed of the sample selection (independent of the training seed).
+        image_scale: ``"auto"`` (default), ``1`` or ``255``: what the image values are divided
+            by; see :func:`_image_scale`.
     """
 
     def __init__(
@@ -345,6 +388,7 @@ class SMNISTPreparer(Preparer):
         duplicates: str = "one",
         sizes: Sequence[Size] = PAPER_SIZES,
         data_seed: int = 0,
+        image_scale: str | int = "auto",
     ) -> None:
         for name, value, allowed in (
             ("audio_to_image", audio_to_image, AUDIO_TO_IMAGE),
@@ -354,8 +398,10 @@ class SMNISTPreparer(Preparer):
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if isinstance(data_seed, bool) or not isinstance(data_seed, int) or data_seed < 0:
-            raise ValueError(f"data_seed must be an int >= 0, got {data_seed!r}")
+        check_positive_int("data_seed", data_seed, minimum=0)
+        if image_scale not in IMAGE_SCALES or isinstance(image_scale, bool):
+            raise ValueError(f"image_scale must be one of {IMAGE_SCALES}, got {image_scale!r}")
+        self.image_scale = image_scale
         self.audio_to_image = audio_to_image
         self.mfcc_layout = mfcc_layout
         self.audio_norm = audio_norm
@@ -377,6 +423,7 @@ class SMNISTPreparer(Preparer):
             "duplicates": self.duplicates,
             "sizes": list(self.sizes),
             "data_seed": self.data_seed,
+            "image_scale": self.image_scale,
         }
 
     def specs(self) -> dict[str, ArraySpec]:
@@ -425,7 +472,7 @@ class SMNISTPreparer(Preparer):
                     )
             self._arrays[wr], self._arrays[sp] = images, audio
             self._labels[part] = labels
-            self._scale[part] = _image_scale(images)
+            self._scale[part] = _image_scale(images, wr, self.image_scale)
             groups[part] = _utterance_ids(audio)
 
         # an utterance whose copies disagree on the label: every one of its rows is an error
