@@ -5,7 +5,15 @@ right after ``import miles.data``, and the preparers of the paper's datasets (``
 Their decoders (soundfile, PyAV, Pillow, transformers) are imported only when used.
 """
 
-from miles.data import cremad, fsdd_mnist, luma, mmimdb, smnist  # register datasets/preparers
+from miles.data import (
+    basicmotions,
+    cremad,
+    fsdd_mnist,
+    luma,
+    mfeat,
+    mmimdb,
+    smnist,
+)
 from miles.data.base import (
     DatasetSplits,
     MissingDataPackageError,
@@ -19,11 +27,13 @@ __all__ = [
     "MissingDataPackageError",
     "MultimodalDataset",
     "available_datasets",
+    "basicmotions",
     "build_dataset",
     "collate_multimodal",
     "cremad",
     "fsdd_mnist",
     "luma",
+    "mfeat",
     "mmimdb",
     "register_dataset",
     "smnist",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ __all__ = [
     "MissingDataPackageError",
     "MultimodalDataset",
     "collate_multimodal",
+    "locate_package_file",
 ]
 
 
@@ -37,6 +40,37 @@ class MissingDataPackageError(ModuleNotFoundError):
 
 
 ModalityInput = Sequence[Tensor] | Tensor
+
+
+def locate_package_file(
+    dataset: str,
+    package: str,
+    relative: str,
+    install_command: str,
+    *,
+    lookup: Callable[[str], Any],
+) -> Path:
+    """Path of a data file shipped inside an installed distribution, without importing it.
+
+    ``lookup`` is ``importlib.metadata.distribution`` (a parameter so tests can stand in for it).
+    Raises :class:`MissingDataPackageError` naming ``install_command`` when the package or the file
+    is missing.
+    """
+    try:
+        path = Path(str(lookup(package).locate_file(relative)))
+    except PackageNotFoundError:
+        raise MissingDataPackageError(
+            f"dataset {dataset!r} reads its data from the {package!r} package, which is not "
+            f"installed; install it with: {install_command}",
+            name=package,
+        ) from None
+    if not path.is_file():
+        raise MissingDataPackageError(
+            f"dataset {dataset!r}: {relative!r} is missing from the installed {package!r} "
+            f"package (expected at {path}); reinstall it with: {install_command}",
+            name=package,
+        )
+    return path
 
 
 class MultimodalDataset(Dataset[dict[str, Any]]):

