@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--quiet", action="store_true")
 
+    from miles.sweep import add_parser as add_sweep_parser
+
+    add_sweep_parser(sub)
+
     sub.add_parser("list", help="registered datasets and strategies")
     return parser
 
@@ -242,6 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_compare(args)
     if args.command == "prepare":
         return _cmd_prepare(args)
+    if args.command == "sweep":
+        from miles.sweep import run_cli as run_sweep_cli
+
+        return run_sweep_cli(args)
     return _cmd_list()
 
 

@@ -1,0 +1,282 @@
+"""`miles sweep`: seeded sampling, best-on-validation selection, resuming a killed sweep."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+
+import miles.sweep as sweep
+from miles.data import DatasetSplits, build_dataset
+from miles.strategies import available_strategies
+from miles.sweep import SweepConfig, run_sweep, select_best
+from miles.training.trainer import RunResult
+
+SMALL = {"max_train": 60}
+quiet = {"echo": lambda _m: None}
+
+
+@pytest.fixture(scope="module")
+def data() -> DatasetSplits:
+    """Built once: reading FSDD-MNIST costs seconds, a 60-sample run a fraction of one."""
+    return build_dataset("fsdd-mnist", **SMALL)
+
+
+def _config(tmp_path: Path, **kw: Any) -> SweepConfig:
+    base: dict[str, Any] = {
+        "dataset": "fsdd-mnist",
+        "dataset_params": SMALL,
+        "method": "miles",
+        "fusion": "concat",
+        "trials": 3,
+        "epochs": 1,
+        "latent_dim": 8,
+        "rerun_seeds": 0,
+        "out_dir": str(tmp_path / "out"),
+        "storage": f"sqlite:///{tmp_path / 'sweep.db'}",
+    }
+    return SweepConfig(**(base | kw))
+
+
+def _val_of(lr: float) -> float:
+    """A validation metric with one optimum (lr = 1e-3) and no ties between sampled rates."""
+    return 0.9 - 0.1 * abs(math.log10(lr) + 3)
+
+
+class FakeRuns:
+    """Stands in for ``run_experiment``: records each call, fails where told, returns results
+    whose validation metric is a known function of the learning rate (no training)."""
+
+    def __init__(self, fail_on_call: int | None = None, exc: BaseException | None = None):
+        self.calls: list[dict[str, Any]] = []
+        self.fail_on_call, self.exc = fail_on_call, exc
+
+    def __call__(self, config: Any, **_kw: Any) -> RunResult:
+        self.calls.append({"lr": config.trainer.lr, **config.strategy_params})
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            assert self.exc is not None
+            raise self.exc
+        val = _val_of(config.trainer.lr)
+        scores = {"fused": val, "unimodal": {"audio": val / 2, "image": val / 3}}
+        return RunResult(
+            best_epoch=1,
+            epochs_run=1,
+            val=scores,
+            test={"fused": val - 0.05, "unimodal": scores["unimodal"]},
+            test_last=None,
+            history=[],
+            strategy={"name": config.strategy},
+            config={"seed": config.trainer.seed},
+            wall_time_s=0.0,
+        )
+
+
+def _params(payload: dict[str, Any], state: str = "COMPLETE") -> list[dict[str, Any]]:
+    return [t["params"] for t in payload["trials"] if t["state"] == state]
+
+
+def test_search_spaces_cover_every_method_but_unimodal(tmp_path: Path) -> None:
+    assert set(sweep.SEARCH_SPACES) | set(sweep.NOT_SWEEPABLE) == set(available_strategies())
+    for method, space in sweep.SEARCH_SPACES.items():
+        assert space[0] == sweep.LR, method  # every method tunes its learning rate
+    with pytest.raises(ValueError, match="cannot be swept"):
+        _config(tmp_path, method="unimodal")
+    with pytest.raises(ValueError, match="no search space"):
+        sweep.search_space("no-such-method")
+    parser = argparse.ArgumentParser()
+    sweep.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["sweep", "--method", "unimodal", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="cannot be swept"):
+        sweep.run_cli(args)
+
+
+def test_search_space_to_run_settings() -> None:
+    study = optuna.create_study(sampler=sweep.make_sampler("random", 0))
+    trial = study.ask()
+    params = sweep.suggest(trial, "mslr-s", ["audio", "image"])
+    assert list(params) == ["lr", "unimodal_lrs.audio", "unimodal_lrs.image", "smoothing"]
+    lr, strategy_params = sweep.run_settings("mslr-s", params, ["audio", "image"])
+    assert lr == params["lr"] and 1e-4 <= lr <= 1e-2
+    assert strategy_params == {
+        "unimodal_lrs": {
+            "audio": params["unimodal_lrs.audio"],
+            "image": params["unimodal_lrs.image"],
+        },
+        "smoothing": params["smoothing"],
+    }
+    gblend = sweep.suggest(study.ask(), "gblend", ["audio", "image"])
+    assert isinstance(gblend["super_epoch"], int) and 2 <= gblend["super_epoch"] <= 10
+
+
+def test_real_sweep_selects_best_on_validation_and_reruns(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    payload = run_sweep(_config(tmp_path, rerun_seeds=2), data=data, **quiet)
+    trials = payload["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 3
+    best = max(trials, key=lambda t: (t["val"], -t["number"]))  # ties: the lowest number
+    assert payload["best"]["number"] == best["number"]
+    assert payload["best"]["test"] == best["test"]
+    for t in trials:  # the run's own record agrees with the trial table
+        result = json.loads((Path(t["run_dir"]) / "result.json").read_text())
+        assert result["val"]["fused"] == pytest.approx(t["val"])
+        assert result["test"]["fused"] == pytest.approx(t["test"])
+    assert payload["rerun_aggregate"]["n"] == 2
+    fused = [r["fused"] for r in payload["reruns"]]
+    assert payload["rerun_aggregate"]["fused_mean"] == pytest.approx(sum(fused) / 2)
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert f"**Best trial {best['number']}**" in md and "mean ± std" in md
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["best"] == payload["best"]
+
+    # a finished sweep run again trains nothing, not even the re-runs
+    monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("trained again"))
+    again = run_sweep(_config(tmp_path, rerun_seeds=2), data=data, **quiet)
+    assert again["best"] == payload["best"] and again["reruns"] == payload["reruns"]
+
+
+def test_seeded_sampling_is_reproducible(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    runs = {}
+    for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
+        cfg = _config(tmp_path / name, seed=seed)
+        runs[name] = _params(run_sweep(cfg, data=data, **quiet))
+    assert runs["a"] == runs["b"]  # same seed, separate databases: the same parameters
+    assert all(x != y for x, y in zip(runs["a"], runs["c"], strict=True))  # another seed
+    # trial k's parameters do not depend on the process: a fresh process (here: a fresh sampler
+    # on a fresh study) asking for trial 2 alone gets what the sweep got
+    study = optuna.create_study(sampler=sweep.make_sampler("random", 0))
+    for _ in range(2):
+        study.tell(study.ask(), 0.0)
+    assert sweep.suggest(study.ask(), "miles", data.modalities) == runs["a"][2]
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_sampler_is_a_function_of_seed_and_history(sampler: str) -> None:
+    """Past TPE's 10 random start-up trials its proposals follow the results; with the same
+    seed and the same results they are the same, in any process."""
+
+    def sampled(seed: int) -> list[dict[str, Any]]:
+        study = optuna.create_study(sampler=sweep.make_sampler(sampler, seed), direction="maximize")
+        for _ in range(14):
+            trial = study.ask()
+            study.tell(trial, _val_of(sweep.suggest(trial, "ogm", ["a", "b"])["lr"]))
+        return [t.params for t in study.trials]
+
+    first = sampled(0)
+    assert sampled(0) == first
+    assert sampled(1) != first
+
+
+def test_best_is_argmax_of_validation(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    payload = run_sweep(_config(tmp_path, trials=6), data=data, **quiet)
+    vals = {t["number"]: t["val"] for t in payload["trials"]}
+    assert len(set(vals.values())) == 6  # no ties: the check below is not vacuous
+    assert payload["best"]["number"] == max(vals, key=lambda n: vals[n])
+    for t in payload["trials"]:
+        assert t["val"] == pytest.approx(_val_of(t["params"]["lr"]))
+        assert t["test"] == pytest.approx(t["val"] - 0.05)  # the test stored with its trial
+    assert payload["best"]["test"] == pytest.approx(payload["best"]["val"] - 0.05)
+    # ties go to the lowest trial number; failed and diverged trials are never chosen
+    rows = [
+        {"number": 0, "state": "COMPLETE", "val": 0.5},
+        {"number": 1, "state": "COMPLETE", "val": 0.7},
+        {"number": 2, "state": "COMPLETE", "val": 0.7},
+        {"number": 3, "state": "PRUNED", "val": None},
+        {"number": 4, "state": "FAIL", "val": None},
+    ]
+    assert select_best(rows)["number"] == 1  # type: ignore[index]
+    assert select_best(rows[3:]) is None
+
+
+def test_interrupted_sweep_resumes_without_repeating(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in trial 3: the two finished trials are kept, only the third one is run again,
+    with the same parameters, so the sweep measures what an uninterrupted one would."""
+    fake = FakeRuns(fail_on_call=3, exc=KeyboardInterrupt())
+    monkeypatch.setattr(sweep, "run_experiment", fake)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(_config(tmp_path), data=data, **quiet)
+    assert len(fake.calls) == 3
+    first_calls = list(fake.calls)
+
+    resumed = FakeRuns()
+    monkeypatch.setattr(sweep, "run_experiment", resumed)
+    payload = run_sweep(_config(tmp_path), data=data, **quiet)
+    assert resumed.calls == [first_calls[2]]  # only the interrupted trial, same parameters
+    states = [(t["number"], t["state"], t[sweep.RETRY_OF]) for t in payload["trials"]]
+    assert states == [(0, "COMPLETE", None), (1, "COMPLETE", None), (2, "FAIL", None),
+                      (3, "COMPLETE", 2)]  # fmt: skip
+
+    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    straight = run_sweep(_config(tmp_path / "straight"), data=data, **quiet)
+    assert _params(payload) == _params(straight)
+
+
+class ProcessKilled(BaseException):
+    """Not an Exception: Optuna lets it through without finishing the trial, exactly as when
+    the process dies (the trial stays RUNNING in the database)."""
+
+
+def test_killed_sweep_resumes_once_its_trial_is_stale(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRuns(fail_on_call=3, exc=ProcessKilled())
+    monkeypatch.setattr(sweep, "run_experiment", fake)
+    cfg = _config(tmp_path, stale_after=1, rerun_seeds=1)
+    with pytest.raises(ProcessKilled):
+        run_sweep(cfg, data=data, **quiet)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]
+
+    # while its heartbeat is fresh the trial may be running on another machine: left alone
+    resumed = FakeRuns()
+    monkeypatch.setattr(sweep, "run_experiment", resumed)
+    early = run_sweep(cfg, data=data, **quiet)
+    assert resumed.calls == [] and early["reruns"] == []
+    assert "Re-runs wait" in (tmp_path / "out" / "sweep.md").read_text()
+
+    time.sleep(2.2)  # silent for longer than stale_after (SQLite clock: whole seconds)
+    payload = run_sweep(cfg, data=data, **quiet)
+    assert resumed.calls[0] == fake.calls[2]  # the killed trial again, same parameters
+    assert len(resumed.calls) == 2  # ... and the best trial's one re-run, nothing else
+    assert [t["state"] for t in payload["trials"]] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
+    assert payload["trials"][3][sweep.RETRY_OF] == 2
+    assert payload["finished"] == 3 and payload["rerun_aggregate"]["n"] == 1
+
+
+def test_diverged_trial_counts_and_is_not_rerun(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRuns(fail_on_call=1, exc=FloatingPointError("training loss became nan"))
+    monkeypatch.setattr(sweep, "run_experiment", fake)
+    payload = run_sweep(_config(tmp_path), data=data, **quiet)
+    assert len(fake.calls) == 3
+    assert [t["state"] for t in payload["trials"]] == ["PRUNED", "COMPLETE", "COMPLETE"]
+    assert payload["trials"][0]["diverged"] == "training loss became nan"
+    monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
+    run_sweep(_config(tmp_path), data=data, **quiet)
+    assert "diverged: training loss became nan" in (tmp_path / "out" / "sweep.md").read_text()
+
+
+def test_more_trials_extend_the_study_but_other_settings_are_refused(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeRuns()
+    monkeypatch.setattr(sweep, "run_experiment", fake)
+    run_sweep(_config(tmp_path, trials=2), data=data, **quiet)
+    run_sweep(_config(tmp_path, trials=4), data=data, **quiet)
+    assert len(fake.calls) == 4  # two more, the first two kept
+    with pytest.raises(ValueError, match=r"different settings .*epochs"):
+        run_sweep(_config(tmp_path, trials=4, epochs=2), data=data, **quiet)
