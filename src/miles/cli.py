@@ -1,4 +1,4 @@
-"""The ``miles`` command line: ``demo``, ``train --config FILE.yaml``, ``compare`` and ``list``."""
+"""The ``miles`` command line: demo, train, compare, sweep, ablate, report, prepare and list."""
 
 from __future__ import annotations
 
@@ -120,9 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--quiet", action="store_true")
 
+    from miles.ablate import add_parser as add_ablate_parser
+    from miles.report.page import add_parser as add_report_parser
     from miles.sweep import add_parser as add_sweep_parser
 
     add_sweep_parser(sub)
+    add_ablate_parser(sub)
+    add_report_parser(sub)
 
     sub.add_parser("list", help="registered datasets and strategies")
     return parser
@@ -246,6 +250,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_compare(args)
     if args.command == "prepare":
         return _cmd_prepare(args)
+    if args.command == "report":
+        from miles.report.page import run_cli as run_report_cli
+
+        return run_report_cli(args)
+    if args.command == "ablate":
+        from miles.ablate import run_cli as run_ablate_cli
+
+        return run_ablate_cli(args)
     if args.command == "sweep":
         from miles.sweep import run_cli as run_sweep_cli
 

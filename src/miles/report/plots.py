@@ -1,12 +1,14 @@
 """Learning-dynamics figure in the spirit of the paper's Fig. 2.
 
 Per run (one column each): u per modality with delta and tau; the learning rate of each modality's
-parameter group; validation metrics of the fused head and every unimodal head, per epoch.
+parameter group; validation metrics of the fused head and every unimodal head, per epoch. Also
+grouped per-method bar charts with std error bars, for ``miles report``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ def plot_learning_dynamics(
     if not runs:
         raise ValueError("no runs to plot")
     path = Path(path)
-    fig, axes = plt.subplots(3, len(runs), figsize=(5 * len(runs), 9), squeeze=False, sharex="col")
+    width = max(5 * len(runs), 8)  # one column still leaves room for the title
+    fig, axes = plt.subplots(3, len(runs), figsize=(width, 9), squeeze=False, sharex="col")
     for col, (title, result) in enumerate(runs.items()):
         history = result["history"]
         epochs = [row["epoch"] for row in history]
@@ -68,5 +71,69 @@ def plot_learning_dynamics(
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metric_bars(
+    groups: Sequence[Mapping[str, Any]],
+    metrics: Mapping[str, str],
+    path: str | Path,
+    *,
+    title: str,
+    ylabel: str,
+    label_key: str = "method",
+    percent: bool = True,
+) -> Path:
+    """Grouped bars: one group per row of ``groups``, one bar per metric, std as error bars.
+
+    ``groups`` are rows in :func:`miles.report.tables.aggregate`'s shape (``{key}_mean``,
+    ``{key}_std``, ``n``), so mean ± std over seeds in a compare table and a single run (std 0)
+    draw alike. ``metrics`` maps each key to its legend label. A missing or NaN mean (the unimodal
+    references have no fused head) leaves that bar out instead of drawing a zero that reads as a
+    result.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as exc:  # pragma: no cover - needs the extra missing
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'miles-lr[plot]'") from exc
+    if not groups or not metrics:
+        raise ValueError("no groups or no metrics to plot")
+    path = Path(path)
+    scale = 100.0 if percent else 1.0
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2.0), 4.2))
+    for i, (key, label) in enumerate(metrics.items()):
+        xs, means, stds = [], [], []
+        for g, row in enumerate(groups):
+            mean = row.get(f"{key}_mean")
+            if mean is None or not math.isfinite(float(mean)):
+                continue
+            std = row.get(f"{key}_std")
+            xs.append(g - 0.4 + width * (i + 0.5))
+            means.append(scale * float(mean))
+            stds.append(scale * float(std) if std is not None and math.isfinite(std) else 0.0)
+        if not xs:
+            continue
+        bars = ax.bar(xs, means, width * 0.92, yerr=stds, capsize=3, label=label, color=f"C{i}")
+        # values inside the bars: above them they would collide with the error bars
+        ax.bar_label(
+            bars, fmt="%.1f" if percent else "%.3g", fontsize=7, label_type="center", color="w"
+        )
+    ticks = [
+        f"{row[label_key]}\n(n={row['n']})" if "n" in row else str(row[label_key]) for row in groups
+    ]
+    ax.set_xticks(range(len(groups)), ticks, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: no overlap
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return path
