@@ -65,7 +65,12 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert ref["uses_aux_losses"] is None
     joint = next(a for a in first["aggregate"] if a["method"] == "joint")
     assert joint["uses_aux_losses"] is False
+    # the imbalance diagnostic: each head against its own unimodal model, and last-epoch heads
+    for m in order:
+        assert joint[f"{m}_vs_unimodal"] == pytest.approx(joint[f"{m}_mean"] - means[m])
+        assert 0.0 <= joint[f"{m}_last_mean"] <= 1.0
     md = (tmp_path / "compare.md").read_text()
+    assert "| heads vs unimodal (pp) |" in md and "| heads at last epoch |" in md
     assert "## concat fusion" in md and "## sum fusion" in md
     assert f"| {order[0]} head (dominant) |" in md and "| aux |" in md
     assert (tmp_path / "compare_runs.csv").read_text().count("\n") == len(rows) + 1

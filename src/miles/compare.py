@@ -247,8 +247,19 @@ def _table_rows(
                     | refs
                     | {"gap": refs[order[0]] - refs[order[-1]]}
                 )
-    values = ["fused", *order, "gap", "best_epoch", "acted"]
+    last = [f"{m}_last" for m in order]
+    values = ["fused", *order, "gap", "best_epoch", "acted", *last]
     agg = aggregate(table, ["fusion", "method"], values)
+    # the imbalance diagnostic: each head against its own modality's unimodal model
+    refs_mean = {
+        (a["fusion"], m): a[f"{m}_mean"] for a in agg if a["method"] == "unimodal" for m in order
+    }
+    for a in agg:
+        for m in order:
+            ref = refs_mean.get((a["fusion"], m))
+            a[f"{m}_vs_unimodal"] = (
+                a[f"{m}_mean"] - ref if ref is not None and a["method"] != "unimodal" else None
+            )
     rank = {m: i for i, m in enumerate(config.methods)}
     agg.sort(key=lambda a: (config.fusions.index(a["fusion"]), rank.get(a["method"], 99)))
     for a in agg:
@@ -285,7 +296,10 @@ def markdown_report(
         f"{config.seeds}. Dominant modality by {rule}: {order[0]}. "
         f"gap = {order[0]} head - {order[-1]} head (negative: the dominant modality's head ended "
         "below the other's). The unimodal row holds each modality's own model (its encoder and "
-        "head trained alone). aux = trained with the auxiliary unimodal losses.",
+        "head trained alone). aux = trained with the auxiliary unimodal losses. heads vs "
+        "unimodal = each head minus its own modality's unimodal model, in points (the imbalance "
+        "diagnostic). heads at last epoch = the same runs scored with the last epoch's weights "
+        "(best-on-validation selection alone can hide or create a gap).",
         "",
     ]
     for fusion in config.fusions:
@@ -294,8 +308,9 @@ def markdown_report(
             "",
             "| method | aux | fused | "
             + " | ".join(head_cols)
-            + " | gap | chosen epoch | MILES acted |",
-            "|---|---|---|" + "---|" * len(head_cols) + "---|---|---|",
+            + " | gap | heads vs unimodal (pp) | chosen epoch | heads at last epoch "
+            + "| MILES acted |",
+            "|---|---|---|" + "---|" * len(head_cols) + "---|---|---|---|---|",
         ]
         for a in agg:
             if a["fusion"] != fusion:
@@ -303,9 +318,16 @@ def markdown_report(
             aux = {None: "-", True: "yes", False: "no"}[a["uses_aux_losses"]]
             heads = " | ".join(pm(a, m) for m in order)
             acted = pm(a, "acted", pct=False) if a["method"] == "miles" else "-"
+            deltas = [a.get(f"{m}_vs_unimodal") for m in order]
+            vs_uni = (
+                " / ".join(f"{100 * d:+.1f}" for d in deltas if d is not None)
+                if all(d is not None for d in deltas)
+                else "-"
+            )
+            last_heads = " / ".join(pm(a, f"{m}_last") for m in order)
             lines.append(
                 f"| {a['method']} | {aux} | {pm(a, 'fused')} | {heads} | {pm(a, 'gap')} | "
-                f"{pm(a, 'best_epoch', pct=False)} | {acted} |"
+                f"{vs_uni} | {pm(a, 'best_epoch', pct=False)} | {last_heads} | {acted} |"
             )
         lines.append("")
     if failures:
