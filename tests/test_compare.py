@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -171,3 +172,11 @@ def test_unimodal_reference_does_not_depend_on_fusion() -> None:
     (h1, s1), (h2, s2) = results["concat"], results["sum"]
     assert h1 == h2
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_cli_compare_passes_dataset_options(tmp_path: Path) -> None:
+    argv = ["compare", "--methods", "joint", "--fusion", "concat", "--seeds", "1", "--epochs", "1"]
+    argv += ["--latent-dim", "8", "--dataset-option", "max_train=60", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "compare_config.json").read_text())
+    assert saved["dataset_params"] == {"max_train": 60} and saved["seeds"] == [0]

@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_ = sub.add_parser("compare", help="every balancing method, same data, model and budget")
     cmp_.add_argument("--dataset", default="fsdd-mnist")
     cmp_.add_argument(
+        "--dataset-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dataset builder parameter (repeatable), e.g. max_samples=6000",
+    )
+    cmp_.add_argument(
         "--methods", type=_methods, default="all", help="comma-separated, or 'all' (default)"
     )
     cmp_.add_argument("--fusion", type=_fusions, default=["concat", "sum"])
@@ -171,6 +178,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods = args.methods if isinstance(args.methods, list) else _methods(args.methods)
     config = CompareConfig(
         dataset=args.dataset,
+        dataset_params=_parse_options(args.dataset_option),
         methods=methods,
         fusions=args.fusion,
         seeds=list(range(args.seeds)),
@@ -196,7 +204,7 @@ def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"miles prepare: --option expects KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"miles: expected KEY=VALUE, got {pair!r}")
         options[key.replace("-", "_")] = yaml.safe_load(value)
     return options
 
