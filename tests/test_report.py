@@ -10,6 +10,7 @@ import argparse
 import base64
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -230,6 +231,23 @@ def test_rebuild_drops_stale_figures(compare_dir: Path, tmp_path: Path) -> None:
     assert not stale.exists()
 
 
+def test_compare_report_reads_only_its_methods(compare_dir: Path, tmp_path: Path) -> None:
+    """MILES runs left in the folder by an earlier invocation get no figure when the current
+    ``compare.json`` has no MILES rows."""
+    folder = tmp_path / "compare"
+    shutil.copytree(compare_dir, folder, ignore=shutil.ignore_patterns("report"))
+    payload = json.loads((folder / "compare.json").read_text(encoding="utf-8"))
+    payload["config"]["methods"] = [m for m in payload["config"]["methods"] if m != "miles"]
+    for key in ("rows", "aggregate"):
+        payload[key] = [r for r in payload[key] if r["method"] != "miles"]
+    (folder / "compare.json").write_text(json.dumps(payload), encoding="utf-8")
+    assert list((folder / "runs").glob("*/miles/seed*/result.json"))  # the stale MILES runs
+    report = build_report(folder, tmp_path / "out")
+    names = [f.path.name for f in report.figures]
+    assert names == [f"bars_{f}.png" for f in FUSIONS]  # no dynamics figure
+    assert "miles" not in _check_page(report).cells
+
+
 def test_cli(compare_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="miles")
     add_parser(parser.add_subparsers(dest="command"))
@@ -249,9 +267,10 @@ def test_metric_bars_leave_out_missing_values(tmp_path: Path) -> None:
         {"method": "joint", "n": 2, "fused_mean": 0.5, "fused_std": 0.1, "a_mean": 0.4},
         {"method": "unimodal", "n": 2, "fused_mean": float("nan"), "a_mean": 0.6, "a_std": 0.0},
     ]
-    path = plot_metric_bars(
-        groups, {"fused": "fused", "a": "a head"}, tmp_path / "b.png", title="t", ylabel="y"
-    )
+    path = tmp_path / "b.png"
+    drawn = plot_metric_bars(groups, {"fused": "fused", "a": "a head"}, path, title="t", ylabel="y")
+    # the unimodal row's NaN fused mean draws no bar (not a zero); every other bar is drawn
+    assert drawn == [("joint", "fused"), ("joint", "a"), ("unimodal", "a")]
     with PIL.open(path) as img:
         assert img.format == "PNG" and img.width > 300
     with pytest.raises(ValueError, match="no groups"):

@@ -117,22 +117,25 @@ def test_search_space_to_run_settings() -> None:
 def test_real_sweep_selects_best_on_validation_and_reruns(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    payload = run_sweep(_config(tmp_path, rerun_seeds=2), data=data, **quiet)
+    cfg = _config(tmp_path, rerun_seeds=2)
+    payload = run_sweep(cfg, data=data, **quiet)
+    assert cfg.study_dir == tmp_path / "out" / "fsdd-mnist-miles-concat"
     trials = payload["trials"]
     assert [t["state"] for t in trials] == ["COMPLETE"] * 3
     best = max(trials, key=lambda t: (t["val"], -t["number"]))  # ties: the lowest number
     assert payload["best"]["number"] == best["number"]
     assert payload["best"]["test"] == best["test"]
     for t in trials:  # the run's own record agrees with the trial table
+        assert Path(t["run_dir"]).parent == cfg.study_dir / "trials"
         result = json.loads((Path(t["run_dir"]) / "result.json").read_text())
         assert result["val"]["fused"] == pytest.approx(t["val"])
         assert result["test"]["fused"] == pytest.approx(t["test"])
     assert payload["rerun_aggregate"]["n"] == 2
     fused = [r["fused"] for r in payload["reruns"]]
     assert payload["rerun_aggregate"]["fused_mean"] == pytest.approx(sum(fused) / 2)
-    md = (tmp_path / "out" / "sweep.md").read_text()
+    md = (cfg.study_dir / "sweep.md").read_text()
     assert f"**Best trial {best['number']}**" in md and "mean ± std" in md
-    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["best"] == payload["best"]
+    assert json.loads((cfg.study_dir / "sweep.json").read_text())["best"] == payload["best"]
 
     # a finished sweep run again trains nothing, not even the re-runs
     monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("trained again"))
@@ -199,29 +202,78 @@ def test_best_is_argmax_of_validation(
     assert select_best(rows[3:]) is None
 
 
+@pytest.mark.parametrize("fail_on_call", [2, 3])
 def test_interrupted_sweep_resumes_without_repeating(
-    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch, fail_on_call: int
 ) -> None:
-    """Ctrl-C in trial 3: the two finished trials are kept, only the third one is run again,
-    with the same parameters, so the sweep measures what an uninterrupted one would."""
-    fake = FakeRuns(fail_on_call=3, exc=KeyboardInterrupt())
+    """Ctrl-C in trial ``fail_on_call`` of 3: the finished trials are kept, the interrupted one
+    is run again with the same parameters, and the later fresh trials get the parameters they
+    get in an uninterrupted sweep (the re-run uses up no sampling slot), so the resumed sweep
+    measures exactly what an uninterrupted one would."""
+    fake = FakeRuns(fail_on_call=fail_on_call, exc=KeyboardInterrupt())
     monkeypatch.setattr(sweep, "run_experiment", fake)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_config(tmp_path), data=data, **quiet)
-    assert len(fake.calls) == 3
+    assert len(fake.calls) == fail_on_call
     first_calls = list(fake.calls)
+
+    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    straight = run_sweep(_config(tmp_path / "straight"), data=data, **quiet)
+    straight_params = _params(straight)
 
     resumed = FakeRuns()
     monkeypatch.setattr(sweep, "run_experiment", resumed)
     payload = run_sweep(_config(tmp_path), data=data, **quiet)
-    assert resumed.calls == [first_calls[2]]  # only the interrupted trial, same parameters
+    interrupted = fail_on_call - 1
+    # the interrupted trial again, same parameters, then the remaining fresh trials
+    assert resumed.calls[0] == first_calls[interrupted]
+    assert len(resumed.calls) == 3 - interrupted
     states = [(t["number"], t["state"], t[sweep.RETRY_OF]) for t in payload["trials"]]
-    assert states == [(0, "COMPLETE", None), (1, "COMPLETE", None), (2, "FAIL", None),
-                      (3, "COMPLETE", 2)]  # fmt: skip
+    expected = [(n, "COMPLETE", None) for n in range(interrupted)]
+    expected += [(interrupted, "FAIL", None), (interrupted + 1, "COMPLETE", interrupted)]
+    expected += [(n + 1, "COMPLETE", None) for n in range(interrupted + 1, 3)]
+    assert states == expected
+    assert _params(payload) == straight_params  # the same parameter sets, in the same order
+    assert [t["params"] for t in payload["trials"] if t["state"] == "FAIL"] == [
+        straight_params[interrupted]
+    ]
 
-    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
-    straight = run_sweep(_config(tmp_path / "straight"), data=data, **quiet)
-    assert _params(payload) == _params(straight)
+
+def test_trial_slot_skips_reruns() -> None:
+    study = optuna.create_study()
+    for _ in range(2):
+        study.tell(study.ask(), 0.0)
+    study.enqueue_trial({}, user_attrs={sweep.RETRY_OF: 1})
+    study.tell(study.ask(), 0.0)  # trial 2: the re-run of trial 1
+    study.tell(study.ask(), 0.0)  # trial 3: the third fresh trial
+    trials = study.get_trials()
+    assert [sweep.trial_slot(trials, n) for n in range(4)] == [0, 1, 2, 2]
+
+
+def test_requeue_rereads_trials_before_enqueueing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker B re-queues an interrupted trial after worker A read the trials: A reads them
+    again right before enqueueing and leaves the trial alone."""
+    study = optuna.create_study()
+    study.tell(study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)}), 0.0)
+    failed = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
+    study.tell(failed, state=optuna.trial.TrialState.FAIL)
+    before_b = study.get_trials(deepcopy=False)
+    study.enqueue_trial(dict(study.trials[1].params), user_attrs={sweep.RETRY_OF: 1})  # worker B
+    real = study.get_trials
+    reads = []
+
+    def get_trials(*args: Any, **kwargs: Any) -> Any:
+        """A's first read predates B's enqueue; later reads see the storage as it is."""
+        reads.append(1)
+        if len(reads) == 1:
+            states = kwargs.get("states")
+            return [t for t in before_b if states is None or t.state in states]
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(study, "get_trials", get_trials)
+    assert sweep._requeue_interrupted(study) == []
+    retries = [t for t in real() if t.user_attrs.get(sweep.RETRY_OF) == 1]
+    assert len(retries) == 1  # B's re-run only
 
 
 class ProcessKilled(BaseException):
@@ -245,7 +297,7 @@ def test_killed_sweep_resumes_once_its_trial_is_stale(
     monkeypatch.setattr(sweep, "run_experiment", resumed)
     early = run_sweep(cfg, data=data, **quiet)
     assert resumed.calls == [] and early["reruns"] == []
-    assert "Re-runs wait" in (tmp_path / "out" / "sweep.md").read_text()
+    assert "Re-runs wait" in (cfg.study_dir / "sweep.md").read_text()
 
     time.sleep(2.2)  # silent for longer than stale_after (SQLite clock: whole seconds)
     payload = run_sweep(cfg, data=data, **quiet)
@@ -267,7 +319,8 @@ def test_diverged_trial_counts_and_is_not_rerun(
     assert payload["trials"][0]["diverged"] == "training loss became nan"
     monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
     run_sweep(_config(tmp_path), data=data, **quiet)
-    assert "diverged: training loss became nan" in (tmp_path / "out" / "sweep.md").read_text()
+    md = (_config(tmp_path).study_dir / "sweep.md").read_text()
+    assert "diverged: training loss became nan" in md
 
 
 def test_more_trials_extend_the_study_but_other_settings_are_refused(
@@ -280,3 +333,49 @@ def test_more_trials_extend_the_study_but_other_settings_are_refused(
     assert len(fake.calls) == 4  # two more, the first two kept
     with pytest.raises(ValueError, match=r"different settings .*epochs"):
         run_sweep(_config(tmp_path, trials=4, epochs=2), data=data, **quiet)
+
+
+@pytest.mark.filterwarnings("ignore:OGM rescales encoder gradients")
+def test_two_studies_in_one_out_keep_their_own_runs(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--method ogm`` then ``--method miles`` with the same ``--out``: each study trains and
+    reads only its own run folders and reports, the storage file is shared."""
+    ogm_cfg = _config(tmp_path, method="ogm", trials=2, rerun_seeds=1, storage=None)
+    ogm = run_sweep(ogm_cfg, data=data, **quiet)
+    ogm_files = {p: p.read_bytes() for p in ogm_cfg.study_dir.rglob("*") if p.is_file()}
+    miles_cfg = _config(tmp_path, method="miles", trials=2, rerun_seeds=1, storage=None)
+    assert ogm_cfg.storage_url == miles_cfg.storage_url  # one shared sweep.db
+    assert ogm_cfg.study_dir != miles_cfg.study_dir
+    payload = run_sweep(miles_cfg, data=data, **quiet)
+    assert payload["rerun_aggregate"]["n"] == 1
+    # the miles re-run trained its own run (with miles' parameters), not read ogm's result
+    rerun = miles_cfg.study_dir / "rerun" / f"trial{payload['best']['number']:04d}" / "seed0"
+    assert json.loads((rerun / "result.json").read_text())["strategy"]["name"] == "miles"
+    for t in payload["trials"]:
+        assert Path(t["run_dir"]).is_relative_to(miles_cfg.study_dir)
+    # ... and left every file of the ogm study as it was
+    assert {p: p.read_bytes() for p in ogm_files} == ogm_files
+    assert json.loads((ogm_cfg.study_dir / "sweep.json").read_text())["best"] == ogm["best"]
+    assert "miles sweep: ogm" in (ogm_cfg.study_dir / "sweep.md").read_text()
+
+    # a run folder made under other settings (here: the same study name in another storage,
+    # with another method) is refused before anything is trained in it
+    other = _config(
+        tmp_path,
+        method="ogm",
+        trials=2,
+        storage=f"sqlite:///{tmp_path / 'other.db'}",
+        study_name=miles_cfg.name,
+    )
+    monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(ValueError, match=r"sweep run .*trial0000 was started with different"):
+        run_sweep(other, data=data, **quiet)
+
+
+def test_study_slug() -> None:
+    assert sweep.study_slug("fsdd-mnist-miles-concat") == "fsdd-mnist-miles-concat"
+    plus = sweep.study_slug("fsdd-mnist-joint+aux-sum")
+    assert plus.startswith("fsdd-mnist-joint_aux-sum-") and "/" not in plus
+    assert sweep.study_slug("a b") != sweep.study_slug("a_b")
+    assert sweep.study_slug("..") not in ("..", ".", "")

@@ -9,18 +9,22 @@ instead of a hand-written search:
 - **Search spaces** are a table here (:data:`SEARCH_SPACES`), keyed by the registered method
   name, so that no strategy has to know about tuning.
 - **Samplers**: Optuna's ``RandomSampler`` (the paper's protocol, the default) or ``TPESampler``.
-  Each trial gets a *fresh* sampler seeded by ``(seed, trial number)`` (:func:`trial_seed`), so
-  with the random sampler the parameters of trial ``k`` are a pure function of ``(seed, k)``: the
-  same in one process, after a crash and resume, or on another machine.
-- **Storage**: trials live in an Optuna RDB storage (SQLite ``OUT/sweep.db`` by default), so a
-  sweep resumes after a crash and can be spread over processes or machines sharing one database.
+  Each fresh trial gets a *fresh* sampler seeded by ``(seed, slot)`` (:func:`trial_seed`), where
+  the slot is the trial's number minus the re-runs of interrupted trials before it
+  (:func:`trial_slot`), so with the random sampler the parameters of the ``k``-th fresh trial
+  are a pure function of ``(seed, k)``: the same in one process, after a crash and resume, or on
+  another machine.
+- **Storage**: trials live in an Optuna RDB storage (SQLite ``OUT/sweep.db`` by default, shared by
+  the studies of one ``OUT``), so a sweep resumes after a crash and can be spread over processes
+  or machines sharing one database. Run folders and reports of a study go to
+  ``OUT/<study slug>/`` (:attr:`SweepConfig.study_dir`), so two studies never mix their files.
   Finished trials (complete, or diverged) are never run again. A trial interrupted by Ctrl-C, or
   left running by a killed process (detected by Optuna's heartbeat once it has been silent for
   ``stale_after`` seconds), is re-run once with the *same* parameters, so an interrupted and
   resumed sweep evaluates the same parameter sets as an uninterrupted one.
 - **Selection**: best = highest validation fused metric (ties: lowest trial number). Its
   parameters are re-run over seeds ``0..K-1`` (resumable: ``done.json`` markers as in
-  ``miles compare``), and ``sweep.json``/``sweep.md`` hold the best parameters, every trial
+  ``miles compare``), and ``OUT/<study slug>/sweep.json``/``sweep.md`` hold the best parameters, every trial
   (parameters, validation, test) and the mean ± std over the re-runs.
 
 Optuna is imported inside functions only, so ``import miles`` (and ``miles --help``) stay light.
@@ -29,9 +33,11 @@ Optuna is imported inside functions only, so ``import miles`` (and ``miles --hel
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
+import re
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -39,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from miles.compare import RUN_CONFIG, _check_same_settings
 from miles.report.tables import aggregate, pm, summarize_run
 from miles.training.experiment import ExperimentConfig, run_experiment
 from miles.training.history import write_json
@@ -161,29 +168,42 @@ def trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
+def trial_slot(trials: Sequence[optuna.trial.FrozenTrial], number: int) -> int:
+    """The sampling slot of trial ``number``: its number minus the re-runs of interrupted trials
+    (trials carrying :data:`RETRY_OF`) numbered before it.
+
+    A re-run takes a new trial number but re-uses its interrupted trial's parameters, so it must
+    not use up a slot: the fresh trials of a resumed sweep then get slots ``0, 1, 2, ...`` exactly
+    as in an uninterrupted one.
+    """
+    return number - sum(1 for t in trials if t.number < number and RETRY_OF in t.user_attrs)
+
+
 def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     """An Optuna sampler that delegates every trial to a fresh ``kind`` sampler seeded by
-    :func:`trial_seed` of that trial's number (``kind``: ``random`` or ``tpe``)."""
+    :func:`trial_seed` of that trial's slot (:func:`trial_slot`; ``kind``: ``random`` or
+    ``tpe``)."""
     import optuna
 
     if kind not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {kind!r}")
 
-    def build(trial_number: int) -> optuna.samplers.BaseSampler:
-        s = trial_seed(seed, trial_number)
+    def build(slot: int) -> optuna.samplers.BaseSampler:
+        s = trial_seed(seed, slot)
         if kind == "tpe":
             return optuna.samplers.TPESampler(seed=s)
         return optuna.samplers.RandomSampler(seed=s)
 
     class PerTrialSeeded(optuna.samplers.BaseSampler):
-        """Only public sampler hooks: ``before_trial`` (which knows the trial's number) picks
-        the delegate; everything else is forwarded to it."""
+        """Only public sampler hooks: ``before_trial`` (which knows the trial and the study)
+        picks the delegate; everything else is forwarded to it."""
 
         def __init__(self) -> None:
             self._current = build(0)
 
         def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            self._current = build(trial.number)
+            slot = trial_slot(study.get_trials(deepcopy=False), trial.number)
+            self._current = build(slot)
             self._current.before_trial(study, trial)
 
         def infer_relative_search_space(
@@ -274,6 +294,11 @@ class SweepConfig:
     def name(self) -> str:
         return self.study_name or f"{self.dataset}-{self.method}-{self.fusion}"
 
+    @property
+    def study_dir(self) -> Path:
+        """``OUT/<slug of the study name>``: the run folders and reports of this study only."""
+        return Path(self.out_dir) / study_slug(self.name)
+
     def trainer_config(self, *, lr: float, seed: int) -> TrainerConfig:
         return TrainerConfig(
             epochs=self.epochs,
@@ -295,6 +320,24 @@ class SweepConfig:
         settings = {k: v for k, v in asdict(self).items() if k in keep}
         settings["search_space"] = [asdict(p) for p in search_space(self.method)]
         return json.loads(json.dumps(settings))
+
+
+def study_slug(name: str) -> str:
+    """A folder name for study ``name``: the name itself when it is a safe one, else its safe
+    characters plus a short hash of the name, so two names never share a folder."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "study"
+    if slug == name:
+        return slug
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def _check_run_dir(run_dir: Path, exp: ExperimentConfig) -> None:
+    """Refuse a run folder made under other settings (another study, or an older one in the
+    same ``--out``): checked before training in it or reading its result. The device is left
+    out: it does not change what a run measures and may differ between invocations."""
+    settings = exp.to_dict()
+    settings["trainer"].pop("device", None)
+    _check_same_settings(run_dir / RUN_CONFIG, settings, what=f"sweep run {run_dir}")
 
 
 def _storage(config: SweepConfig) -> optuna.storages.RDBStorage:
@@ -346,18 +389,31 @@ def _requeue_interrupted(study: optuna.Study) -> list[int]:
     """Enqueue once, with the same parameters, every failed trial not re-run yet.
 
     A FAIL trial here is an interrupted one (Ctrl-C, or a killed process found stale by the
-    heartbeat): divergence is recorded as PRUNED and other errors stop the sweep, so re-running
-    its parameters is what the uninterrupted sweep would have measured.
+    heartbeat and failed by ``fail_stale_trials``): divergence is recorded as PRUNED and other
+    errors stop the sweep, so re-running its parameters is what the uninterrupted sweep would
+    have measured.
+
+    Another worker sharing the storage may re-queue the same trial meanwhile, so the trials are
+    read again right before each enqueue and a trial some other trial already re-runs is
+    skipped. Optuna has no atomic claim, so two workers enqueueing within the same instant can
+    still both re-queue it (the residual race documented in ``docs/sweep.md``).
     """
     import optuna
 
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.user_attrs.get(RETRY_OF) for t in trials}
+    def retried() -> set[Any]:
+        return {t.user_attrs.get(RETRY_OF) for t in study.get_trials(deepcopy=False)}
+
+    failed = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+        if t.params
+    ]
     requeued = []
-    for t in trials:
-        if t.state == optuna.trial.TrialState.FAIL and t.number not in retried and t.params:
-            study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number})
-            requeued.append(t.number)
+    for t in failed:
+        if t.number in retried():  # re-read: another worker may have just re-queued it
+            continue
+        study.enqueue_trial(dict(t.params), user_attrs={RETRY_OF: t.number})
+        requeued.append(t.number)
     return requeued
 
 
@@ -405,15 +461,8 @@ def _rerun(
     config: SweepConfig, best: Mapping[str, Any], modalities: Sequence[str], data: Any, seed: int
 ) -> dict[str, Any]:
     """Train (or resume, or read) the best parameters under one seed."""
-    out = Path(config.out_dir) / "rerun" / f"trial{best['number']:04d}" / f"seed{seed}"
+    out = config.study_dir / "rerun" / f"trial{best['number']:04d}" / f"seed{seed}"
     done, result_path = out / DONE, out / "result.json"
-    if done.is_file():
-        status = json.loads(done.read_text(encoding="utf-8"))
-        if status.get("failed"):
-            return {"failed": status["failed"]}
-        if result_path.is_file():
-            result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
-            return result
     lr, strategy_params = run_settings(config.method, best["params"], modalities)
     exp = ExperimentConfig(
         dataset=config.dataset,
@@ -425,6 +474,14 @@ def _rerun(
         trainer=config.trainer_config(lr=lr, seed=seed),
         out_dir=str(out),
     )
+    _check_run_dir(out, exp)
+    if done.is_file():
+        status = json.loads(done.read_text(encoding="utf-8"))
+        if status.get("failed"):
+            return {"failed": status["failed"]}
+        if result_path.is_file():
+            result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
+            return result
     try:
         result = run_experiment(exp, data=data, resume=True).to_dict()
     except FloatingPointError as exc:
@@ -513,7 +570,7 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume, or join) the sweep, re-run its best trial, write the reports.
 
-    ``data`` may be given to reuse an already-built dataset. Returns what ``sweep.json`` holds.
+    Everything of the study goes to :attr:`SweepConfig.study_dir` (``OUT/<study slug>``). ``data`` may be given to reuse an already-built dataset. Returns what ``sweep.json`` holds.
     A sweep whose trials are still running elsewhere reports what has finished and skips the
     re-runs; running the command again once they finish completes it.
     """
@@ -521,7 +578,7 @@ def run_sweep(
 
     from miles.data import build_dataset
 
-    out = Path(config.out_dir)
+    out = config.study_dir
     out.mkdir(parents=True, exist_ok=True)
     if data is None:
         data = build_dataset(config.dataset, **config.dataset_params)
@@ -545,6 +602,7 @@ def run_sweep(
             trainer=config.trainer_config(lr=lr, seed=config.seed),
             out_dir=str(run_dir),
         )
+        _check_run_dir(run_dir, exp)
         echo(f"trial {trial.number}: {_fmt_params(params)} ...")
         try:
             result = run_experiment(exp, data=data)
@@ -712,7 +770,11 @@ def add_parser(subparsers: Any) -> None:
         default=120,
         help="seconds without heartbeat after which a running trial counts as killed (120)",
     )
-    p.add_argument("--out", default="sweep-out", help="output folder (default sweep-out)")
+    p.add_argument(
+        "--out",
+        default="sweep-out",
+        help="output folder (default sweep-out); each study writes into OUT/<study name>/",
+    )
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -269,14 +269,17 @@ def _compare_report(run_dir: Path, files: Path) -> Report:
 
 
 def _compare_results(run_dir: Path, config: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The ``result.json`` of every run of this compare's fusions and seeds, with its folder name.
+    """The ``result.json`` of every run of this compare's methods, fusions and seeds, with its
+    folder name.
 
-    A folder may hold runs of an earlier invocation with more seeds; only the seeds and fusions
-    of ``compare.json`` are read, so the figures agree with the tables.
+    A folder may hold runs of an earlier invocation with more seeds or other methods; only the
+    methods, seeds and fusions of ``compare.json`` are read, so the figures agree with the tables.
     """
     out = []
     for path in sorted((run_dir / "runs").glob("*/*/seed*/result.json")):
         result = _read_json(path)
+        if result.get("strategy", {}).get("name") not in config["methods"]:
+            continue
         if result["config"]["seed"] not in config["seeds"]:
             continue
         if result.get("extra", {}).get("fusion") not in config["fusions"]:

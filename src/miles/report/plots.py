@@ -84,7 +84,7 @@ def plot_metric_bars(
     ylabel: str,
     label_key: str = "method",
     percent: bool = True,
-) -> Path:
+) -> list[tuple[str, str]]:
     """Grouped bars: one group per row of ``groups``, one bar per metric, std as error bars.
 
     ``groups`` are rows in :func:`miles.report.tables.aggregate`'s shape (``{key}_mean``,
@@ -92,6 +92,9 @@ def plot_metric_bars(
     draw alike. ``metrics`` maps each key to its legend label. A missing or NaN mean (the unimodal
     references have no fused head) leaves that bar out instead of drawing a zero that reads as a
     result.
+
+    The figure is saved to ``path``; returns the bars drawn, as ``(group label, metric key)`` in
+    drawing order (so a caller or test can tell which bars were left out).
     """
     try:
         import matplotlib
@@ -106,6 +109,7 @@ def plot_metric_bars(
     scale = 100.0 if percent else 1.0
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(groups) + 2.0), 4.2))
+    drawn: list[tuple[str, str]] = []
     for i, (key, label) in enumerate(metrics.items()):
         xs, means, stds = [], [], []
         for g, row in enumerate(groups):
@@ -116,6 +120,7 @@ def plot_metric_bars(
             xs.append(g - 0.4 + width * (i + 0.5))
             means.append(scale * float(mean))
             stds.append(scale * float(std) if std is not None and math.isfinite(std) else 0.0)
+            drawn.append((str(row[label_key]), key))
         if not xs:
             continue
         bars = ax.bar(xs, means, width * 0.92, yerr=stds, capsize=3, label=label, color=f"C{i}")
@@ -136,4 +141,4 @@ def plot_metric_bars(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
-    return path
+    return drawn
