@@ -24,8 +24,8 @@ instead of a hand-written search:
   resumed sweep evaluates the same parameter sets as an uninterrupted one.
 - **Selection**: best = highest validation fused metric (ties: lowest trial number). Its
   parameters are re-run over seeds ``0..K-1`` (resumable: ``done.json`` markers as in
-  ``miles compare``), and ``OUT/<study slug>/sweep.json``/``sweep.md`` hold the best parameters, every trial
-  (parameters, validation, test) and the mean ± std over the re-runs.
+  ``miles compare``), and ``OUT/<study slug>/sweep.json``/``sweep.md`` hold the best
+  parameters, every trial (parameters, validation, test) and the mean ± std over the re-runs.
 
 Optuna is imported inside functions only, so ``import miles`` (and ``miles --help``) stay light.
 """
@@ -570,7 +570,8 @@ def run_sweep(
 ) -> dict[str, Any]:
     """Run (or resume, or join) the sweep, re-run its best trial, write the reports.
 
-    Everything of the study goes to :attr:`SweepConfig.study_dir` (``OUT/<study slug>``). ``data`` may be given to reuse an already-built dataset. Returns what ``sweep.json`` holds.
+    Everything of the study goes to :attr:`SweepConfig.study_dir` (``OUT/<study slug>``).
+    ``data`` may be given to reuse an already-built dataset. Returns what ``sweep.json`` holds.
     A sweep whose trials are still running elsewhere reports what has finished and skips the
     re-runs; running the command again once they finish completes it.
     """
