@@ -19,7 +19,6 @@ exactly, whatever ``tau`` is; the report checks this bit for bit on the validati
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import time
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from miles.compare import DONE, RUN_CONFIG, _check_same_settings, _write_csv, dominant_order
+from miles.compare import DONE, _check_same_settings, _write_csv, dominant_order, run_or_resume
 from miles.report.tables import aggregate, pm, summarize_run
 from miles.training.experiment import ExperimentConfig, run_experiment
 from miles.training.history import write_json
@@ -238,15 +237,6 @@ def _train(run: AblationRun, config: AblateConfig, data: Any) -> dict[str, Any]:
     (``FloatingPointError``) is recorded as failed and not retried, and a run folder started under
     other settings is refused instead of mixed.
     """
-    done = run.out_dir / DONE
-    result_path = run.out_dir / "result.json"
-    if done.is_file():
-        status = json.loads(done.read_text(encoding="utf-8"))
-        if status.get("failed"):
-            return {"failed": status["failed"]}
-        if result_path.is_file():
-            loaded: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
-            return loaded
     exp = ExperimentConfig(
         dataset=config.dataset,
         dataset_params=dict(config.dataset_params),
@@ -257,14 +247,7 @@ def _train(run: AblationRun, config: AblateConfig, data: Any) -> dict[str, Any]:
         trainer=config.trainer_config(run.seed),
         out_dir=str(run.out_dir),
     )
-    _check_same_settings(run.out_dir / RUN_CONFIG, exp.to_dict(), what=f"run {run.out_dir}")
-    try:
-        result = run_experiment(exp, data=data, resume=True).to_dict()
-    except FloatingPointError as exc:
-        write_json(done, {"failed": str(exc)})
-        return {"failed": str(exc)}
-    write_json(done, {"finished": True, "wall_time_s": result["wall_time_s"]})
-    return result
+    return run_or_resume(exp, data, runner=run_experiment)
 
 
 def slowed_epochs(result: Mapping[str, Any], modalities: Sequence[str]) -> dict[str, list[int]]:

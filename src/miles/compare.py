@@ -148,20 +148,41 @@ def plan_runs(config: CompareConfig, setup: ComparisonSetup) -> list[PlannedRun]
     return runs
 
 
-def _run_one(run: PlannedRun, config: CompareConfig, data: Any) -> dict[str, Any]:
-    """Train (or resume) one run and return its result; finished runs are only read.
+def run_or_resume(
+    exp: ExperimentConfig,
+    data: Any,
+    *,
+    runner: Callable[..., Any] = run_experiment,
+) -> dict[str, Any]:
+    """Train (or resume) the run in ``exp.out_dir`` and return its result; finished runs are read.
 
-    A run whose training diverges (``FloatingPointError``) is recorded as failed, with the reason,
-    instead of aborting the comparison: re-running it would diverge the same way.
+    A finished run leaves ``done.json``. A run whose training diverges (``FloatingPointError``) is
+    recorded as failed, with the reason, instead of aborting the caller's loop: re-running it would
+    diverge the same way. A run folder started under other settings is refused. Shared by
+    ``miles compare``, ``miles ablate`` and ``miles sweep``'s re-runs.
     """
-    done = run.out_dir / DONE
-    result_path = run.out_dir / "result.json"
+    run_dir = Path(str(exp.out_dir))
+    done = run_dir / DONE
+    result_path = run_dir / "result.json"
     if done.is_file():
         status = json.loads(done.read_text(encoding="utf-8"))
         if status.get("failed"):
             return {"failed": status["failed"]}
         if result_path.is_file():
-            return json.loads(result_path.read_text(encoding="utf-8"))
+            loaded: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
+            return loaded
+    _check_same_settings(run_dir / RUN_CONFIG, exp.to_dict(), what=f"run {run_dir}")
+    try:
+        result: dict[str, Any] = runner(exp, data=data, resume=True).to_dict()
+    except FloatingPointError as exc:
+        write_json(done, {"failed": str(exc)})
+        return {"failed": str(exc)}
+    write_json(done, {"finished": True, "wall_time_s": result["wall_time_s"]})
+    return result
+
+
+def _run_one(run: PlannedRun, config: CompareConfig, data: Any) -> dict[str, Any]:
+    """One planned run of the comparison (see :func:`run_or_resume`)."""
     exp = ExperimentConfig(
         dataset=config.dataset,
         dataset_params=dict(config.dataset_params),
@@ -172,14 +193,7 @@ def _run_one(run: PlannedRun, config: CompareConfig, data: Any) -> dict[str, Any
         trainer=config.trainer_config(run.seed),
         out_dir=str(run.out_dir),
     )
-    _check_same_settings(run.out_dir / RUN_CONFIG, exp.to_dict(), what=f"run {run.out_dir}")
-    try:
-        result = run_experiment(exp, data=data, resume=True).to_dict()
-    except FloatingPointError as exc:
-        write_json(done, {"failed": str(exc)})
-        return {"failed": str(exc)}
-    write_json(done, {"finished": True, "wall_time_s": result["wall_time_s"]})
-    return result
+    return run_or_resume(exp, data, runner=run_experiment)
 
 
 def _check_same_settings(path: Path, settings: dict[str, Any], *, what: str) -> None:
