@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from importlib.metadata import PackageNotFoundError
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ import pytest
 import torch
 
 from miles.data import DatasetSplits, basicmotions, build_dataset, collate_multimodal
-from miles.data.base import MissingDataPackageError
 from miles.training.experiment import ExperimentConfig, run_experiment
 from miles.training.trainer import TrainerConfig
 
@@ -150,29 +148,6 @@ def test_collate_and_encoders(splits: DatasetSplits) -> None:
 def test_bad_data_seed(seed: object) -> None:
     with pytest.raises(ValueError, match="data_seed"):
         build_dataset("basicmotions", data_seed=seed)
-
-
-def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing(name: str) -> None:
-        raise PackageNotFoundError(name)
-
-    monkeypatch.setattr(basicmotions, "distribution", missing)
-    with pytest.raises(MissingDataPackageError) as err:
-        build_dataset("basicmotions")
-    assert "pip install --no-deps aeon==1.6.0" in str(err.value)
-    assert isinstance(err.value, ModuleNotFoundError)
-
-
-def test_missing_file_names_install_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    class EmptyDist:
-        def locate_file(self, relative: str) -> str:
-            return str(tmp_path / relative)
-
-    monkeypatch.setattr(basicmotions, "distribution", lambda name: EmptyDist())
-    with pytest.raises(MissingDataPackageError, match=re.escape(basicmotions.INSTALL_COMMAND)):
-        basicmotions.load_raw()
 
 
 def test_one_epoch_run(tmp_path: Path) -> None:

