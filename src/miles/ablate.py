@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from miles.cli_args import key_value, positive_int
 from miles.compare import DONE, _check_same_settings, _write_csv, dominant_order, run_or_resume
 from miles.report.tables import aggregate, pm, summarize_run
 from miles.training.experiment import ExperimentConfig, run_experiment
@@ -534,23 +535,6 @@ def run_ablation(
     return payload
 
 
-def _dataset_option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with a YAML scalar value (``max_train=60`` -> ``("max_train", 60)``)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``miles ablate`` (the tau / mu sweep of the paper's Tables IV and V)."""
     from miles.models.fusion import FUSIONS
@@ -562,7 +546,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--dataset-option",
         action="append",
-        type=_dataset_option,
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="a dataset parameter (repeatable), e.g. --dataset-option max_train=60",
@@ -575,14 +559,14 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         default=None,
         help="the other parameter, e.g. tau=0.2,mu=0.5 (default; the swept one is replaced)",
     )
-    p.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default 3)")
-    p.add_argument("--epochs", type=_positive_int, default=15)
+    p.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (default 3)")
+    p.add_argument("--epochs", type=positive_int, default=15)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--latent-dim", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--latent-dim", type=positive_int, default=64)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     p.add_argument(
-        "--threads", type=_positive_int, default=None, help="torch threads (default: torch's)"
+        "--threads", type=positive_int, default=None, help="torch threads (default: torch's)"
     )
     p.add_argument("--out", default="ablate-out")
 

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from miles.cli_args import key_value, positive_int
+
 
 def _csv(text: str) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -50,13 +52,6 @@ def _floats(text: str) -> list[float]:
         ) from None
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     from miles.demo import DEMO_EPOCHS, DEMO_METHODS
 
@@ -65,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="joint, joint+aux and MILES on FSDD-MNIST, both fusions")
     demo.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    demo.add_argument("--epochs", type=_positive_int, default=DEMO_EPOCHS)
+    demo.add_argument("--epochs", type=positive_int, default=DEMO_EPOCHS)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--fusion", type=_fusions, default=["concat", "sum"], help="e.g. concat,sum")
     demo.add_argument("--methods", type=_csv, default=list(DEMO_METHODS))
@@ -85,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument(
         "--dataset-option",
         action="append",
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="a dataset builder parameter (repeatable), e.g. max_samples=6000",
@@ -93,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", type=_methods, default="all", help="comma-separated, or 'all' (default)"
     )
     cmp_.add_argument("--fusion", type=_fusions, default=["concat", "sum"])
-    cmp_.add_argument("--seeds", type=_positive_int, default=3, help="seeds 0..N-1 (default 3)")
-    cmp_.add_argument("--epochs", type=_positive_int, default=10)
+    cmp_.add_argument("--seeds", type=positive_int, default=3, help="seeds 0..N-1 (default 3)")
+    cmp_.add_argument("--epochs", type=positive_int, default=10)
     cmp_.add_argument("--lr", type=float, default=1e-3)
-    cmp_.add_argument("--batch-size", type=_positive_int, default=64)
-    cmp_.add_argument("--latent-dim", type=_positive_int, default=64)
+    cmp_.add_argument("--batch-size", type=positive_int, default=64)
+    cmp_.add_argument("--latent-dim", type=positive_int, default=64)
     cmp_.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
     cmp_.add_argument(
         "--sweep-lrs",
@@ -105,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[3e-4, 1e-3, 3e-3],
         help="unimodal LR candidates for MSLR (default 3e-4,1e-3,3e-3)",
     )
-    cmp_.add_argument("--sweep-epochs", type=_positive_int, default=5)
+    cmp_.add_argument("--sweep-epochs", type=positive_int, default=5)
     cmp_.add_argument("--sweep-cache", help="folder for the cached sweep (default OUT/sweep)")
     cmp_.add_argument("--out", default="compare-out")
 
@@ -116,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument(
         "--option",
         action="append",
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="a preprocessing option (repeatable), e.g. --option frame=middle",
@@ -178,7 +175,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods = args.methods if isinstance(args.methods, list) else _methods(args.methods)
     config = CompareConfig(
         dataset=args.dataset,
-        dataset_params=_parse_options(args.dataset_option),
+        dataset_params=dict(args.dataset_option),
         methods=methods,
         fusions=args.fusion,
         seeds=list(range(args.seeds)),
@@ -196,24 +193,11 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_options(pairs: Sequence[str]) -> dict[str, object]:
-    """``["frame=middle", "size=224"]`` -> ``{"frame": "middle", "size": 224}`` (YAML scalars)."""
-    import yaml
-
-    options: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"miles: expected KEY=VALUE, got {pair!r}")
-        options[key.replace("-", "_")] = yaml.safe_load(value)
-    return options
-
-
 def _cmd_prepare(args: argparse.Namespace) -> int:
     import miles.data  # noqa: F401  (registers the preparers)
     from miles.data.prepare import build_preparer, prepare
 
-    preparer = build_preparer(args.dataset, **_parse_options(args.option))
+    preparer = build_preparer(args.dataset, **dict(args.option))
     manifest = prepare(
         preparer, args.raw, args.out, skip_bad=args.skip_bad, progress=not args.quiet
     )

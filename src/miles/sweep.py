@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from miles.cli_args import key_value
 from miles.compare import RUN_CONFIG, _check_same_settings
 from miles.report.tables import aggregate, pm, summarize_run
 from miles.training.experiment import ExperimentConfig, run_experiment
@@ -706,14 +707,6 @@ def run_sweep(
 
 
 # -- command line ---------------------------------------------------------------------------------
-def _option(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` with VALUE read as a YAML scalar (``max_train=60`` -> 60)."""
-    import yaml
-
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
 
 
 def _int_at_least(low: int) -> Callable[[str], int]:
@@ -740,7 +733,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument(
         "--dataset-option",
         action="append",
-        type=_option,
+        type=key_value,
         default=[],
         metavar="KEY=VALUE",
         help="a dataset parameter (repeatable), e.g. --dataset-option root=cache/cremad",
