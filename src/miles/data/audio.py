@@ -66,6 +66,17 @@ def lfs_pointer_reason(path: Path | str) -> str | None:
     return None
 
 
+def require_media_file(path: Path | str, what: str) -> Path:
+    """``path`` as a Path, or RawDataError naming it if it is missing or only a git-lfs pointer."""
+    path = Path(path)
+    if not path.is_file():
+        raise RawDataError(path, f"{what} file is missing")
+    lfs = lfs_pointer_reason(path)
+    if lfs is not None:
+        raise RawDataError(path, lfs)
+    return path
+
+
 def _wav_truncation(path: Path) -> str | None:
     """Why a RIFF/WAVE file is cut short, or None if its data chunk is complete (or unknowable).
 
@@ -115,12 +126,7 @@ def read_audio(path: Path | str) -> tuple[np.ndarray, int]:
         raise MissingDataPackageError(
             "reading audio needs soundfile: pip install 'miles-lr[data]'"
         ) from exc
-    path = Path(path)
-    if not path.is_file():
-        raise RawDataError(path, "audio file is missing")
-    lfs = lfs_pointer_reason(path)
-    if lfs is not None:
-        raise RawDataError(path, lfs)
+    path = require_media_file(path, "audio")
     if path.suffix.lower() == ".wav":
         why = _wav_truncation(path)
         if why is not None:

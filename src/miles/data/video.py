@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from miles.data.audio import lfs_pointer_reason
+from miles.data.audio import require_media_file
 from miles.data.base import MissingDataPackageError
 from miles.data.prepare import RawDataError
 
@@ -105,12 +105,7 @@ def read_frame(
             truncated.
     """
     av = _import_av()
-    path = Path(path)
-    if not path.is_file():
-        raise RawDataError(path, "video file is missing")
-    lfs = lfs_pointer_reason(path)
-    if lfs is not None:
-        raise RawDataError(path, lfs)
+    path = require_media_file(path, "video")
     if which not in ("middle", "first", "random"):
         frame_index(which, 1)  # validate the fraction before decoding
     if min_coverage is not None and not 0.0 < min_coverage <= 1.0:
@@ -217,12 +212,7 @@ def read_image(path: Path | str) -> np.ndarray:
         raise MissingDataPackageError(
             "reading images needs Pillow: pip install 'miles-lr[data]'"
         ) from exc
-    path = Path(path)
-    if not path.is_file():
-        raise RawDataError(path, "image file is missing")
-    lfs = lfs_pointer_reason(path)
-    if lfs is not None:
-        raise RawDataError(path, lfs)
+    path = require_media_file(path, "image")
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not later
