@@ -53,7 +53,7 @@ from miles.data.base import (
     locate_package_file,
 )
 from miles.data.registry import register_dataset
-from miles.models.encoders import MLPEncoder
+from miles.models.encoders import MLPEncoder, check_lengths
 
 __all__ = [
     "GENRES",
@@ -283,17 +283,7 @@ class TitleEncoder(nn.Module):
                 f"{x.dtype}"
             )
         batch, steps = x.shape
-        if lengths is None:
-            lengths_cpu = torch.full((batch,), steps, dtype=torch.long)
-        else:
-            lengths_cpu = torch.as_tensor(lengths).detach().to("cpu", torch.long).reshape(-1)
-            if lengths_cpu.numel() != batch:
-                raise ValueError(f"lengths must have {batch} entries, got {lengths_cpu.numel()}")
-            if batch and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > steps):
-                raise ValueError(
-                    f"lengths must lie in [1, {steps}], got min {int(lengths_cpu.min())} "
-                    f"max {int(lengths_cpu.max())}"
-                )
+        lengths_cpu = check_lengths(lengths, batch, steps)
         packed = pack_padded_sequence(
             self.embedding(x.long()), lengths_cpu, batch_first=True, enforce_sorted=False
         )

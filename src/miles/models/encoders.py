@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-__all__ = ["ImageCNN", "MLPEncoder", "SequenceEncoder"]
+__all__ = ["ImageCNN", "MLPEncoder", "SequenceEncoder", "check_lengths"]
 
 
 class ImageCNN(nn.Module):
@@ -70,6 +70,22 @@ class ImageCNN(nn.Module):
         return self.proj(self.features(x))
 
 
+def check_lengths(lengths: Tensor | None, batch: int, steps: int) -> Tensor:
+    """Sequence lengths as a CPU int64 ``(batch,)`` tensor (packed RNNs need them on the CPU);
+    ``None`` means every sequence is full length. Lengths outside ``[1, steps]`` are an error."""
+    if lengths is None:
+        return torch.full((batch,), steps, dtype=torch.long)
+    lengths_cpu = torch.as_tensor(lengths).detach().to("cpu", torch.long).reshape(-1)
+    if lengths_cpu.numel() != batch:
+        raise ValueError(f"lengths must have {batch} entries, got {lengths_cpu.numel()}")
+    if batch and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > steps):
+        raise ValueError(
+            f"lengths must lie in [1, {steps}], got min {int(lengths_cpu.min())} "
+            f"max {int(lengths_cpu.max())}"
+        )
+    return lengths_cpu
+
+
 class SequenceEncoder(nn.Module):
     """1-D conv front (kernel 3) + GRU over ``(B, T, F)`` frame sequences; padding-invariant.
 
@@ -103,17 +119,7 @@ class SequenceEncoder(nn.Module):
                 f"SequenceEncoder expects (B, T, {self.in_features}), got shape {tuple(x.shape)}"
             )
         batch, steps, _ = x.shape
-        if lengths is None:
-            lengths_cpu = torch.full((batch,), steps, dtype=torch.long)
-        else:
-            lengths_cpu = torch.as_tensor(lengths).detach().to("cpu", torch.long).reshape(-1)
-            if lengths_cpu.numel() != batch:
-                raise ValueError(f"lengths must have {batch} entries, got {lengths_cpu.numel()}")
-            if batch and (int(lengths_cpu.min()) < 1 or int(lengths_cpu.max()) > steps):
-                raise ValueError(
-                    f"lengths must lie in [1, {steps}], got min {int(lengths_cpu.min())} "
-                    f"max {int(lengths_cpu.max())}"
-                )
+        lengths_cpu = check_lengths(lengths, batch, steps)
         # (B, T, 1) mask of valid frames, on the input's device.
         valid = torch.arange(steps, device=x.device)[None, :] < lengths_cpu.to(x.device)[:, None]
         mask = valid.unsqueeze(-1).to(x.dtype)
