@@ -153,15 +153,19 @@ def run_or_resume(
     data: Any,
     *,
     runner: Callable[..., Any] = run_experiment,
+    ignore_trainer_keys: Sequence[str] = (),
+    label: str = "run",
 ) -> dict[str, Any]:
     """Train (or resume) the run in ``exp.out_dir`` and return its result; finished runs are read.
 
     A finished run leaves ``done.json``. A run whose training diverges (``FloatingPointError``) is
     recorded as failed, with the reason, instead of aborting the caller's loop: re-running it would
-    diverge the same way. A run folder started under other settings is refused. Shared by
-    ``miles compare``, ``miles ablate`` and ``miles sweep``'s re-runs.
+    diverge the same way. A run folder started under other settings is refused before anything in
+    it is read or trained (``ignore_trainer_keys``, e.g. ``device``, may differ). Shared by
+    ``miles compare``, ``miles ablate`` and ``miles sweep``.
     """
     run_dir = Path(str(exp.out_dir))
+    check_run_settings(run_dir, exp, ignore_trainer_keys=ignore_trainer_keys, label=label)
     done = run_dir / DONE
     result_path = run_dir / "result.json"
     if done.is_file():
@@ -171,7 +175,6 @@ def run_or_resume(
         if result_path.is_file():
             loaded: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
             return loaded
-    _check_same_settings(run_dir / RUN_CONFIG, exp.to_dict(), what=f"run {run_dir}")
     try:
         result: dict[str, Any] = runner(exp, data=data, resume=True).to_dict()
     except FloatingPointError as exc:
@@ -179,6 +182,20 @@ def run_or_resume(
         return {"failed": str(exc)}
     write_json(done, {"finished": True, "wall_time_s": result["wall_time_s"]})
     return result
+
+
+def check_run_settings(
+    run_dir: Path,
+    exp: ExperimentConfig,
+    *,
+    ignore_trainer_keys: Sequence[str] = (),
+    label: str = "run",
+) -> None:
+    """Refuse a run folder made under other settings; the first call records them."""
+    settings = exp.to_dict()
+    for key in ignore_trainer_keys:
+        settings["trainer"].pop(key, None)
+    _check_same_settings(run_dir / RUN_CONFIG, settings, what=f"{label} {run_dir}")
 
 
 def _run_one(run: PlannedRun, config: CompareConfig, data: Any) -> dict[str, Any]:

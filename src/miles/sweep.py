@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from miles.cli_args import key_value
-from miles.compare import RUN_CONFIG, _check_same_settings
+from miles.compare import check_run_settings, run_or_resume
 from miles.report.tables import aggregate, pm, summarize_run
 from miles.training.experiment import ExperimentConfig, run_experiment
 from miles.training.history import write_json
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     import optuna
 
 SAMPLERS = ("random", "tpe")
-DONE = "done.json"
 #: study user attribute holding the settings every worker of one study must share
 SETTINGS_ATTR = "miles_settings"
 #: trial user attribute of a re-run of an interrupted trial: the interrupted trial's number
@@ -336,9 +335,7 @@ def _check_run_dir(run_dir: Path, exp: ExperimentConfig) -> None:
     """Refuse a run folder made under other settings (another study, or an older one in the
     same ``--out``): checked before training in it or reading its result. The device is left
     out: it does not change what a run measures and may differ between invocations."""
-    settings = exp.to_dict()
-    settings["trainer"].pop("device", None)
-    _check_same_settings(run_dir / RUN_CONFIG, settings, what=f"sweep run {run_dir}")
+    check_run_settings(run_dir, exp, ignore_trainer_keys=("device",), label="sweep run")
 
 
 def _storage(config: SweepConfig) -> optuna.storages.RDBStorage:
@@ -463,7 +460,6 @@ def _rerun(
 ) -> dict[str, Any]:
     """Train (or resume, or read) the best parameters under one seed."""
     out = config.study_dir / "rerun" / f"trial{best['number']:04d}" / f"seed{seed}"
-    done, result_path = out / DONE, out / "result.json"
     lr, strategy_params = run_settings(config.method, best["params"], modalities)
     exp = ExperimentConfig(
         dataset=config.dataset,
@@ -475,23 +471,9 @@ def _rerun(
         trainer=config.trainer_config(lr=lr, seed=seed),
         out_dir=str(out),
     )
-    _check_run_dir(out, exp)
-    if done.is_file():
-        status = json.loads(done.read_text(encoding="utf-8"))
-        if status.get("failed"):
-            return {"failed": status["failed"]}
-        if result_path.is_file():
-            result: dict[str, Any] = json.loads(result_path.read_text(encoding="utf-8"))
-            return result
-    try:
-        result = run_experiment(exp, data=data, resume=True).to_dict()
-    except FloatingPointError as exc:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(done, {"failed": str(exc)})
-        return {"failed": str(exc)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(done, {"finished": True, "wall_time_s": result["wall_time_s"]})
-    return result
+    return run_or_resume(
+        exp, data, runner=run_experiment, ignore_trainer_keys=("device",), label="sweep run"
+    )
 
 
 def _fmt_params(params: Mapping[str, Any]) -> str:
