@@ -34,7 +34,7 @@ from miles.data.prepare import (
 )
 from miles.data.prepared import PreparedDataset
 from miles.data.registry import build_dataset
-from tests.test_audio_video import COLOURS, nearest_colour, truncate_after_packet, write_flv
+from tests.data.test_audio_video import COLOURS, nearest_colour, truncate_after_packet, write_flv
 
 SR = 16000
 # (actor, sentence, emotion, level, seconds, frames): 3 actors, all 6 emotions, clips shorter and

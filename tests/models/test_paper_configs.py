@@ -30,7 +30,7 @@ from miles.models.losses import head_losses
 from miles.strategies.registry import build_strategy
 from miles.training.experiment import ExperimentConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "paper"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
 DATASETS = ("cremad", "smnist", "luma", "mmimdb")
 FUSIONS = ("concat", "sum")
 #: The paper's epochs per dataset (MILES.md, "Experimental setup in the paper").

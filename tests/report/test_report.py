@@ -39,7 +39,7 @@ from miles.report.plots import plot_metric_bars
 
 PIL = pytest.importorskip("PIL.Image")
 _REAL_BUILD = miles.data.build_dataset
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check_report_chromium.sh"
 METHODS = ["joint", "joint+aux", "miles", "unimodal"]
 FUSIONS = ["concat"]  # one fusion keeps the file fast; the demo report covers two
