@@ -142,7 +142,7 @@ def check_fraction(name: str, value: Any, *, zero: bool = True, one: bool = Fals
 def check_choice(name: str, value: Any, choices: Collection[T]) -> T:
     """``value`` if it is one of ``choices`` (a closed set of names: a wrong one is a bad value)."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(map(str, choices))}, got {value!r}")
+        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value
 
 

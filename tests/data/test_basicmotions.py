@@ -144,9 +144,9 @@ def test_collate_and_encoders(splits: DatasetSplits) -> None:
         assert out.shape == (5, 6)
 
 
-@pytest.mark.parametrize("seed", [-1, 0.5, True])
-def test_bad_data_seed(seed: object) -> None:
-    with pytest.raises(ValueError, match="data_seed"):
+@pytest.mark.parametrize(("seed", "error"), [(-1, ValueError), (0.5, TypeError), (True, TypeError)])
+def test_bad_data_seed(seed: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="data_seed"):
         build_dataset("basicmotions", data_seed=seed)
 
 

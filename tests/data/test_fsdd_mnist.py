@@ -148,8 +148,14 @@ def test_max_train_is_stratified() -> None:
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"data_seed": -1}, {"data_seed": 1.5}, {"data_seed": True}, {"max_train": 0}]
+    ("kwargs", "error"),
+    [
+        ({"data_seed": -1}, ValueError),
+        ({"data_seed": 1.5}, TypeError),
+        ({"data_seed": True}, TypeError),
+        ({"max_train": 0}, ValueError),
+    ],
 )
-def test_bad_kwargs(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+def test_bad_kwargs(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
         build_dataset("fsdd-mnist", **kwargs)

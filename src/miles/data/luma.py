@@ -77,7 +77,6 @@ from miles.data.prepare import (
     Preparer,
     RawDataError,
     RawItem,
-    check_positive_int,
     register_preparer,
     resolve_split_counts,
 )
@@ -85,6 +84,7 @@ from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
 from miles.models.resnet import resnet6
 from miles.models.wrappers import ProjectedEncoder
+from miles.validation import check_bool, check_choice, check_int, check_positive_int
 
 __all__ = [
     "AUDIO_CSV",
@@ -464,14 +464,12 @@ class LumaPreparer(Preparer):
                 "every kept class has per_class pairs"
             )
         self.split_sizes = _check_split_sizes(split_sizes)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed must be an int, got {seed!r}")
-        self.seed = seed
+        self.seed = check_int("seed", seed)
         parts = [str(p) for p in image_parts]
         if not parts or any(p not in IMAGE_PARTS for p in parts) or len(set(parts)) != len(parts):
             raise ValueError(f"image_parts must be distinct values of {IMAGE_PARTS}, got {parts}")
         self.image_parts = [p for p in IMAGE_PARTS if p in parts]
-        self.reuse_audio = bool(reuse_audio)
+        self.reuse_audio = check_bool("reuse_audio", reuse_audio)
         self.sample_rate = check_positive_int("sample_rate", sample_rate)
         self.n_mels = check_positive_int("n_mels", n_mels)
         self.n_frames = check_positive_int("n_frames", n_frames)
@@ -480,13 +478,9 @@ class LumaPreparer(Preparer):
         self.hop = check_positive_int("hop", hop)
         if self.win_length > self.n_fft:
             raise ValueError(f"win_length ({win_length}) must be <= n_fft ({n_fft})")
-        if audio_fit not in AUDIO_FITS:
-            raise ValueError(f"audio_fit must be one of {AUDIO_FITS}, got {audio_fit!r}")
-        self.audio_fit = audio_fit
+        self.audio_fit = check_choice("audio_fit", audio_fit, AUDIO_FITS)
         self.image_size = check_positive_int("image_size", image_size)
-        if image_dtype not in IMAGE_DTYPES:
-            raise ValueError(f"image_dtype must be one of {IMAGE_DTYPES}, got {image_dtype!r}")
-        self.image_dtype = image_dtype
+        self.image_dtype = check_choice("image_dtype", image_dtype, IMAGE_DTYPES)
         self._cifar100_names: tuple[str, ...] = ()
         self.classes: list[str] = []  #: kept class names, in label order (after scan)
         # decoded CIFAR / generated-image files, per preparer (freed with it, unlike a

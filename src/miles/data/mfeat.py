@@ -57,6 +57,7 @@ from miles.data.base import (
 )
 from miles.data.registry import register_dataset
 from miles.models.encoders import ImageCNN, MLPEncoder
+from miles.validation import check_bool, check_non_negative_int
 
 __all__ = [
     "INSTALL_COMMAND",
@@ -182,16 +183,10 @@ def make_split(labels: np.ndarray, data_seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _check_views(views: Any) -> tuple[str, ...]:
     """Validate ``views``: a sequence of 1..6 distinct known names (order kept)."""
     if isinstance(views, str) or not isinstance(views, Sequence):
-        raise ValueError(f"views must be a list of view names from {list(VIEWS)}, got {views!r}")
+        raise TypeError(f"views must be a list of view names from {list(VIEWS)}, got {views!r}")
     names = tuple(views)
     unknown = [v for v in names if v not in VIEW_DIMS]
     if unknown:
@@ -239,9 +234,8 @@ def build_mfeat(
     names = _check_views(views)
     if not 2 <= len(names) <= len(VIEWS):
         raise ValueError(f"views must name 2..{len(VIEWS)} views, got {list(names)}")
-    if not isinstance(pix_as_image, bool):
-        raise ValueError(f"pix_as_image must be a bool, got {pix_as_image!r}")
-    seed = _check_int("data_seed", data_seed, 0)
+    check_bool("pix_as_image", pix_as_image)
+    seed = check_non_negative_int("data_seed", data_seed)
     raw, labels = load_raw(names)
     split = make_split(labels, seed)
 

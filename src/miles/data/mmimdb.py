@@ -63,11 +63,11 @@ from miles.data.prepare import (
     Preparer,
     RawDataError,
     RawItem,
-    check_positive_int,
     register_preparer,
 )
 from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
+from miles.validation import check_choice, check_int, check_positive_int
 
 __all__ = [
     "GENRES",
@@ -205,14 +205,10 @@ class MMIMDbPreparer(Preparer):
                 "(e.g. bert-base-uncased's vocab.txt + tokenizer_config.json); nothing is "
                 "downloaded"
             )
-        self.max_length = check_positive_int("max_length", max_length, minimum=2)
+        self.max_length = check_int("max_length", max_length, minimum=2)
         self.size = check_positive_int("size", size)
-        if plot not in PLOTS:
-            raise ValueError(f"plot must be one of {PLOTS}, got {plot!r}")
-        if image_fit not in IMAGE_FITS:
-            raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {image_fit!r}")
-        self.plot = plot
-        self.image_fit = image_fit
+        self.plot = check_choice("plot", plot, PLOTS)
+        self.image_fit = check_choice("image_fit", image_fit, IMAGE_FITS)
         self.tokenizer_path = os.path.expanduser(
             os.fspath(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else str(tokenizer)
         )

@@ -106,13 +106,6 @@ class Preparer(ABC):
         return {}
 
 
-def check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` if it is an int (not a bool) >= ``minimum``; else ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def resolve_split_counts(sizes: Sequence[int | float], n: int) -> tuple[int, int, int]:
     """Train/val/test counts for ``n`` samples, the one rounding rule every dataset uses.
 

@@ -71,12 +71,12 @@ from miles.data.prepare import (
     Preparer,
     RawDataError,
     RawItem,
-    check_positive_int,
     register_preparer,
     resolve_split_counts,
 )
 from miles.data.prepared import prepared_splits
 from miles.data.registry import register_dataset
+from miles.validation import check_choice, check_non_negative_int, check_positive_int
 
 __all__ = [
     "AUDIO_TO_IMAGE",
@@ -390,24 +390,15 @@ class SMNISTPreparer(Preparer):
         data_seed: int = 0,
         image_scale: str | int = "auto",
     ) -> None:
-        for name, value, allowed in (
-            ("audio_to_image", audio_to_image, AUDIO_TO_IMAGE),
-            ("mfcc_layout", mfcc_layout, MFCC_LAYOUTS),
-            ("audio_norm", audio_norm, AUDIO_NORMS),
-            ("duplicates", duplicates, DUPLICATES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        check_positive_int("data_seed", data_seed, minimum=0)
-        if image_scale not in IMAGE_SCALES or isinstance(image_scale, bool):
-            raise ValueError(f"image_scale must be one of {IMAGE_SCALES}, got {image_scale!r}")
-        self.image_scale = image_scale
-        self.audio_to_image = audio_to_image
-        self.mfcc_layout = mfcc_layout
-        self.audio_norm = audio_norm
-        self.duplicates = duplicates
+        self.audio_to_image = check_choice("audio_to_image", audio_to_image, AUDIO_TO_IMAGE)
+        self.mfcc_layout = check_choice("mfcc_layout", mfcc_layout, MFCC_LAYOUTS)
+        self.audio_norm = check_choice("audio_norm", audio_norm, AUDIO_NORMS)
+        self.duplicates = check_choice("duplicates", duplicates, DUPLICATES)
+        self.data_seed = check_non_negative_int("data_seed", data_seed)
+        if isinstance(image_scale, bool):  # True == 1 would pass as a choice
+            raise TypeError(f"image_scale must be one of {list(IMAGE_SCALES)}, got {image_scale!r}")
+        self.image_scale = check_choice("image_scale", image_scale, IMAGE_SCALES)
         self.sizes = _check_sizes(sizes)
-        self.data_seed = data_seed
         self._arrays: dict[Path, np.ndarray] = {}
         self._labels: dict[str, np.ndarray] = {}
         self._scale: dict[str, float] = {}
@@ -589,10 +580,8 @@ def build_encoders(
     from miles.models.resnet import resnet10
     from miles.models.wrappers import ProjectedEncoder
 
-    if isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1:
-        raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
-    if stem not in ("imagenet", "small"):
-        raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+    check_positive_int("latent_dim", latent_dim)
+    check_choice("stem", stem, ("imagenet", "small"))
     encoders: dict[str, nn.Module] = {}
     for modality, weights in (("image", pretrained_image), ("audio", pretrained_audio)):
         backbone = resnet10(in_channels=1, pretrained=weights, stem=stem)  # type: ignore[arg-type]
