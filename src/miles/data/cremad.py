@@ -52,12 +52,15 @@ import re
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from torch import nn
 
 from miles.data.audio import (
+    CropMode,
+    FitMode,
+    WindowName,
     fit_length,
     log_spectrogram,
     read_audio,
@@ -258,9 +261,9 @@ class CremadPreparer(Preparer):
         self.frame: FrameChoice = frame
         self.sample_rate = check_positive_int("sample_rate", sample_rate)
         self.clip_seconds = check_positive("clip_seconds", clip_seconds)
-        self.fit = check_choice("fit", fit, ("repeat", "pad"))
-        self.crop = check_choice("crop", crop, ("start", "center"))
-        self.window = check_choice("window", window, ("hann", "hamming", "rect"))
+        self.fit: FitMode = check_choice("fit", fit, get_args(FitMode))
+        self.crop: CropMode = check_choice("crop", crop, get_args(CropMode))
+        self.window: WindowName = check_choice("window", window, get_args(WindowName))
         self.audio_norm = check_choice("audio_norm", audio_norm, ("none", "sample"))
         self.n_fft = check_int("n_fft", n_fft, minimum=2)
         self.hop = check_positive_int("hop", hop)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from miles.validation import check_fraction, check_positive_int
+
 __all__ = ["ImageCNN", "MLPEncoder", "SequenceEncoder", "check_lengths"]
 
 
@@ -34,16 +36,13 @@ class ImageCNN(nn.Module):
         pool_size: int = 4,
     ) -> None:
         super().__init__()
-        if in_channels < 1 or out_features < 1:
-            raise ValueError(
-                f"in_channels and out_features must be >= 1, got {in_channels}, {out_features}"
-            )
-        if pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
-        if len(channels) == 0 or any(c < 1 for c in channels):
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_features = check_positive_int("out_features", out_features)
+        check_positive_int("pool_size", pool_size)
+        if len(channels) == 0:
             raise ValueError(f"channels must be a non-empty sequence of ints >= 1, got {channels}")
-        self.in_channels = in_channels
-        self.out_features = out_features
+        for i, c in enumerate(channels):
+            check_positive_int(f"channels[{i}]", c)
         layers: list[nn.Module] = []
         prev = in_channels
         for c in channels:
@@ -101,13 +100,10 @@ class SequenceEncoder(nn.Module):
         self, in_features: int, out_features: int = 64, hidden: int = 64, conv_channels: int = 64
     ) -> None:
         super().__init__()
-        if min(in_features, out_features, hidden, conv_channels) < 1:
-            raise ValueError(
-                "in_features, out_features, hidden and conv_channels must be >= 1, got "
-                f"{in_features}, {out_features}, {hidden}, {conv_channels}"
-            )
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        check_positive_int("hidden", hidden)
+        check_positive_int("conv_channels", conv_channels)
         self.conv = nn.Conv1d(in_features, conv_channels, kernel_size=3, padding=1)
         self.act = nn.ReLU()
         self.gru = nn.GRU(conv_channels, hidden, batch_first=True)
@@ -141,15 +137,11 @@ class MLPEncoder(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
-            raise ValueError(
-                f"in_features, out_features and hidden sizes must be >= 1, got "
-                f"{in_features}, {out_features}, {tuple(hidden)}"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        for i, h in enumerate(hidden):
+            check_positive_int(f"hidden[{i}]", h)
+        check_fraction("dropout", dropout)
         layers: list[nn.Module] = []
         prev = in_features
         for h in hidden:

@@ -48,6 +48,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from miles.validation import check_choice, check_positive_int
+
 __all__ = [
     "BasicBlock",
     "Bottleneck",
@@ -161,12 +163,9 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"layers must be 1 to 4 positive ints (blocks per stage), got {layers}"
             )
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
-            raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"width must be a positive int, got {width!r}")
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
+        check_positive_int("in_channels", in_channels)
+        check_positive_int("width", width)
+        check_choice("stem", stem, ("imagenet", "small"))
         self.block = block
         self.layers = tuple(layers)
         self.in_channels = in_channels
@@ -349,8 +348,7 @@ def load_pretrained(
     otherwise matching keys load and the skipped ones are returned. Returns the model keys that were
     not loaded (when strict, at most the tolerated ``num_batches_tracked`` buffers).
     """
-    if adapt_conv1 not in ADAPT_MODES:
-        raise ValueError(f"adapt_conv1 must be one of {ADAPT_MODES}, got {adapt_conv1!r}")
+    check_choice("adapt_conv1", adapt_conv1, ADAPT_MODES)
     spath = os.fspath(path)
     if not os.path.isfile(spath):
         raise FileNotFoundError(f"pretrained weights not found: {spath} (give a local file path)")

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from miles.validation import check_choice, check_positive_int
+
 __all__ = ["POOLINGS", "BertTextEncoder"]
 
 POOLINGS = ("cls", "mean", "pooler")
@@ -59,17 +61,14 @@ class BertTextEncoder(nn.Module):
         trim_padding: bool = True,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        check_choice("pooling", pooling, POOLINGS)
         if (path is None) == (config is None):
             raise ValueError(
                 "give exactly one of path (a local BERT checkpoint folder) and config "
                 "(BertConfig keyword arguments for a randomly initialised model)"
             )
-        if out_features is not None and (
-            isinstance(out_features, bool) or not isinstance(out_features, int) or out_features < 1
-        ):
-            raise ValueError(f"out_features must be a positive int or None, got {out_features!r}")
+        if out_features is not None:
+            check_positive_int("out_features", out_features)
         from transformers import AutoModel, BertConfig, BertModel
 
         self.bert: Any  # a transformers BertModel (typed loosely: transformers is optional)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from miles.validation import check_positive_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,10 +42,8 @@ class ProjectedEncoder(nn.Module):
         width = getattr(backbone, "out_features", None)
         if isinstance(width, bool) or not isinstance(width, int) or width < 1:
             raise TypeError(f"backbone must declare a positive int out_features, got {width!r}")
-        if latent_dim is not None and (
-            isinstance(latent_dim, bool) or not isinstance(latent_dim, int) or latent_dim < 1
-        ):
-            raise ValueError(f"latent_dim must be a positive int or None, got {latent_dim!r}")
+        if latent_dim is not None:
+            check_positive_int("latent_dim", latent_dim)
         if (mean is None) != (std is None):
             raise ValueError("give both mean and std, or neither")
         self.backbone = backbone
