@@ -34,8 +34,6 @@ any torch scheduler.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,6 +61,7 @@ from miles.utilization import (
     decide,
     imbalance,
 )
+from miles.validation import check_bool, check_number
 
 __all__ = ["MILES", "Decision", "check_composable"]
 
@@ -209,12 +208,7 @@ class Decision:
 
 def _check_mu(mu: Any) -> float:
     """Validate the slow-down factor: a real number in (0, 1] (bool and NaN rejected)."""
-    if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
-        raise TypeError(f"mu must be a real number in (0, 1], got {type(mu).__name__}: {mu!r}")
-    value = float(mu)
-    if math.isnan(value) or not 0.0 < value <= 1.0:
-        raise ValueError(f"mu must be in (0, 1], got {mu!r}")
-    return value
+    return check_number("mu", mu, low=0, high=1, low_open=True)
 
 
 def _group_modalities(optimizer: Optimizer) -> list[str | None]:
@@ -277,9 +271,7 @@ class MILES(LRScheduler):
             )
         self._tau = _check_tau(tau)
         self._mu = _check_mu(mu)
-        if not isinstance(reset_other, bool):
-            raise TypeError(f"reset_other must be a bool, got {type(reset_other).__name__}")
-        self._reset_other = reset_other
+        self._reset_other = check_bool("reset_other", reset_other)
         group_modalities = _group_modalities(optimizer)
         names = tuple(dict.fromkeys(m for m in group_modalities if m is not None))
         if len(names) < 2:

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from miles.validation import check_number
+
 __all__ = [
     "REASONS",
     "as_metric",
@@ -171,13 +173,8 @@ def _checked_rates(u: Mapping[str, Any]) -> dict[str, float]:
 
 
 def _check_tau(tau: Any) -> float:
-    """Validate the imbalance threshold: a real number >= 0 (bool rejected)."""
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}: {tau!r}")
-    value = float(tau)
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"tau must be >= 0 and not NaN, got {tau!r}")
-    return value
+    """Validate the imbalance threshold: a real number >= 0 (``inf``: never act; NaN rejected)."""
+    return check_number("tau", tau, low=0, finite=False)
 
 
 def decide(u: Mapping[str, float], tau: float) -> tuple[str | None, str]:
