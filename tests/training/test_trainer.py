@@ -218,6 +218,12 @@ def test_config_validation() -> None:
         TrainerConfig(lr=float("nan"))
     with pytest.raises(ValueError, match="optimizer"):
         TrainerConfig(optimizer="lion")
+    with pytest.raises(TypeError, match="lr must be a finite number > 0, got str: '1e-3'"):
+        TrainerConfig(lr="1e-3")  # type: ignore[arg-type]  # YAML 1.1 reads 1e-3 as a string
+    with pytest.raises(ValueError, match="momentum"):
+        TrainerConfig(momentum=-0.9)
+    with pytest.raises(TypeError, match="progress must be a bool"):
+        TrainerConfig(progress="no")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="unknown strategy"):
         build_strategy("nope")
     with pytest.raises(TypeError, match="bad parameters"):

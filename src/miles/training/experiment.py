@@ -15,6 +15,7 @@ import torch
 from miles.models.fusion import FUSIONS, JointFusionModel
 from miles.strategies.registry import build_strategy
 from miles.training.trainer import RunResult, Trainer, TrainerConfig
+from miles.validation import check_positive_int
 
 
 @dataclass
@@ -33,12 +34,7 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        if (
-            isinstance(self.latent_dim, bool)
-            or not isinstance(self.latent_dim, int)
-            or self.latent_dim < 1
-        ):
-            raise ValueError(f"latent_dim must be a positive int, got {self.latent_dim!r}")
+        check_positive_int("latent_dim", self.latent_dim)
         if isinstance(self.trainer, dict):
             self.trainer = TrainerConfig(**self.trainer)
 

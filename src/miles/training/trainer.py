@@ -26,6 +26,16 @@ from miles.models.losses import FUSED, head_losses
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
 from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from miles.training.history import write_history, write_json
+from miles.validation import (
+    check_bool,
+    check_choice,
+    check_fraction,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive,
+    check_positive_int,
+    check_str,
+)
 
 OPTIMIZERS = ("adam", "sgd")
 
@@ -46,25 +56,16 @@ class TrainerConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "seed"):
-                raise ValueError(
-                    f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, "
-                    f"got {value!r}"
-                )
-        for name in ("lr", "momentum", "weight_decay"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-            ):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        # validated, not converted: the values as given are what result.json records
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            check_positive_int(name, getattr(self, name))
+        check_non_negative_int("seed", self.seed)
+        check_positive("lr", self.lr)
+        check_non_negative("momentum", self.momentum)
+        check_non_negative("weight_decay", self.weight_decay)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_str("device", self.device)
+        check_bool("progress", self.progress)
 
 
 @dataclass
@@ -99,10 +100,8 @@ def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
 
 def split_holdout(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
     """Hold out ``fraction`` of the training set, seeded, for strategies that need it."""
-    if fraction <= 0:
+    if check_fraction("holdout_fraction", fraction) == 0:
         return dataset, None
-    if not fraction < 1:
-        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction!r}")
     n = len(dataset)  # type: ignore[arg-type]
     k = max(1, round(n * fraction))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -134,8 +133,8 @@ class Trainer:
         out_dir: str | Path | None = None,
         collate_fn: Any = None,
     ) -> None:
-        if metric not in METRICS:
-            raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        check_choice("metric", metric, METRICS)
+        check_bool("multilabel", multilabel)
         self.model = model
         self.strategy = strategy
         self.config = config or TrainerConfig()
