@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,33 @@ def test_multilabel_loss_is_bce() -> None:
     torch.testing.assert_close(
         losses["fused"], nn.functional.binary_cross_entropy_with_logits(out.fused, y)
     )
+
+
+def test_state_dict_is_tensors_only_and_survives_safetensors_with_frozen_modalities(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = _model()
+    model.freeze("b")
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert state["frozen_mask"].tolist() == [False, True]
+    save_file(state, str(tmp_path / "model.safetensors"))
+    clone = _model()
+    clone.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    assert clone.frozen_modalities == frozenset({"b"})
+    assert not any(p.requires_grad for p in clone.encoders["b"].parameters())
+    assert all(p.requires_grad for p in clone.encoders["a"].parameters())
+    clone.train()
+    assert not clone.encoders["b"].training and clone.encoders["a"].training
+    assert all(torch.equal(v, clone.state_dict()[k]) for k, v in state.items())
+
+
+def test_loading_never_unfreezes() -> None:
+    """A modality frozen before a load stays frozen (and marked) whatever the loaded mask says."""
+    model = _model()
+    model.freeze("a")
+    model.load_state_dict(_model().state_dict())
+    assert model.frozen_modalities == frozenset({"a"})
+    assert model.state_dict()["frozen_mask"].tolist() == [True, False]

@@ -169,7 +169,7 @@ def test_restore_best_reloads_the_best_epoch_weights(
     branch = [k for k in ref if k.startswith(("encoders.", "heads."))]
     assert len(branch) > 8 and any(k.endswith("running_mean") for k in branch)
     assert all(torch.equal(last[k], ref[k]) for k in branch)
-    assert not torch.equal(last["fused_head.weight"], ref["fused_head.weight"])  # kept training
+    assert not torch.equal(last["fusion.head.weight"], ref["fusion.head.weight"])  # kept training
     expected = ["strong", "weak"] if restore_best else []
     assert mses.history[2]["strategy"]["restored"] == expected
     if restore_best:  # validation after the reload shows the best epoch's unimodal heads

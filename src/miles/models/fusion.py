@@ -9,11 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-FUSIONS = ("concat", "sum")
+from miles.models.fusions import Fusion, available_fusions, build_fusion
+from miles.validation import check_bool, check_positive_int
+
+#: names registered when this module was imported; kept for compatibility, prefer
+#: :func:`miles.models.fusions.available_fusions` (it also lists fusions registered later)
+FUSIONS = tuple(available_fusions())
 
 
 @dataclass
@@ -56,32 +62,42 @@ def check_disjoint_parameters(modules: Mapping[str, Iterable[nn.Parameter]]) -> 
 
 
 class JointFusionModel(nn.Module):
-    """Encoders -> latents -> fusion (concat or sum) -> linear fused head, plus unimodal heads.
+    """Encoders -> latents -> fusion module (owns the fused linear head), plus unimodal heads.
 
     Args:
         encoders: ``{modality: module}``; each module declares ``out_features`` and maps its input
             (and, for variable-length inputs, a ``lengths`` tensor) to ``(batch, out_features)``.
         num_classes: number of outputs of every head.
-        fusion: ``"concat"`` (latents concatenated in modality order) or ``"sum"`` (equal sizes).
+        fusion: a registered fusion name (``"concat"``: latents concatenated in modality order;
+            ``"sum"``: equal sizes, added; see :func:`miles.models.fusions.available_fusions`) or a
+            :class:`~miles.models.fusions.Fusion` built for these latent sizes and classes.
         detach_unimodal_heads: train the unimodal heads on detached latents, so they can be
             reported without their losses touching the encoders (vanilla joint training).
+
+    ``state_dict()`` holds tensors only (safetensors can store it): which modalities are frozen is
+    the boolean buffer ``frozen_mask``, one entry per modality.
     """
+
+    frozen_mask: Tensor
 
     def __init__(
         self,
         encoders: Mapping[str, nn.Module],
         num_classes: int,
-        fusion: str = "concat",
+        fusion: str | Fusion = "concat",
         *,
         detach_unimodal_heads: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(encoders, Mapping) or len(encoders) == 0:
             raise ValueError("encoders must be a non-empty mapping {modality name: nn.Module}")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        check_positive_int("num_classes", num_classes)
+        check_bool("detach_unimodal_heads", detach_unimodal_heads)
+        if not isinstance(fusion, (str, Fusion)):
+            raise TypeError(
+                f"fusion must be a registered name {available_fusions()} or a Fusion module, got "
+                f"{type(fusion).__name__}"
+            )
         sizes: dict[str, int] = {}
         for name, enc in encoders.items():
             if not isinstance(name, str) or not name or "." in name:
@@ -92,22 +108,31 @@ class JointFusionModel(nn.Module):
                 raise TypeError(f"encoder {name!r} must be an nn.Module, got {type(enc).__name__}")
             sizes[name] = encoder_out_features(name, enc)
         check_disjoint_parameters({n: list(e.parameters()) for n, e in encoders.items()})
-        if fusion == "sum" and len(set(sizes.values())) > 1:
-            raise ValueError(f"sum fusion needs equal latent sizes, got {sizes}")
-        self.fusion = fusion
         self.num_classes = num_classes
         self.detach_unimodal_heads = detach_unimodal_heads
         self.latent_sizes = dict(sizes)
         self.encoders = nn.ModuleDict(dict(encoders))
+        # the unimodal heads first, then the fused head: the order parameters are created (and
+        # the global RNG is drawn) in, which seeded results depend on
         self.heads = nn.ModuleDict({n: nn.Linear(d, num_classes) for n, d in sizes.items()})
-        fused_in = sum(sizes.values()) if fusion == "concat" else next(iter(sizes.values()))
-        self.fused_head = nn.Linear(fused_in, num_classes)
+        if isinstance(fusion, str):
+            fusion = build_fusion(fusion, sizes, num_classes)
+        else:
+            _check_fusion_fits(fusion, sizes, num_classes)
+        self.fusion: Fusion = fusion
+        self.register_buffer("frozen_mask", torch.zeros(len(sizes), dtype=torch.bool))
         self._frozen: set[str] = set()
+        self.register_load_state_dict_post_hook(_apply_loaded_freezes)
 
     @property
     def modalities(self) -> tuple[str, ...]:
         """Modality names in the order the fused head sees them."""
         return tuple(self.encoders.keys())
+
+    @property
+    def fused_head(self) -> nn.Linear:
+        """The fused linear head (owned by ``self.fusion``)."""
+        return self.fusion.head
 
     def encode(
         self, inputs: Mapping[str, Tensor], lengths: Mapping[str, Tensor] | None = None
@@ -128,15 +153,13 @@ class JointFusionModel(nn.Module):
         return latents
 
     def fuse(self, latents: Mapping[str, Tensor]) -> Tensor:
-        """Combine latents into the fused head's input (concat in modality order, or sum)."""
-        parts = [latents[m] for m in self.modalities]
-        if self.fusion == "concat":
-            return torch.cat(parts, dim=-1)
-        return torch.stack(parts, dim=0).sum(dim=0)
+        """The fused head's input, as the fusion builds it (e.g. concatenated latents)."""
+        return self.fusion.fuse(latents)
 
     def fused_logits(self, latents: Mapping[str, Tensor]) -> Tensor:
         """The multimodal prediction from (possibly edited) latents, e.g. for ablation estimates."""
-        return self.fused_head(self.fuse(latents))
+        out: Tensor = self.fusion(latents)
+        return out
 
     def unimodal_logits(self, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Each auxiliary head on its own modality's latent."""
@@ -162,6 +185,8 @@ class JointFusionModel(nn.Module):
         if modality not in self.encoders:
             raise ValueError(f"unknown modality {modality!r}; model has {list(self.modalities)}")
         self._frozen.add(modality)
+        with torch.no_grad():
+            self.frozen_mask[self.modalities.index(modality)] = True
         modules: list[nn.Module] = [self.encoders[modality]]
         if include_head:
             modules.append(self.heads[modality])
@@ -178,9 +203,29 @@ class JointFusionModel(nn.Module):
             self.heads[name].eval()
         return self
 
-    def get_extra_state(self) -> dict[str, list[str]]:
-        return {"frozen": sorted(self._frozen)}
 
-    def set_extra_state(self, state: dict[str, list[str]]) -> None:
-        for name in state.get("frozen", []):
-            self.freeze(name)
+def _check_fusion_fits(fusion: Fusion, sizes: Mapping[str, int], num_classes: int) -> None:
+    """A fusion built by the caller must read these latents, in this order, for these classes."""
+    if list(fusion.latent_sizes.items()) != list(sizes.items()):
+        raise ValueError(
+            f"the fusion was built for latents {fusion.latent_sizes}, the encoders give "
+            f"{dict(sizes)}"
+        )
+    if fusion.num_classes != num_classes:
+        raise ValueError(f"the fusion has {fusion.num_classes} classes, the model {num_classes}")
+
+
+def _apply_loaded_freezes(model: nn.Module, incompatible: Any) -> None:
+    """After ``load_state_dict``: freeze what the loaded ``frozen_mask`` marks.
+
+    Freezing is one-way: a modality frozen before the load stays frozen (its mask entry is set
+    back), as parameters without gradients cannot be told from ones the user froze on purpose.
+    """
+    assert isinstance(model, JointFusionModel)
+    flags = model.frozen_mask.tolist()
+    for name, flag in zip(model.modalities, flags, strict=True):
+        if flag and name not in model._frozen:
+            model.freeze(name)
+    with torch.no_grad():
+        for name in model._frozen:
+            model.frozen_mask[model.modalities.index(name)] = True

@@ -58,13 +58,13 @@ def param_groups_by_modality(
 def modality_param_groups(
     model: JointFusionModel, *, head_follows_encoder: bool = True, **group_options: Any
 ) -> list[dict[str, Any]]:
-    """Groups for a :class:`JointFusionModel`: one per modality, one shared (fused head).
+    """Groups for a :class:`JointFusionModel`: one per modality, one shared (the fusion module).
 
     ``head_follows_encoder=True`` (default) puts modality ``m``'s auxiliary head in ``m``'s group,
     so MILES slows the whole unimodal branch; ``False`` keeps heads at the base rate.
     """
     per_modality: dict[str, list[nn.Module]] = {}
-    shared: list[nn.Module] = [model.fused_head]
+    shared: list[nn.Module] = [model.fusion]
     for name in model.modalities:
         per_modality[name] = [model.encoders[name]]
         if head_follows_encoder:

@@ -30,31 +30,14 @@ def modality_logit_shares(
 ) -> dict[str, Tensor]:
     """Each modality's additive share of the fused logits (detached), the paper's Eq. 8.
 
-    Concat fusion: ``out_m = z_m W[:, slice_m]^T + b / N`` (the columns of the fused linear layer
-    that read ``z_m``); sum fusion: ``out_m = z_m W^T + b / N``. In both cases the shares add up
-    to the fused logits, and the bias is split evenly, as in the authors' code (``bias / 2``).
+    Read from the model's fusion (:meth:`~miles.models.fusions.Fusion.modality_logits`): concat
+    fusion gives ``out_m = z_m W[:, slice_m]^T + b / N`` (the columns of the fused linear layer
+    that read ``z_m``), sum fusion ``out_m = z_m W^T + b / N``. In both cases the shares add up to
+    the fused logits, and the bias is split evenly, as in the authors' code (``bias / 2``).
     """
-    head = model.fused_head
-    if not isinstance(head, nn.Linear):
-        raise TypeError(
-            f"OGM needs a linear fused head to split the logits, got {type(head).__name__}"
-        )
-    weight = head.weight.detach()
-    n = len(model.modalities)
-    bias = head.bias.detach() / n if head.bias is not None else None
-    shares: dict[str, Tensor] = {}
-    start = 0
-    for m in model.modalities:
-        z = latents[m].detach()
-        if model.fusion == "concat":
-            size = model.latent_sizes[m]
-            w = weight[:, start : start + size]
-            start += size
-        else:
-            w = weight
-        out = z @ w.T
-        shares[m] = out + bias if bias is not None else out
-    return shares
+    with torch.no_grad():
+        detached = {m: latents[m].detach() for m in model.modalities}
+        return {m: model.fusion.modality_logits(detached, m) for m in model.modalities}
 
 
 def discrepancy_ratios(scores: Mapping[str, float]) -> dict[str, float]:
@@ -110,10 +93,10 @@ class OGM(Joint):
     only reported, ``uses_aux_losses = False``) whose encoder gradients are rescaled after every
     backward pass:
 
-    1. Each modality's share of the fused logits, ``out_m`` (see :func:`modality_logit_shares`:
-       its slice of the fused linear layer for concat fusion, its own contribution for sum
-       fusion, the bias split evenly), gives a score ``s_m = sum_i softmax(out_m)_i[y_i]`` over the
-       batch (Eq. 8).
+    1. Each modality's share of the fused logits, ``out_m`` (the fusion's ``modality_logits``,
+       see :func:`modality_logit_shares`: its slice of the fused linear layer for concat fusion,
+       its own contribution for sum fusion, the bias split evenly), gives a score
+       ``s_m = sum_i softmax(out_m)_i[y_i]`` over the batch (Eq. 8).
     2. Discrepancy ratio ``rho_m = s_m / s_other`` (Eq. 9).
     3. Coefficient ``k_m = 1 - tanh(alpha * rho_m)`` when ``rho_m > 1`` (the dominant modality),
        ``1`` otherwise: the paper's Eq. 10 as implemented in the authors' ``main.py``. It is
@@ -149,7 +132,8 @@ class OGM(Joint):
       every modality with ``rho_m > 1`` is modulated. For two modalities this is exactly Eq. 9.
 
     Not supported: multilabel tasks (the softmax score of the true class is undefined; raises
-    ``ValueError`` at ``on_fit_start``), fused heads other than ``nn.Linear`` (``TypeError``).
+    ``ValueError`` at ``on_fit_start``), fusions that are not additive (no per-modality share of
+    the fused logits; ``NotImplementedError`` at ``configure_model``).
 
     Optimizer: the authors use SGD with momentum 0.9 (weight decay 1e-4). Under Adam-like
     optimizers a per-parameter rescaling of the gradient is largely normalised away by the
@@ -193,11 +177,13 @@ class OGM(Joint):
             raise ValueError(
                 f"{type(self).__name__} needs at least 2 modalities, got {list(model.modalities)}"
             )
-        if not isinstance(model.fused_head, nn.Linear):
-            raise TypeError(
-                f"{type(self).__name__} needs a linear fused head, got "
-                f"{type(model.fused_head).__name__}"
-            )
+        # fail before training when the fusion cannot split its logits by modality
+        like = model.fused_head.weight
+        probe = {m: like.new_zeros(1, size) for m, size in model.latent_sizes.items()}
+        try:
+            modality_logit_shares(model, probe)
+        except NotImplementedError as exc:
+            raise NotImplementedError(f"{type(self).__name__}: {exc}") from None
         super().configure_model(model)
 
     def on_fit_start(self, ctx: StrategyContext) -> None:

@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from miles.models.fusion import FUSIONS, JointFusionModel
+from miles.models.fusion import JointFusionModel
+from miles.models.fusions import available_fusions
 from miles.strategies.registry import build_strategy
 from miles.training.trainer import RunResult, Trainer, TrainerConfig
-from miles.validation import check_positive_int
+from miles.validation import check_choice, check_positive_int
 
 
 @dataclass
@@ -32,8 +33,7 @@ class ExperimentConfig:
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
-        if self.fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        check_choice("fusion", self.fusion, available_fusions())
         check_positive_int("latent_dim", self.latent_dim)
         if isinstance(self.trainer, dict):
             self.trainer = TrainerConfig(**self.trainer)
