@@ -146,18 +146,18 @@ def test_uniform_floor_end_to_end(small: DatasetSplits) -> None:
 
 
 def test_constructor_validation_and_describe() -> None:
-    for bad in (
-        {"super_epoch": 0},
-        {"super_epoch": 2.0},
-        {"holdout_fraction": 0.0},
-        {"holdout_fraction": 1.0},
-        {"normalize": "softmax"},
-        {"eps": -1.0},
-        {"uniform_floor": -0.1},
-        {"uniform_floor": 1.1},
-        {"uniform_floor": float("nan")},
+    for bad, error in (
+        ({"super_epoch": 0}, ValueError),
+        ({"super_epoch": 2.0}, TypeError),
+        ({"holdout_fraction": 0.0}, ValueError),
+        ({"holdout_fraction": 1.0}, ValueError),
+        ({"normalize": "softmax"}, ValueError),
+        ({"eps": -1.0}, ValueError),
+        ({"uniform_floor": -0.1}, ValueError),
+        ({"uniform_floor": 1.1}, ValueError),
+        ({"uniform_floor": float("nan")}, ValueError),
     ):
-        with pytest.raises(ValueError, match=next(iter(bad))):
+        with pytest.raises(error, match=next(iter(bad))):
             GBlend(**bad)  # type: ignore[arg-type]
     s = build_strategy("gblend", super_epoch=3)
     assert isinstance(s, GBlend) and s.holdout_fraction == 0.1

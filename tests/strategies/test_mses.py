@@ -213,11 +213,11 @@ def test_state_dict_round_trip_and_validation(bn_toy: Any) -> None:
 
 
 def test_constructor_validation() -> None:
-    for bad in (0, 1.5, True):
-        with pytest.raises(ValueError, match="patience"):
+    for bad, error in ((0, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(error, match="patience"):
             MSES(patience=bad)  # type: ignore[arg-type]
-    for bad_delta in (-0.1, float("nan"), "0"):
-        with pytest.raises(ValueError, match="min_delta"):
+    for bad_delta, error in ((-0.1, ValueError), (float("nan"), ValueError), ("0", TypeError)):
+        with pytest.raises(error, match="min_delta"):
             MSES(min_delta=bad_delta)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="restore_best"):
         MSES(restore_best=1)  # type: ignore[arg-type]

@@ -125,7 +125,7 @@ def _run_fixed(
     strategy.on_fit_start(ctx)
     strategy.on_epoch_start(ctx, epoch)
     fixed = FusionOutput(out.fused, out.unimodal, _fixed_latents(dominant, modalities))
-    strategy.after_backward(ctx, fixed, {"target": target})
+    strategy.on_after_backward(ctx, fixed, {"target": target})
     record = strategy.on_epoch_end(ctx, epoch, EvalResult(0.0, {}, 0.0), None)
     return model, before, record
 
@@ -215,7 +215,7 @@ def test_ratio_and_coefficient_rules() -> None:
     assert modulation_coefficient(0.3, 0.5) == 1.0
 
 
-# -- the gradients after after_backward ------------------------------------------------------------
+# -- the gradients after on_after_backward ---------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 @pytest.mark.parametrize("dominant", ["a", "b"])
 def test_dominant_encoder_gradients_are_scaled_by_k(fusion: str, dominant: str) -> None:
@@ -280,7 +280,7 @@ def test_epoch_record_averages_over_batches() -> None:
     strategy.on_epoch_start(ctx, 1)
     for dominant in ("a", "a", "b", "tie"):
         latents = _fixed_latents(dominant)  # "tie": both shares 0 -> rho = 1 -> no modulation
-        strategy.after_backward(
+        strategy.on_after_backward(
             ctx, FusionOutput(out.fused, out.unimodal, latents), {"target": target}
         )
     record = strategy.on_epoch_end(ctx, 1, EvalResult(0.0, {}, 0.0), None)
@@ -341,7 +341,7 @@ def _ge_grads(seed: int) -> tuple[JointFusionModel, dict[str, Tensor], dict[str,
     strategy.on_epoch_start(ctx, 1)
     torch.manual_seed(seed)
     fixed = FusionOutput(out.fused, out.unimodal, _fixed_latents("a"))
-    strategy.after_backward(ctx, fixed, {"target": target})
+    strategy.on_after_backward(ctx, fixed, {"target": target})
     return model, before, _grads(model)
 
 
@@ -401,19 +401,19 @@ def test_single_modality_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "match"),
+    ("params", "match", "error"),
     [
-        ({"alpha": -0.1}, "alpha"),
-        ({"alpha": float("nan")}, "alpha"),
-        ({"alpha": True}, "alpha"),
-        ({"modulation_starts": 0}, "modulation_starts"),
-        ({"modulation_ends": 1.5}, "modulation_ends"),
-        ({"modulation_starts": 5, "modulation_ends": 4}, "modulation_ends"),
-        ({"continuous": "yes"}, "continuous"),
+        ({"alpha": -0.1}, "alpha", ValueError),
+        ({"alpha": float("nan")}, "alpha", ValueError),
+        ({"alpha": True}, "alpha", TypeError),
+        ({"modulation_starts": 0}, "modulation_starts", ValueError),
+        ({"modulation_ends": 1.5}, "modulation_ends", TypeError),
+        ({"modulation_starts": 5, "modulation_ends": 4}, "modulation_ends", ValueError),
+        ({"continuous": "yes"}, "continuous", TypeError),
     ],
 )
-def test_bad_arguments(params: dict[str, Any], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(params: dict[str, Any], match: str, error: type[Exception]) -> None:
+    with pytest.raises(error, match=match):
         OGM(**params)
 
 

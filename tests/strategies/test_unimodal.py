@@ -82,8 +82,10 @@ def test_equals_a_model_that_only_has_that_modality(toy: Any) -> None:
 def test_bad_modality_and_description(toy: Any) -> None:
     with pytest.raises(ValueError, match=r"unknown modality 'audio'.*\['strong', 'weak'\]"):
         Unimodal("audio").configure_model(_model(toy))
-    with pytest.raises(ValueError, match="non-empty string"):
+    with pytest.raises(ValueError, match="modality must be a non-empty str"):
         Unimodal("")
+    with pytest.raises(TypeError, match="modality must be a str"):
+        Unimodal(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="bad parameters"):
         build_strategy("unimodal")
     setup = ComparisonSetup(("strong", "weak"), 1e-3, dict)

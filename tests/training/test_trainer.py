@@ -12,7 +12,7 @@ import torch
 
 from miles.data import collate_multimodal
 from miles.models import JointFusionModel
-from miles.strategies import EvalResult, Strategy, StrategyContext, build_strategy
+from miles.strategies import EvalResult, JointAux, Strategy, StrategyContext, build_strategy
 from miles.training import Trainer, TrainerConfig
 from miles.training.experiment import ExperimentConfig, run_experiment
 from tests.conftest import make_toy_splits
@@ -159,7 +159,7 @@ class _Recorder(Strategy):
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         self.calls.append(f"start{epoch}")
 
-    def after_backward(self, ctx: StrategyContext, output: Any, batch: Any) -> None:
+    def on_after_backward(self, ctx: StrategyContext, output: Any, batch: Any) -> None:
         grad = ctx.model.fused_head.weight.grad
         self.grad_seen = self.grad_seen or (grad is not None and bool(grad.abs().sum() > 0))
 
@@ -175,6 +175,9 @@ class _Recorder(Strategy):
 
     def should_stop(self) -> bool:
         return len(self.holdout_sizes) >= 2
+
+    def on_fit_end(self, ctx: StrategyContext) -> None:
+        self.calls.append("fit_end")
 
     def state_dict(self) -> dict:
         return {"calls": list(self.calls)}
@@ -202,13 +205,80 @@ def test_strategy_hooks() -> None:
     strategy.on_epoch_end = end  # type: ignore[method-assign]
     result = trainer.fit(data.train, data.val)
     assert result.epochs_run == 2  # should_stop after the second epoch
-    assert strategy.calls == ["fit_start", "start1", "end1", "start2", "end2"]
+    assert strategy.calls == ["fit_start", "start1", "end1", "start2", "end2", "fit_end"]
     assert strategy.grad_seen
     assert strategy.holdout_sizes == [60, 60]  # 25 % of 240 held out
     assert "holdout_fused" in result.history[0]["strategy"]
     # epoch 2 trained with "strong" frozen: weights and BatchNorm running stats unchanged
     after = enc.state_dict()
     assert all(torch.equal(bn_before[k], after[k]) for k in bn_before)
+
+
+class _SeesRestored(JointAux):
+    """Counts epochs in its state; records what on_fit_start finds."""
+
+    name = "sees-restored"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs_seen = 0
+        self.at_fit_start: dict[str, Any] = {}
+
+    def on_fit_start(self, ctx: StrategyContext) -> None:
+        adam_steps = [int(s["step"]) for s in ctx.optimizer.state.values() if "step" in s]
+        self.at_fit_start = {"epochs_seen": self.epochs_seen, "adam_steps": set(adam_steps)}
+
+    def on_epoch_end(
+        self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
+    ) -> dict:
+        self.epochs_seen += 1
+        return {}
+
+    def state_dict(self) -> dict:
+        return {"epochs_seen": self.epochs_seen}
+
+    def load_state_dict(self, state: Any) -> None:
+        self.epochs_seen = int(state["epochs_seen"])
+
+
+def test_on_fit_start_sees_the_restored_state(tmp_path: Path, toy: Any) -> None:
+    """Resuming restores the strategy, model and optimizer before on_fit_start, so hooks build on
+    them (e.g. a scheduler on the restored optimizer); the run matches an uninterrupted one."""
+    first = _SeesRestored()
+    _fit(toy, first, epochs=2, out_dir=tmp_path)
+    assert first.at_fit_start == {"epochs_seen": 0, "adam_steps": set()}
+    steps_per_epoch = -(-len(toy.train) // 32)
+    resumed = _SeesRestored()
+    result, model = _fit(toy, resumed, epochs=3, out_dir=tmp_path, resume=True)
+    assert resumed.at_fit_start == {"epochs_seen": 2, "adam_steps": {2 * steps_per_epoch}}
+    assert resumed.epochs_seen == 3
+    full, m_full = _fit(toy, _SeesRestored(), epochs=3)
+    assert strip_times(result.history) == strip_times(full.history)
+    assert same_weights(model, m_full)
+
+
+def test_a_hook_under_its_old_name_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"after_backward\(\).*rename it on_after_backward"):
+
+        class _Old(Strategy):
+            def after_backward(self, ctx: Any, output: Any, batch: Any) -> None:
+                pass
+
+
+def test_the_base_strategy_is_the_plain_multimodal_objective() -> None:
+    """No-op hooks: the fused loss alone, the fused metric, no stop, no state, model untouched."""
+    base = Strategy()
+    losses = {"fused": torch.tensor(1.5), "strong": torch.tensor(2.0)}
+    assert base.loss(losses, None, {}) is losses["fused"]  # type: ignore[arg-type]
+    assert base.selection_score(EvalResult(0.7, {"strong": 0.9}, 1.0)) == 0.7
+    assert not base.should_stop() and base.state_dict() == {}
+    torch.manual_seed(0)
+    model = JointFusionModel(make_toy_splits().build_encoders(8), 4, detach_unimodal_heads=True)
+    base.configure_model(model)
+    assert model.detach_unimodal_heads  # left as built
+    assert base.describe() == {"name": "strategy", "uses_aux_losses": False}
+    with pytest.raises(ValueError, match="keeps no state"):
+        base.load_state_dict({"x": 1})
 
 
 def test_config_validation() -> None:
@@ -305,8 +375,10 @@ def test_aux_weights_scale_the_unimodal_losses(toy: Any) -> None:
     assert float(strategy.loss(losses, None, {})) == 1.0 + 2.0 + 0.25 * 4.0  # type: ignore[arg-type]
     zero, _ = _fit(toy, "joint+aux", epochs=1, aux_weights=0.0)
     assert zero.strategy["aux_weights"] == 0.0
-    with pytest.raises(ValueError, match="aux weight"):
+    with pytest.raises(ValueError, match="aux_weights must be a finite number >= 0, got -1"):
         build_strategy("miles", aux_weights=-1)
+    with pytest.raises(ValueError, match=r"aux_weights\['weak'\] must be"):
+        build_strategy("joint+aux", aux_weights={"weak": float("nan")})
 
 
 def test_miles_strategy_validates_before_training() -> None:

@@ -2,6 +2,8 @@
 
 Importing this package registers every built-in method: ``joint``, ``joint+aux``, ``unimodal``,
 ``mses``, ``mslr-k``, ``mslr-s``, ``mslr-d``, ``ogm``, ``ogm-ge``, ``gblend`` and ``miles``.
+:class:`Strategy` is the no-op hook base; :class:`Joint` and :class:`JointAux` are the reference
+methods the others extend.
 """
 
 from miles.strategies.base import ComparisonSetup, EvalResult, Strategy, StrategyContext

@@ -1,30 +1,42 @@
 """The strategy interface: how a balancing method plugs into the trainer.
 
-A strategy is an object with a few optional hooks that the trainer calls at fixed points of every
-epoch (see ``miles.training.trainer``). Each hook has a do-nothing default, so a method
-overrides only what it changes. The base class itself is joint training with auxiliary losses
-(``joint+aux``): ``L = L_fused + sum_m w_m L_m``, all weights 1.
+A strategy is a set of hooks, in the style of Lightning's ``Callback``: the trainer calls them at
+fixed points (see :mod:`miles.training.trainer`), every event hook of :class:`Strategy` does
+nothing, and every value hook gives the plain multimodal objective's answer (the fused loss only,
+the fused metric for model selection, no early stop, no state). A method overrides only what it
+changes. The reference methods live in :mod:`miles.strategies.joint`: ``Joint`` (fused loss, the
+unimodal heads trained as detached probes) and ``JointAux`` (``L = L_fused + sum_m w_m L_m``),
+which most balancing methods extend.
 
-Order of calls::
+Order of calls in ``Trainer.fit``::
 
     configure_model(model)                      once, before the optimizer exists
-    param_groups(model) -> groups               once: groups tagged by "modality"
-    holdout_fraction                            read once: >0 splits a held-out slice off train
+    param_groups(model) -> groups               once: optimizer groups tagged by "modality"
+    holdout_fraction                            read once: > 0 splits a held-out slice off train
+    load_state_dict(state)                      when resuming, after the model, optimizer and RNG
+                                                states are restored
     on_fit_start(ctx)                           once: build schedulers etc. on ctx.optimizer
-    load_state_dict(state)                      when resuming
+                                                (already restored when resuming)
     per epoch:
-        on_epoch_start(ctx, epoch)   (look param groups up in ctx.optimizer each time: resuming
-                                      replaces the group dicts, so cached ones go stale)
-        per batch: loss(losses, output, batch) -> backward -> after_backward(ctx, output, batch)
-                   -> optimizer.step()
+        on_epoch_start(ctx, epoch)   (look param groups up in ctx.optimizer each time, rather
+                                      than caching the group dicts)
+        per batch: loss(losses, output, batch) -> backward
+                   -> on_after_backward(ctx, output, batch) -> optimizer.step()
         on_epoch_end(ctx, epoch, val, holdout) -> dict recorded in the history
         selection_score(val) -> float           the best epoch maximises this (default: fused)
         should_stop() -> bool
+        state_dict() -> dict                    saved with the epoch's checkpoint
+    on_fit_end(ctx)                             once, after the last epoch, before the test set
+                                                is scored
+    describe() -> dict                          name and settings, for results and reports
+
+Class attributes state what a method needs from the trainer: ``uses_aux_losses`` (its loss
+includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs_latents`` and
+``head_follows_encoder``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -35,6 +47,10 @@ from torch import Tensor
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.models.losses import FUSED
 from miles.models.param_groups import modality_param_groups
+
+#: hooks renamed for consistent ``on_*`` names: a subclass still defining the old name would
+#: silently never be called, so defining it is an error
+RENAMED_HOOKS = {"after_backward": "on_after_backward"}
 
 
 @dataclass
@@ -47,19 +63,6 @@ class EvalResult:
     latents: dict[str, Tensor] | None = None
     target: Tensor | None = None
     unimodal_loss: dict[str, float] = field(default_factory=dict)  #: mean loss of each head
-
-
-@dataclass
-class ComparisonSetup:
-    """What ``miles compare`` tells a method about the comparison it runs in.
-
-    ``unimodal_lrs()`` runs (or reads from cache) the per-modality learning-rate sweep, only when a
-    method asks for it.
-    """
-
-    modalities: tuple[str, ...]
-    base_lr: float
-    unimodal_lrs: Callable[[], dict[str, float]]
 
 
 @dataclass
@@ -80,67 +83,45 @@ class StrategyContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def check_aux_weights(value: float | Mapping[str, float]) -> float | dict[str, float]:
-    """Validate ``w_m`` of ``L = L_fused + sum_m w_m L_m``: one number, or one per modality."""
-
-    def one(name: str, w: Any) -> float:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ValueError(f"aux weight {name} must be a finite number >= 0, got {w!r}")
-        return float(w)
-
-    if isinstance(value, Mapping):
-        return {str(k): one(repr(k), v) for k, v in value.items()}
-    return one("", value)
-
-
 class Strategy:
-    """Base strategy = joint training with the auxiliary unimodal losses (``joint+aux``)."""
+    """Base strategy: no-op event hooks and the plain multimodal objective (fused loss only)."""
 
-    name: ClassVar[str] = "joint+aux"
-    uses_aux_losses: ClassVar[bool] = True
+    name: ClassVar[str] = "strategy"
+    #: the loss includes the unimodal losses (reported in comparison tables)
+    uses_aux_losses: ClassVar[bool] = False
     #: fraction of the training set the trainer holds out for this strategy (e.g. G-Blend)
     holdout_fraction: float = 0.0
     #: keep the validation latents in ``EvalResult`` (ablation estimators need them)
     needs_latents: bool = False
-    #: ``w_m`` of the auxiliary losses: one number for all, or ``{modality: weight}`` (missing: 1)
-    aux_weights: float | dict[str, float] = 1.0
-    #: results do not depend on the fusion (unimodal references): ``miles compare`` runs it once
-    fusion_independent: ClassVar[bool] = False
     #: put each unimodal head in its modality's param group (else in the shared group)
     head_follows_encoder: bool = True
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for old, new in RENAMED_HOOKS.items():
+            if old in vars(cls):
+                raise TypeError(
+                    f"{cls.__name__} defines {old}(), which the trainer no longer calls; "
+                    f"rename it {new}()"
+                )
+
+    # -- configuration ---------------------------------------------------------------------------
     def configure_model(self, model: JointFusionModel) -> None:
-        """Adjust the model before training (e.g. detach the unimodal heads)."""
-        model.detach_unimodal_heads = False
+        """Adjust the model before the optimizer exists (e.g. detach heads, freeze encoders)."""
 
     def param_groups(self, model: JointFusionModel) -> list[dict[str, Any]]:
         """Optimizer groups; default: one per modality (encoder + head) and one shared."""
         return modality_param_groups(model, head_follows_encoder=self.head_follows_encoder)
 
-    def aux_weight(self, modality: str) -> float:
-        """``w_m`` for one modality's auxiliary loss."""
-        if isinstance(self.aux_weights, Mapping):
-            return self.aux_weights.get(modality, 1.0)
-        return self.aux_weights
-
+    # -- events ----------------------------------------------------------------------------------
     def on_fit_start(self, ctx: StrategyContext) -> None:
-        """Called once the optimizer exists (build schedulers on ``ctx.optimizer`` here)."""
+        """Called once the optimizer exists and, when resuming, every state is restored (build
+        schedulers on ``ctx.optimizer`` here and apply what ``load_state_dict`` received)."""
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         """Called before each training epoch (``epoch`` counts from 1)."""
 
-    def loss(
-        self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
-    ) -> Tensor:
-        """Combine per-head losses (``losses["fused"]`` and one per modality) into one scalar."""
-        total = losses[FUSED]
-        for name, value in losses.items():
-            if name != FUSED:
-                weight = self.aux_weight(name)
-                total = total + (value if weight == 1.0 else weight * value)
-        return total
-
-    def after_backward(
+    def on_after_backward(
         self, ctx: StrategyContext, output: FusionOutput, batch: Mapping[str, Any]
     ) -> None:
         """Gradients exist and the optimizer has not stepped: gradient modulation goes here."""
@@ -150,6 +131,19 @@ class Strategy:
     ) -> dict[str, Any]:
         """Take end-of-epoch decisions; return a JSON-able record for the history."""
         return {}
+
+    def on_fit_end(self, ctx: StrategyContext) -> None:
+        """Called once after the last epoch (also when a strategy stopped early)."""
+
+    # -- values ----------------------------------------------------------------------------------
+    def loss(
+        self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
+    ) -> Tensor:
+        """Combine the per-head losses (``losses["fused"]`` and one per modality) into one scalar.
+
+        Default: the fused loss alone, the plain multimodal objective.
+        """
+        return losses[FUSED]
 
     def selection_score(self, val: EvalResult) -> float:
         """What the best epoch maximises on validation: the fused metric, unless a method (e.g.
@@ -161,11 +155,27 @@ class Strategy:
         return False
 
     def state_dict(self) -> dict[str, Any]:
+        """What resuming needs, JSON-able builtins and tensors (saved in ``last.pt``)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Take back what :meth:`state_dict` returned; called before ``on_fit_start``."""
         if state:
             raise ValueError(f"{type(self).__name__} keeps no state, got keys {sorted(state)}")
+
+    def describe(self) -> dict[str, Any]:
+        """Name and hyper-parameters, for results tables and reports."""
+        info: dict[str, Any] = {"name": self.name, "uses_aux_losses": self.uses_aux_losses}
+        if not self.head_follows_encoder:
+            info["head_follows_encoder"] = False
+        return info
+
+    # -- transitional: comparison planning ---------------------------------------------------------
+    # Not hooks. ``miles compare`` reads these until comparison planning moves into the study
+    # layer (miles.studies); they will then be removed from the strategies.
+
+    #: results do not depend on the fusion (unimodal references): ``miles compare`` runs it once
+    fusion_independent: ClassVar[bool] = False
 
     @classmethod
     def comparison_runs(cls, setup: ComparisonSetup) -> list[tuple[str, dict[str, Any]]]:
@@ -176,11 +186,15 @@ class Strategy:
         """
         return [("", {})]
 
-    def describe(self) -> dict[str, Any]:
-        """Name and hyper-parameters, for results tables and reports."""
-        info: dict[str, Any] = {"name": self.name, "uses_aux_losses": self.uses_aux_losses}
-        if self.aux_weights != 1.0:
-            info["aux_weights"] = self.aux_weights
-        if not self.head_follows_encoder:
-            info["head_follows_encoder"] = False
-        return info
+
+@dataclass
+class ComparisonSetup:
+    """Transitional (moves to the study layer): what ``miles compare`` tells a method.
+
+    ``unimodal_lrs()`` runs (or reads from cache) the per-modality learning-rate sweep, only when a
+    method asks for it.
+    """
+
+    modalities: tuple[str, ...]
+    base_lr: float
+    unimodal_lrs: Callable[[], dict[str, float]]

@@ -15,8 +15,10 @@ from torch import Tensor
 
 from miles.models.fusion import FusionOutput
 from miles.models.losses import FUSED
-from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.strategies.base import EvalResult, StrategyContext
+from miles.strategies.joint import JointAux
 from miles.strategies.registry import register_strategy
+from miles.validation import check_choice, check_fraction, check_positive, check_positive_int
 
 NORMALIZATIONS = ("sum-to-one", "sum-to-heads")
 
@@ -68,12 +70,9 @@ def gblend_weights(
         ("holdout_now", holdout_now),
     ):
         _check_losses(name, losses, heads)
-    if not (math.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    if not (math.isfinite(total) and total > 0):
-        raise ValueError(f"total must be a finite number > 0, got {total!r}")
-    if not 0.0 <= uniform_floor <= 1.0:
-        raise ValueError(f"uniform_floor must be in [0, 1], got {uniform_floor!r}")
+    check_positive("eps", eps)
+    check_positive("total", total)
+    check_fraction("uniform_floor", uniform_floor, one=True)
     raw: dict[str, float] = {}
     for h in heads:
         gain = holdout_prev[h] - holdout_now[h]
@@ -92,7 +91,7 @@ def gblend_weights(
 
 
 @register_strategy("gblend")
-class GBlend(Strategy):
+class GBlend(JointAux):
     """Online Gradient-Blending: the loss is ``sum_h w_h L_h`` over the fused head and every
     unimodal head, with ``w_h`` re-estimated every ``super_epoch`` epochs from each head's
     overfitting-to-generalization behaviour (Wang et al., CVPR 2020, Eq. "w* = dG / (Z dO^2)").
@@ -146,7 +145,7 @@ class GBlend(Strategy):
             uniform weights throughout.
 
     Uses the auxiliary unimodal losses (``uses_aux_losses = True``): every head's loss is in the
-    blend, with G-Blend's weights (the base class's ``aux_weights`` are not used). Works with any
+    blend, with G-Blend's weights (``JointAux``'s ``aux_weights`` are not used). Works with any
     number of modalities and with multilabel targets (BCE per head). Needs the trainer to hold
     out data (``ctx.holdout_loader`` and ``ctx.train_probe_loader``) and attached unimodal heads;
     raises otherwise. Note that it trains on ``1 - holdout_fraction`` of the training set, as in
@@ -164,35 +163,14 @@ class GBlend(Strategy):
         eps: float = 1e-8,
         uniform_floor: float = 0.0,
     ) -> None:
-        if isinstance(super_epoch, bool) or not isinstance(super_epoch, int) or super_epoch < 1:
-            raise ValueError(f"super_epoch must be an int >= 1, got {super_epoch!r}")
-        if (
-            isinstance(holdout_fraction, bool)
-            or not isinstance(holdout_fraction, (int, float))
-            or not 0 < holdout_fraction < 1
-        ):
-            raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if (
-            isinstance(eps, bool)
-            or not isinstance(eps, (int, float))
-            or not math.isfinite(eps)
-            or eps <= 0
-        ):
-            raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-        if (
-            isinstance(uniform_floor, bool)
-            or not isinstance(uniform_floor, (int, float))
-            or not 0 <= uniform_floor <= 1
-        ):
-            raise ValueError(f"uniform_floor must be in [0, 1], got {uniform_floor!r}")
-        self.super_epoch = super_epoch
-        self.holdout_fraction = float(holdout_fraction)
-        self.normalize = normalize
-        self.eps = float(eps)
-        self.uniform_floor = float(uniform_floor)
+        super().__init__()  # joint+aux: attached heads; the loss is G-Blend's own
+        self.super_epoch = check_positive_int("super_epoch", super_epoch)
+        self.holdout_fraction = check_fraction("holdout_fraction", holdout_fraction, zero=False)
+        self.normalize = check_choice("normalize", normalize, NORMALIZATIONS)
+        self.eps = check_positive("eps", eps)
+        self.uniform_floor = check_fraction("uniform_floor", uniform_floor, one=True)
         self._heads: list[str] = []
+        self._restored = False  # load_state_dict gave weights for on_fit_start to keep
         self._reset()
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -241,8 +219,10 @@ class GBlend(Strategy):
                 "detach_unimodal_heads=True"
             )
         self._heads = [FUSED, *ctx.model.modalities]
-        self._reset()
-        self.weights = self._uniform()
+        if not self._restored:  # a fresh fit starts over, even when this object trained before
+            self._reset()
+            self.weights = self._uniform()
+        self._restored = False
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         if sorted(self.weights) != sorted(self._heads):  # e.g. a state restored for another model
@@ -323,6 +303,7 @@ class GBlend(Strategy):
         self._ref_holdout = {str(k): float(v) for k, v in state["ref_holdout"].items()}
         last = state["last_estimate"]
         self._last_estimate = None if last is None else int(last)
+        self._restored = True
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -7,16 +7,18 @@ from typing import Any
 
 from miles.metrics import ablated_fused_scores, make_metric
 from miles.scheduler import MILES, _check_mu
-from miles.strategies.base import EvalResult, Strategy, StrategyContext, check_aux_weights
+from miles.strategies.base import EvalResult, StrategyContext
+from miles.strategies.joint import JointAux
 from miles.strategies.registry import register_strategy
 from miles.utilization import _check_tau
+from miles.validation import check_bool, check_choice
 
 ESTIMATORS = ("heads", "ablation")
 ABLATION_FILLS = ("mean", "zeros")
 
 
 @register_strategy("miles")
-class MILESStrategy(Strategy):
+class MILESStrategy(JointAux):
     """Joint+aux training whose per-modality learning rates MILES sets after every validation.
 
     Args:
@@ -45,35 +47,25 @@ class MILESStrategy(Strategy):
         aux_weights: float | dict[str, float] = 1.0,
     ) -> None:
         # Checked here, not at on_fit_start, so a bad config fails before any training.
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if ablation_fill not in ABLATION_FILLS:
-            raise ValueError(
-                f"ablation_fill must be one of {ABLATION_FILLS}, got {ablation_fill!r}"
-            )
-        for flag, value in (
-            ("reset_other", reset_other),
-            ("head_follows_encoder", head_follows_encoder),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {value!r}")
+        super().__init__(aux_weights)
         self.tau, self.mu = _check_tau(tau), _check_mu(mu)
-        self.reset_other = reset_other
-        self.head_follows_encoder = head_follows_encoder
-        self.aux_weights = check_aux_weights(aux_weights)
-        self.estimator = estimator
-        self.ablation_fill = ablation_fill
+        self.reset_other = check_bool("reset_other", reset_other)
+        self.head_follows_encoder = check_bool("head_follows_encoder", head_follows_encoder)
+        self.estimator = check_choice("estimator", estimator, ESTIMATORS)
+        self.ablation_fill = check_choice("ablation_fill", ablation_fill, ABLATION_FILLS)
         self.needs_latents = estimator == "ablation"
         self.scheduler: MILES | None = None
-        self._pending_state: Mapping[str, Any] | None = None
+        #: scheduler state from load_state_dict, loaded into the scheduler on_fit_start builds
+        self._restored: dict[str, Any] | None = None
 
     def on_fit_start(self, ctx: StrategyContext) -> None:
+        """Build the scheduler on the (restored, when resuming) optimizer; apply restored state."""
         self.scheduler = MILES(
             ctx.optimizer, tau=self.tau, mu=self.mu, reset_other=self.reset_other
         )
-        if self._pending_state is not None:
-            self.scheduler.load_state_dict(dict(self._pending_state))
-            self._pending_state = None
+        if self._restored is not None:
+            self.scheduler.load_state_dict(self._restored)
+            self._restored = None
 
     def on_epoch_end(
         self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
@@ -102,16 +94,17 @@ class MILESStrategy(Strategy):
         return {"decision": decision.to_dict()}
 
     def state_dict(self) -> dict[str, Any]:
+        if self._restored is not None:  # loaded, not applied yet
+            return {"scheduler": dict(self._restored)}
         return {"scheduler": self.scheduler.state_dict()} if self.scheduler is not None else {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Keep the scheduler's state; ``on_fit_start`` builds the scheduler and loads it."""
+        unknown = sorted(set(state) - {"scheduler"})
+        if unknown:
+            raise ValueError(f"MILESStrategy state has unexpected keys {unknown}")
         sched_state = state.get("scheduler")
-        if sched_state is None:
-            return
-        if self.scheduler is None:
-            self._pending_state = sched_state
-        else:
-            self.scheduler.load_state_dict(dict(sched_state))
+        self._restored = None if sched_state is None else dict(sched_state)
 
     def describe(self) -> dict[str, Any]:
         return {

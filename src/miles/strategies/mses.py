@@ -10,8 +10,10 @@ import torch
 from torch import Tensor
 
 from miles.models.fusion import JointFusionModel
-from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.strategies.base import EvalResult, StrategyContext
+from miles.strategies.joint import JointAux
 from miles.strategies.registry import register_strategy
+from miles.validation import check_bool, check_non_negative, check_positive_int
 
 _STATE_KEYS = (
     "best",
@@ -25,7 +27,7 @@ _STATE_KEYS = (
 
 
 @register_strategy("mses")
-class MSES(Strategy):
+class MSES(JointAux):
     """Joint+aux training in which each encoder is early-stopped on its own validation curve.
 
     Source: Fujimori et al., "Modality-Specific Learning Rate Control for Multimodal
@@ -82,25 +84,11 @@ class MSES(Strategy):
         restore_best: bool = False,
         stop_when_all_frozen: bool = True,
     ) -> None:
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}")
-        if (
-            isinstance(min_delta, bool)
-            or not isinstance(min_delta, (int, float))
-            or not math.isfinite(min_delta)
-            or min_delta < 0
-        ):
-            raise ValueError(f"min_delta must be a finite number >= 0, got {min_delta!r}")
-        for flag, value in (
-            ("restore_best", restore_best),
-            ("stop_when_all_frozen", stop_when_all_frozen),
-        ):
-            if not isinstance(value, bool):
-                raise TypeError(f"{flag} must be a bool, got {value!r}")
-        self.patience = patience
-        self.min_delta = float(min_delta)
-        self.restore_best = restore_best
-        self.stop_when_all_frozen = stop_when_all_frozen
+        super().__init__()  # joint+aux with every auxiliary weight 1
+        self.patience = check_positive_int("patience", patience)
+        self.min_delta = check_non_negative("min_delta", min_delta)
+        self.restore_best = check_bool("restore_best", restore_best)
+        self.stop_when_all_frozen = check_bool("stop_when_all_frozen", stop_when_all_frozen)
         self._reset()
 
     def _reset(self) -> None:

@@ -41,13 +41,9 @@ import torch
 
 from miles.models.fusion import JointFusionModel
 from miles.models.param_groups import modality_param_groups
-from miles.strategies.base import (
-    ComparisonSetup,
-    EvalResult,
-    Strategy,
-    StrategyContext,
-    check_aux_weights,
-)
+from miles.strategies.base import ComparisonSetup, EvalResult, StrategyContext
+from miles.strategies.joint import JointAux
+from miles.validation import check_bool, check_mapping, check_positive
 
 MEANS = ("geometric", "arithmetic")
 
@@ -58,23 +54,7 @@ def _check_lrs(lrs: Mapping[str, float] | None, *, required: bool, who: str) -> 
         if required:
             raise ValueError(f"{who}: unimodal_lrs is required ({{modality: learning rate}})")
         return {}
-    if not isinstance(lrs, Mapping) or not lrs:
-        raise ValueError(f"{who}: unimodal_lrs must be a non-empty mapping, got {lrs!r}")
-    out: dict[str, float] = {}
-    for name, value in lrs.items():
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{who}: modality names must be non-empty strings, got {name!r}")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise ValueError(
-                f"{who}: unimodal_lrs[{name!r}] must be a positive finite number, got {value!r}"
-            )
-        out[name] = float(value)
-    return out
+    return check_mapping("unimodal_lrs", lrs, check_positive)
 
 
 def _check_names(expected: Sequence[str], given: Mapping[str, float], who: str) -> None:
@@ -87,7 +67,7 @@ def _check_names(expected: Sequence[str], given: Mapping[str, float], who: str) 
         )
 
 
-class _MSLRBase(Strategy):
+class _MSLRBase(JointAux):
     """Shared mechanism: one optimizer group per modality whose ``lr`` this strategy owns.
 
     Subclasses say what the rates are at the start (:meth:`initial_lrs`) and, for Dynamic, how
@@ -105,18 +85,14 @@ class _MSLRBase(Strategy):
         head_follows_encoder: bool = True,
         aux_weights: float | dict[str, float] = 1.0,
     ) -> None:
+        super().__init__(aux_weights)
         self.unimodal_lrs = _check_lrs(unimodal_lrs, required=self._lrs_required, who=self.name)
-        if not isinstance(head_follows_encoder, bool):
-            raise TypeError(
-                f"{self.name}: head_follows_encoder must be a bool, got {head_follows_encoder!r}"
-            )
-        self.head_follows_encoder = head_follows_encoder
-        self.aux_weights = check_aux_weights(aux_weights)
+        self.head_follows_encoder = check_bool("head_follows_encoder", head_follows_encoder)
         self.base_lr: float | None = None
         self.lrs: dict[str, float] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._modalities: tuple[str, ...] = ()
-        self._restored = False  # load_state_dict ran before on_fit_start
+        self._restored = False  # load_state_dict gave rates for on_fit_start to apply
 
     # -- what the rates are ----------------------------------------------------------------------
     def initial_lrs(self, modalities: Sequence[str], base_lr: float) -> dict[str, float]:

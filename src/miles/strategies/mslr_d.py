@@ -9,6 +9,7 @@ from typing import Any
 from miles.strategies.base import EvalResult
 from miles.strategies.mslr_base import _MSLRBase
 from miles.strategies.registry import register_strategy
+from miles.validation import check_non_negative, check_positive_int
 
 
 @register_strategy("mslr-d")
@@ -54,18 +55,10 @@ class MSLRDynamic(_MSLRBase):
         aux_weights: float | dict[str, float] = 1.0,
     ) -> None:
         super().__init__(unimodal_lrs, head_follows_encoder, aux_weights)
-        for label, value in (("window", window), ("update_every", update_every)):
-            if value is None and label == "update_every":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"mslr-d: {label} must be a positive int, got {value!r}")
-        if (
-            isinstance(strength, bool)
-            or not isinstance(strength, (int, float))
-            or not math.isfinite(strength)
-            or strength < 0
-        ):
-            raise ValueError(f"mslr-d: strength must be a finite number >= 0, got {strength!r}")
+        check_positive_int("window", window)
+        if update_every is not None:
+            check_positive_int("update_every", update_every)
+        check_non_negative("strength", strength)
         self.window = window
         self.update_every = update_every if update_every is not None else window
         self.strength = float(strength)
@@ -111,15 +104,7 @@ class MSLRDynamic(_MSLRBase):
             raise ValueError(f"mslr-d: unexpected state keys {unknown}")
         self.lrs = {str(m): float(v) for m, v in state["lrs"].items()}
         self.history = {str(m): [float(x) for x in v] for m, v in state["history"].items()}
-        if self._optimizer is None:
-            self._restored = True  # on_fit_start will apply these instead of starting over
-        else:
-            if set(self._modalities) != set(self.lrs):
-                raise ValueError(
-                    f"mslr-d: saved rates are for {sorted(self.lrs)}, the model has "
-                    f"{list(self._modalities)}"
-                )
-            self._apply()
+        self._restored = True  # on_fit_start applies these rates instead of starting over
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ from typing import Any
 
 from miles.strategies.mslr_base import MEANS, _MSLRBase
 from miles.strategies.registry import register_strategy
+from miles.validation import check_choice, check_fraction
 
 
 @register_strategy("mslr-s")
@@ -42,14 +43,8 @@ class MSLRSmooth(_MSLRBase):
         aux_weights: float | dict[str, float] = 1.0,
     ) -> None:
         super().__init__(unimodal_lrs, head_follows_encoder, aux_weights)
-        if (
-            isinstance(smoothing, bool)
-            or not isinstance(smoothing, (int, float))
-            or not 0.0 <= smoothing <= 1.0
-        ):
-            raise ValueError(f"mslr-s: smoothing must be in [0, 1], got {smoothing!r}")
-        if mean not in MEANS:
-            raise ValueError(f"mslr-s: mean must be one of {MEANS}, got {mean!r}")
+        check_fraction("smoothing", smoothing, one=True)
+        check_choice("mean", mean, MEANS)
         self.smoothing = float(smoothing)
         self.mean = mean
 

@@ -20,6 +20,7 @@ from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.joint import Joint
 from miles.strategies.registry import register_strategy
+from miles.validation import check_bool, check_non_negative, check_positive_int
 
 #: added to the gradient's standard deviation before sampling the GE noise, as the authors do
 NOISE_EPS = 1e-8
@@ -69,20 +70,6 @@ def modulation_coefficient(ratio: float, alpha: float, *, continuous: bool = Fal
         return 1.0
     x = ratio - 1.0 if continuous else ratio
     return 1.0 - math.tanh(alpha * x)
-
-
-def _check_alpha(alpha: float) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-        raise ValueError(f"alpha must be a number >= 0, got {alpha!r}")
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    return float(alpha)
-
-
-def _check_epoch(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1 (epochs count from 1), got {value!r}")
-    return value
 
 
 @register_strategy("ogm")
@@ -157,17 +144,15 @@ class OGM(Joint):
         modulation_ends: int = 51,
         continuous: bool = False,
     ) -> None:
-        self.alpha = _check_alpha(alpha)
-        self.modulation_starts = _check_epoch("modulation_starts", modulation_starts)
-        self.modulation_ends = _check_epoch("modulation_ends", modulation_ends)
+        self.alpha = check_non_negative("alpha", alpha)
+        self.modulation_starts = check_positive_int("modulation_starts", modulation_starts)
+        self.modulation_ends = check_positive_int("modulation_ends", modulation_ends)
         if self.modulation_ends < self.modulation_starts:
             raise ValueError(
                 f"modulation_ends ({modulation_ends}) must be >= modulation_starts "
                 f"({modulation_starts})"
             )
-        if not isinstance(continuous, bool):
-            raise ValueError(f"continuous must be a bool, got {continuous!r}")
-        self.continuous = continuous
+        self.continuous = check_bool("continuous", continuous)
         self._epoch: int | None = None
         self._reset_epoch_stats()
 
@@ -238,7 +223,7 @@ class OGM(Joint):
         }
         return coeffs, scores
 
-    def after_backward(
+    def on_after_backward(
         self, ctx: StrategyContext, output: FusionOutput, batch: Mapping[str, Any]
     ) -> None:
         if self._epoch is None:

@@ -10,6 +10,7 @@ from torch import Tensor
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.strategies.base import ComparisonSetup, EvalResult, Strategy
 from miles.strategies.registry import register_strategy
+from miles.validation import check_str
 
 
 @register_strategy("unimodal")
@@ -38,9 +39,7 @@ class Unimodal(Strategy):
     uses_aux_losses = False
 
     def __init__(self, modality: str) -> None:
-        if not isinstance(modality, str) or not modality:
-            raise ValueError(f"modality must be a non-empty string, got {modality!r}")
-        self.modality = modality
+        self.modality = check_str("modality", modality)
 
     def configure_model(self, model: JointFusionModel) -> None:
         if self.modality not in model.modalities:

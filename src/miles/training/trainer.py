@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,7 +220,7 @@ class Trainer:
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            strategy.after_backward(ctx, out, batch)
+            strategy.on_after_backward(ctx, out, batch)
             optimizer.step()
             n = batch["target"].shape[0]
             count += n
@@ -244,12 +245,45 @@ class Trainer:
         """
         from tqdm.auto import tqdm
 
-        cfg, model, strategy = self.config, self.model, self.strategy
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir holding last.pt")
+        run = self._setup(train, val)
+        checkpoint = self._load_last() if resume else None
+        if checkpoint is not None:
+            self._restore(run, checkpoint)
+        self.strategy.on_fit_start(run.ctx)
+        if checkpoint is not None:
+            self._restore_rng(run, checkpoint)
+        bar = tqdm(
+            range(run.first_epoch, self.config.epochs + 1),
+            desc=f"{self.strategy.name}",
+            disable=not self.config.progress,
+            leave=False,
+            unit="ep",
+        )
+        for epoch in bar:
+            improved = self._run_epoch(run, epoch)
+            if self.out_dir is not None:
+                self._checkpoint(run, epoch, improved)
+            bar.set_postfix(val=f"{run.history[-1]['val_fused']:.3f}", best=run.best_epoch)
+            if run.stopped:
+                break
+        bar.close()
+        if not run.history:
+            raise RuntimeError("no epoch was trained (epochs must be >= 1)")
+        self.strategy.on_fit_end(run.ctx)
+        result = self._score(run, test)
+        if self.out_dir is not None:
+            write_json(self.out_dir / "result.json", result.to_dict())
+        return result
+
+    # -- the steps of fit ------------------------------------------------------------------------
+    def _setup(self, train: Dataset, val: Dataset) -> _Run:
+        """Seed, configure the model, build the optimizer, the loaders and the strategy context."""
+        cfg, model, strategy = self.config, self.model, self.strategy
         start = time.perf_counter()
         # Dropout, noise-adding strategies and the like draw from the global RNG: seed it too
-        # (a resumed run restores its saved state below).
+        # (a resumed run restores its saved state after on_fit_start).
         torch.manual_seed(cfg.seed)
         strategy.configure_model(model)
         model.to(self.device)
@@ -257,7 +291,6 @@ class Trainer:
         train_part, holdout_part = split_holdout(train, strategy.holdout_fraction, cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
         train_loader = self._loader(train_part, train=True, generator=generator)
-        val_loader = self._loader(val, train=False)
         holdout_loader = train_probe_loader = None
         if holdout_part is not None:
             holdout_loader = self._loader(holdout_part, train=False)
@@ -277,108 +310,114 @@ class Trainer:
             holdout_loader=holdout_loader,
             train_probe_loader=train_probe_loader,
         )
-        strategy.on_fit_start(ctx)
-
-        history: list[dict[str, Any]] = []
-        best_epoch, best_score = 0, -math.inf
-        best_state: dict[str, Any] | None = None
-        first_epoch = 1
-        elapsed_before = 0.0
-        last_path = self.out_dir / LAST if self.out_dir is not None else None
-        if resume and last_path is not None and last_path.is_file():
-            ckpt = load_checkpoint(last_path)
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            strategy.load_state_dict(ckpt["strategy"])
-            history = list(ckpt["history"])
-            best_epoch, best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
-            best_state = load_checkpoint(self.out_dir / BEST)["model"] if best_epoch else None  # type: ignore[operator]
-            torch.set_rng_state(ckpt["rng"])
-            if ckpt.get("cuda_rng") and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-            generator.set_state(ckpt["loader_rng"])
-            first_epoch = int(ckpt["epoch"]) + 1
-            elapsed_before = float(ckpt.get("elapsed_s", 0.0))
-            if ckpt.get("stopped"):
-                first_epoch = cfg.epochs + 1
-
-        bar = tqdm(
-            range(first_epoch, cfg.epochs + 1),
-            desc=f"{strategy.name}",
-            disable=not cfg.progress,
-            leave=False,
-            unit="ep",
+        return _Run(
+            ctx=ctx,
+            generator=generator,
+            train_loader=train_loader,
+            val_loader=self._loader(val, train=False),
+            holdout_loader=holdout_loader,
+            start=start,
         )
-        stopped = False
-        for epoch in bar:
-            t0 = time.perf_counter()
-            strategy.on_epoch_start(ctx, epoch)
-            lrs = group_lrs(optimizer)
-            train_stats = self._train_epoch(train_loader, optimizer, ctx)
-            val_res = self.evaluate(val_loader, keep_latents=strategy.needs_latents)
-            holdout_res = self.evaluate(holdout_loader) if holdout_loader is not None else None
-            record = strategy.on_epoch_end(ctx, epoch, val_res, holdout_res)
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                **{f"train_{k}": v for k, v in train_stats.items()},
-                "val_loss": val_res.loss,
-                "val_fused": val_res.fused,
-                **{f"val_{m}": v for m, v in val_res.unimodal.items()},
-                **{f"lr_{k}": v for k, v in lrs.items()},
-                "strategy": record,
-                "time_s": time.perf_counter() - t0,
-            }
-            history.append(row)
-            score = strategy.selection_score(val_res)
-            row["selection_score"] = score
-            improved = score > best_score
-            if improved:
-                best_epoch, best_score = epoch, score
-                best_state = copy.deepcopy(model.state_dict())
-            stopped = strategy.should_stop()
-            if self.out_dir is not None:
-                if improved:
-                    save_checkpoint(self.out_dir / BEST, {"model": best_state, "epoch": epoch})
-                save_checkpoint(
-                    self.out_dir / LAST,
-                    {
-                        "epoch": epoch,
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "strategy": strategy.state_dict(),
-                        "history": history,
-                        "best_epoch": best_epoch,
-                        "best_score": best_score,
-                        "rng": torch.get_rng_state(),
-                        "cuda_rng": (
-                            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-                        ),
-                        "loader_rng": generator.get_state(),
-                        "elapsed_s": elapsed_before + time.perf_counter() - start,
-                        "stopped": stopped,
-                    },
-                )
-                write_history(self.out_dir, history)
-            bar.set_postfix(val=f"{val_res.fused:.3f}", best=best_epoch)
-            if stopped:
-                break
-        bar.close()
-        if not history:
-            raise RuntimeError("no epoch was trained (epochs must be >= 1)")
 
+    def _load_last(self) -> dict[str, Any] | None:
+        """``out_dir/last.pt``, or ``None`` when there is none yet (a resume starts afresh)."""
+        assert self.out_dir is not None
+        path = self.out_dir / LAST
+        return load_checkpoint(path) if path.is_file() else None
+
+    def _restore(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
+        """Model, optimizer, strategy and progress from ``last.pt``, before ``on_fit_start``:
+        the strategy's hooks then build on the restored optimizer and state."""
+        assert self.out_dir is not None
+        self.model.load_state_dict(ckpt["model"])
+        run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        self.strategy.load_state_dict(ckpt["strategy"])
+        run.history = list(ckpt["history"])
+        run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+        if run.best_epoch:
+            run.best_state = load_checkpoint(self.out_dir / BEST)["model"]
+        run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else int(ckpt["epoch"]) + 1
+        run.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+
+    def _restore_rng(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
+        """The random streams, restored after ``on_fit_start``: whatever a hook draws there is the
+        same in a fresh and a resumed fit, and training continues the saved stream exactly."""
+        torch.set_rng_state(ckpt["rng"])
+        if ckpt.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        run.generator.set_state(ckpt["loader_rng"])
+
+    def _run_epoch(self, run: _Run, epoch: int) -> bool:
+        """Train, validate, let the strategy decide, record the row; True if the best improved."""
+        strategy, ctx = self.strategy, run.ctx
+        t0 = time.perf_counter()
+        strategy.on_epoch_start(ctx, epoch)
+        lrs = group_lrs(ctx.optimizer)
+        train_stats = self._train_epoch(run.train_loader, ctx.optimizer, ctx)
+        val_res = self.evaluate(run.val_loader, keep_latents=strategy.needs_latents)
+        holdout_res = self.evaluate(run.holdout_loader) if run.holdout_loader is not None else None
+        record = strategy.on_epoch_end(ctx, epoch, val_res, holdout_res)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            **{f"train_{k}": v for k, v in train_stats.items()},
+            "val_loss": val_res.loss,
+            "val_fused": val_res.fused,
+            **{f"val_{m}": v for m, v in val_res.unimodal.items()},
+            **{f"lr_{k}": v for k, v in lrs.items()},
+            "strategy": record,
+            "time_s": time.perf_counter() - t0,
+        }
+        run.history.append(row)
+        score = strategy.selection_score(val_res)
+        row["selection_score"] = score
+        improved = score > run.best_score
+        if improved:
+            run.best_epoch, run.best_score = epoch, score
+            run.best_state = copy.deepcopy(self.model.state_dict())
+        run.stopped = strategy.should_stop()
+        return improved
+
+    def _checkpoint(self, run: _Run, epoch: int, improved: bool) -> None:
+        """``best.pt`` when the epoch improved, ``last.pt`` (all a resume needs) and the history."""
+        assert self.out_dir is not None
+        if improved:
+            save_checkpoint(self.out_dir / BEST, {"model": run.best_state, "epoch": epoch})
+        save_checkpoint(
+            self.out_dir / LAST,
+            {
+                "epoch": epoch,
+                "model": self.model.state_dict(),
+                "optimizer": run.ctx.optimizer.state_dict(),
+                "strategy": self.strategy.state_dict(),
+                "history": run.history,
+                "best_epoch": run.best_epoch,
+                "best_score": run.best_score,
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "loader_rng": run.generator.get_state(),
+                "elapsed_s": run.elapsed_s(),
+                "stopped": run.stopped,
+            },
+        )
+        write_history(self.out_dir, run.history)
+
+    def _score(self, run: _Run, test: Dataset | None) -> RunResult:
+        """Test with the last weights, then with the best epoch's (left in the model)."""
+        model = self.model
         test_last = test_best = None
         test_loader = self._loader(test, train=False) if test is not None else None
         if test_loader is not None:
             last = self.evaluate(test_loader)
             test_last = {"fused": last.fused, "unimodal": last.unimodal}
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        if run.best_state is not None:
+            model.load_state_dict(run.best_state)
         if test_loader is not None:
             best = self.evaluate(test_loader)
             test_best = {"fused": best.fused, "unimodal": best.unimodal}
-        best_row = history[best_epoch - 1] if best_epoch else history[-1]
-        result = RunResult(
-            best_epoch=best_epoch,
+        history = run.history
+        best_row = history[run.best_epoch - 1] if run.best_epoch else history[-1]
+        return RunResult(
+            best_epoch=run.best_epoch,
             epochs_run=len(history),
             val={
                 "fused": best_row["val_fused"],
@@ -387,10 +426,29 @@ class Trainer:
             test=test_best,
             test_last=test_last,
             history=history,
-            strategy=strategy.describe(),
-            config={**asdict(cfg), "metric": self.metric, "multilabel": self.multilabel},
-            wall_time_s=elapsed_before + time.perf_counter() - start,
+            strategy=self.strategy.describe(),
+            config={**asdict(self.config), "metric": self.metric, "multilabel": self.multilabel},
+            wall_time_s=run.elapsed_s(),
         )
-        if self.out_dir is not None:
-            write_json(self.out_dir / "result.json", result.to_dict())
-        return result
+
+
+@dataclass
+class _Run:
+    """What one ``fit`` carries from step to step (and what ``last.pt`` saves of it)."""
+
+    ctx: StrategyContext
+    generator: torch.Generator  #: the training loader's shuffling stream
+    train_loader: DataLoader
+    val_loader: DataLoader
+    holdout_loader: DataLoader | None
+    start: float  #: ``time.perf_counter()`` when this fit started
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    best_state: dict[str, Any] | None = None
+    first_epoch: int = 1
+    elapsed_before: float = 0.0  #: seconds spent by the fit(s) this one resumes
+    stopped: bool = False
+
+    def elapsed_s(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start
