@@ -3,32 +3,30 @@
 Each config goes through the same path ``miles train --config`` takes: ``ExperimentConfig`` ->
 the registered dataset builder with the config's ``dataset_params`` -> ``build_encoders(
 latent_dim)`` -> ``JointFusionModel`` -> the strategy's loss. Only the cache is a stand-in: a
-miniature one written by the real ``prepare`` driver with the dataset's own array names and dtypes
-(from its default :class:`Preparer`) at reduced size (sides cut to 32, e.g. 32 x 32 instead of
-224 x 224, 32 tokens instead of 512), and, for MM-IMDb, a small randomly initialised BERT in place
-of BERT-base. Encoders are randomly initialised (the configs name no weights).
+miniature one (:mod:`tests.miniature`: the dataset's own array names and dtypes at reduced size,
+sides cut to 32, e.g. 32 x 32 instead of 224 x 224, 32 tokens instead of 512), and, for MM-IMDb,
+a small randomly initialised BERT in place of BERT-base. Encoders are randomly initialised (the
+configs name no weights).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from miles.data import cremad, luma, mmimdb, smnist
 from miles.data.base import collate_multimodal
-from miles.data.prepare import ArraySpec, Preparer, RawItem, build_preparer, prepare
+from miles.data.prepare import prepare
 from miles.data.registry import available_datasets, build_dataset
 from miles.models.fusion import JointFusionModel
 from miles.models.losses import head_losses
 from miles.strategies.registry import build_strategy
 from miles.training.experiment import ExperimentConfig
+from tests.miniature import BUILD_OVERRIDES, N_TRAIN, MiniPreparer, default_preparer
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "paper"
 DATASETS = ("cremad", "smnist", "luma", "mmimdb")
@@ -41,23 +39,6 @@ PAPER_MODALITIES = {
     "luma": {"audio", "image"},
     "mmimdb": {"text", "image"},
 }
-MAX_SIDE = 32  # reduced input size: every cached dim above this is cut to it
-N_SAMPLES, N_TRAIN = 8, 4
-#: The miniature's class names (LUMA reads its kept classes from the manifest's "extra").
-KEY_CLASSES = ("cat", "dog")
-SMALL_BERT = {
-    "vocab_size": 64,
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 64,
-}
-#: Per dataset: builder arguments replaced for the CPU test (beyond ``root``).
-TEST_OVERRIDES: dict[str, dict[str, Any]] = {
-    "mmimdb": {"bert_path": None, "bert_config": SMALL_BERT}
-}
-
 CASES = [(d, f) for d in DATASETS for f in FUSIONS]
 DATASET_MODULES = {"cremad": cremad, "smnist": smnist, "luma": luma, "mmimdb": mmimdb}
 
@@ -71,82 +52,6 @@ def _load(dataset: str, fusion: str) -> tuple[dict[str, Any], ExperimentConfig]:
     path = CONFIG_DIR / f"{dataset}_{fusion}.yaml"
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     return raw, ExperimentConfig.from_dict(raw)
-
-
-def _tokenizer_dir(tmp_path: Path) -> Path:
-    """A local BERT tokenizer folder (vocab.txt + tokenizer_config.json), as mmimdb requires."""
-    folder = tmp_path / "tokenizer"
-    folder.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "movie", "plot"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
-    config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 512}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    return folder
-
-
-def _default_preparer(dataset: str, tmp_path: Path) -> Preparer:
-    options: dict[str, Any] = {}
-    if dataset == "mmimdb":
-        options["tokenizer"] = str(_tokenizer_dir(tmp_path))
-    return build_preparer(dataset, **options)
-
-
-def _reduced(spec: ArraySpec) -> ArraySpec:
-    return ArraySpec(tuple(min(d, MAX_SIDE) for d in spec.shape), spec.dtype)
-
-
-class _MiniPreparer(Preparer):
-    """Random arrays with the real preparer's names, dtypes and label spec, at reduced size."""
-
-    def __init__(self, real: Preparer) -> None:
-        self.name = real.name  # type: ignore[misc]  # the builders check the cache's dataset name
-        self._specs = {m: _reduced(s) for m, s in real.specs().items()}
-        self._label = real.label_spec()
-        self._rng = np.random.default_rng(0)
-
-    def options(self) -> dict[str, Any]:
-        return {"test": "miniature"}
-
-    def specs(self) -> dict[str, ArraySpec]:
-        return self._specs
-
-    def label_spec(self) -> ArraySpec:
-        return self._label
-
-    def scan(self, raw: Path) -> list[RawItem]:
-        items = []
-        for i in range(N_SAMPLES):
-            if self._label.shape:  # multilabel: a multi-hot row with at least one positive
-                label: Any = (np.arange(self._label.shape[0]) % (i + 2) == 0).astype(np.float32)
-            else:
-                label = i % len(KEY_CLASSES)
-            items.append(RawItem(f"{KEY_CLASSES[i % len(KEY_CLASSES)]}_{i:04d}", label, {}))
-        return items
-
-    def process(self, item: RawItem) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for m, spec in self._specs.items():
-            if m == "text":  # (2, L): token ids, then the attention mask (a padded tail)
-                ids = self._rng.integers(5, SMALL_BERT["vocab_size"], size=spec.shape[1:])
-                mask = np.ones(spec.shape[1:], dtype=np.int64)
-                mask[spec.shape[-1] // 2 :] = 0
-                out[m] = np.stack([ids * mask, mask]).astype(spec.dtype)
-            elif np.issubdtype(np.dtype(spec.dtype), np.integer):
-                out[m] = self._rng.integers(0, 256, size=spec.shape).astype(spec.dtype)
-            else:
-                out[m] = self._rng.standard_normal(spec.shape).astype(spec.dtype)
-        return out
-
-    def manifest_extra(self, items: Sequence[RawItem]) -> dict[str, Any]:
-        return {"classes": list(KEY_CLASSES)}
-
-    def split(self, items: Sequence[RawItem]) -> dict[str, list[int]]:
-        n = len(items)
-        return {
-            "train": list(range(N_TRAIN)),
-            "val": list(range(N_TRAIN, (n + N_TRAIN) // 2)),
-            "test": list(range((n + N_TRAIN) // 2, n)),
-        }
 
 
 def test_every_dataset_and_fusion_has_a_config() -> None:
@@ -180,12 +85,12 @@ def test_config_trains_one_step_on_cpu(
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     _, config = _load(dataset, fusion)
     assert dataset in available_datasets()
-    real = _default_preparer(dataset, tmp_path)
+    real = default_preparer(dataset, tmp_path)
     assert set(real.specs()) == PAPER_MODALITIES[dataset]
     cache = tmp_path / "cache"
-    prepare(_MiniPreparer(real), tmp_path, cache, progress=False)
+    prepare(MiniPreparer(real), tmp_path, cache, progress=False)
 
-    params = {**config.dataset_params, "root": str(cache), **TEST_OVERRIDES.get(dataset, {})}
+    params = {**config.dataset_params, "root": str(cache), **BUILD_OVERRIDES.get(dataset, {})}
     data = build_dataset(config.dataset, **params)
     assert set(data.modalities) == PAPER_MODALITIES[dataset]
     assert len(data.train) == N_TRAIN

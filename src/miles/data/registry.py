@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from miles.data.base import DatasetSplits
 
-__all__ = ["available_datasets", "build_dataset", "register_dataset"]
+__all__ = ["available_datasets", "build_dataset", "dataset_builder", "register_dataset"]
 
 Builder = Callable[..., DatasetSplits]
 B = TypeVar("B", bound=Builder)
@@ -39,16 +39,24 @@ def available_datasets() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def dataset_builder(name: str) -> Builder:
+    """The builder registered as ``name`` (e.g. to read its signature or its module).
+
+    Raises:
+        ValueError: ``name`` is not registered; the message lists the available names.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown dataset {name!r}; available: {', '.join(available_datasets()) or '(none)'}"
+        ) from None
+
+
 def build_dataset(name: str, **kwargs: Any) -> DatasetSplits:
     """Build the registered dataset ``name`` with the builder's keyword arguments.
 
     Raises:
         ValueError: ``name`` is not registered; the message lists the available names.
     """
-    try:
-        builder = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown dataset {name!r}; available: {', '.join(available_datasets()) or '(none)'}"
-        ) from None
-    return builder(**kwargs)
+    return dataset_builder(name)(**kwargs)
