@@ -130,18 +130,6 @@ def test_frozen_encoder_keeps_weights_and_batchnorm_stats(bn_toy: Any) -> None:
         assert not torch.equal(before["weak"][key], weak_after[key]), key
 
 
-def test_large_patience_is_joint_aux_bit_for_bit(bn_toy: Any) -> None:
-    aux, m_aux = _fit(bn_toy, build_strategy("joint+aux"), 4)
-    mses, m_mses = _fit(bn_toy, MSES(patience=100), 4)
-    assert _equal(m_aux.state_dict(), m_mses.state_dict())
-    strip = [{k: v for k, v in r.items() if k != "strategy"} for r in _no_times(mses.history)]
-    assert strip == [
-        {k: v for k, v in r.items() if k != "strategy"} for r in _no_times(aux.history)
-    ]
-    assert mses.history[-1]["strategy"]["frozen"] == []
-    assert mses.strategy["uses_aux_losses"] is True and mses.strategy["patience"] == 100
-
-
 def test_stops_when_all_encoders_converged(bn_toy: Any) -> None:
     # min_delta 1.0: no accuracy can improve after epoch 1, so both freeze at the end of epoch 2
     result, model = _fit(bn_toy, MSES(patience=1, min_delta=1.0), 5)

@@ -121,13 +121,6 @@ def test_keep_sets_group_rates_and_shared_stays_base() -> None:
     assert strategy.state_dict() == {}
 
 
-def test_keep_with_base_rates_is_joint_aux_bit_for_bit(toy: Any) -> None:
-    aux, m_aux = _fit(toy, "joint+aux", epochs=3)
-    keep, m_keep = _fit(toy, "mslr-k", epochs=3, unimodal_lrs={"strong": BASE, "weak": BASE})
-    assert same_weights(m_aux, m_keep)
-    assert [r["val_fused"] for r in aux.history] == [r["val_fused"] for r in keep.history]
-
-
 def test_keep_trains_with_its_rates(toy: Any) -> None:
     _, m_aux = _fit(toy, "joint+aux", epochs=2)
     res, m_keep = _fit(toy, "mslr-k", epochs=2, unimodal_lrs={"strong": 1e-3, "weak": 3e-2})

@@ -1,0 +1,216 @@
+"""One contract every registered strategy meets, checked by one harness for all of them.
+
+For each strategy: it builds from its registered name, its state survives a ``state_dict`` round
+trip (JSON-able builtins and tensors, through ``torch.save``/``weights_only`` loading), a run cut
+after 2 epochs and resumed gives the uninterrupted 4-epoch run bit for bit, and, where the method
+has one, its neutral setting is its parent method exactly (while an acting setting is not).
+
+A strategy the library registers without an entry in ``EXAMPLES`` fails
+:func:`test_every_registered_strategy_has_an_example`: a new method adds a line here.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from miles.data import DatasetSplits, collate_multimodal
+from miles.models import JointFusionModel
+from miles.strategies import Strategy, available_strategies, build_strategy
+from miles.strategies.registry import strategy_class
+from miles.training import RunResult, Trainer, TrainerConfig
+from tests.conftest import make_toy_splits
+from tests.helpers import same_weights, strip_times
+
+LRS = {"strong": 1e-2, "weak": 3e-2}  # unequal modality rates (the trainer's base rate is 1e-2)
+BASE_LRS = {"strong": 1e-2, "weak": 1e-2}
+
+
+@dataclass(frozen=True)
+class Example:
+    """Constructor parameters that make a strategy act on the toy task within 4 epochs."""
+
+    params: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adam"  #: OGM's authors use SGD (Adam largely cancels its rescaling)
+
+
+EXAMPLES: dict[str, Example] = {
+    "joint": Example(),
+    "joint+aux": Example({"aux_weights": {"weak": 0.5}}),
+    "unimodal": Example({"modality": "weak"}),
+    # frozen after epoch 2 with the best weights reloaded at the start of epoch 3: the cut at
+    # epoch 2 falls between the freeze and the reload
+    "mses": Example(
+        {"patience": 1, "min_delta": 1.0, "restore_best": True, "stop_when_all_frozen": False}
+    ),
+    "mslr-k": Example({"unimodal_lrs": LRS}),
+    "mslr-s": Example({"unimodal_lrs": LRS, "smoothing": 0.5}),
+    "mslr-d": Example({"unimodal_lrs": LRS, "window": 2, "update_every": 1}),
+    "ogm": Example({"alpha": 1.0}, optimizer="sgd"),
+    "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
+    "gblend": Example({"super_epoch": 1}),
+    "miles": Example({"tau": 0.0}),
+}
+
+
+@dataclass(frozen=True)
+class Neutral:
+    """``strategy(neutral)`` trains exactly like ``parent(parent_params)``; ``acting`` does not."""
+
+    strategy: str
+    neutral: dict[str, Any]
+    parent: str
+    acting: dict[str, Any]
+    parent_params: dict[str, Any] = field(default_factory=dict)
+    #: attributes set on the parent instance (e.g. the same held-out split as G-Blend's)
+    parent_attributes: dict[str, Any] = field(default_factory=dict)
+    optimizer: str = "adam"
+
+
+NEUTRAL = [
+    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),
+    Neutral(
+        "gblend",  # no estimate within the run: uniform weights, 1 per head
+        {"super_epoch": 10, "normalize": "sum-to-heads"},
+        "joint+aux",
+        {"super_epoch": 1, "normalize": "sum-to-heads"},
+        parent_attributes={"holdout_fraction": 0.1},
+    ),
+    Neutral("mslr-k", {"unimodal_lrs": BASE_LRS}, "joint+aux", {"unimodal_lrs": LRS}),
+    Neutral(
+        "mslr-s", {"unimodal_lrs": BASE_LRS, "smoothing": 0.5}, "joint+aux", {"unimodal_lrs": LRS}
+    ),
+    Neutral("mses", {"patience": 10}, "joint+aux", {"patience": 1, "min_delta": 1.0}),
+    Neutral("miles", {"mu": 1.0, "tau": 0.0}, "joint+aux", {"mu": 0.5, "tau": 0.0}),
+]
+
+
+@pytest.fixture(scope="module")
+def data() -> DatasetSplits:
+    return make_toy_splits(n=(120, 40, 40))
+
+
+def _fit(
+    data: DatasetSplits,
+    strategy: Strategy,
+    *,
+    epochs: int,
+    optimizer: str = "adam",
+    out_dir: Path | None = None,
+    resume: bool = False,
+) -> tuple[RunResult, JointFusionModel]:
+    torch.manual_seed(0)
+    model = JointFusionModel(data.build_encoders(8), data.num_classes)
+    cfg = TrainerConfig(
+        epochs=epochs, lr=1e-2, batch_size=32, seed=0, optimizer=optimizer, progress=False
+    )
+    trainer = Trainer(model, strategy, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
+    return trainer.fit(data.train, data.val, data.test, resume=resume), model
+
+
+def _build(name: str) -> Strategy:
+    return build_strategy(name, **EXAMPLES[name].params)
+
+
+def _check_plain(value: Any, where: str = "state") -> None:
+    """JSON-able builtins (str-keyed dicts, lists, numbers, strings, None) and tensors only."""
+    if value is None or isinstance(value, (bool, int, float, str, Tensor)):
+        return
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            assert isinstance(key, str), f"{where} has a non-str key {key!r}"
+            _check_plain(item, f"{where}[{key!r}]")
+    else:
+        raise AssertionError(f"{where} is a {type(value).__name__}, not a builtin or a tensor")
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _without_strategy_record(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if k != "strategy"} for row in strip_times(history)]
+
+
+def test_every_registered_strategy_has_an_example() -> None:
+    """Strategies the library registers (not ones a test or plugin adds) must be in the table."""
+    library = {
+        n for n in available_strategies() if strategy_class(n).__module__.startswith("miles.")
+    }
+    missing = sorted(library - set(EXAMPLES))
+    assert not missing, f"add an EXAMPLES entry for {missing} in {__file__}"
+    assert not set(EXAMPLES) - library, "EXAMPLES names strategies that are not registered"
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_builds_by_name_and_describes_itself(name: str) -> None:
+    strategy = _build(name)
+    assert isinstance(strategy, strategy_class(name)) and strategy.name == name
+    info = strategy.describe()
+    assert info["name"] == name and info["uses_aux_losses"] == strategy.uses_aux_losses
+    json.dumps(info)  # results.json holds it
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_state_dict_round_trip(name: str, data: DatasetSplits) -> None:
+    """After 2 epochs the state is plain data, survives a weights-only load and loads back into a
+    fresh instance, which then reports the same state."""
+    trained = _build(name)
+    _fit(data, trained, epochs=2, optimizer=EXAMPLES[name].optimizer)
+    state = trained.state_dict()
+    _check_plain(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=True)
+    fresh = _build(name)
+    fresh.load_state_dict(reloaded)
+    assert _equal(fresh.state_dict(), state)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_resume_is_bit_exact(name: str, data: DatasetSplits, tmp_path: Path) -> None:
+    """4 epochs straight = 2 epochs, then a fresh process-like resume to 4 (new objects)."""
+    optimizer = EXAMPLES[name].optimizer
+    full, m_full = _fit(data, _build(name), epochs=4, optimizer=optimizer)
+    _fit(data, _build(name), epochs=2, optimizer=optimizer, out_dir=tmp_path)
+    resumed, m_res = _fit(
+        data, _build(name), epochs=4, optimizer=optimizer, out_dir=tmp_path, resume=True
+    )
+    assert strip_times(resumed.history) == strip_times(full.history)
+    assert resumed.best_epoch == full.best_epoch
+    assert resumed.test == full.test and resumed.test_last == full.test_last
+    assert same_weights(m_full, m_res)
+
+
+@pytest.mark.parametrize("case", NEUTRAL, ids=lambda c: f"{c.strategy}-is-{c.parent}")
+def test_neutral_setting_is_the_parent_method(case: Neutral, data: DatasetSplits) -> None:
+    parent = build_strategy(case.parent, **case.parent_params)
+    for attribute, value in case.parent_attributes.items():
+        setattr(parent, attribute, value)
+    ref, m_ref = _fit(data, parent, epochs=4, optimizer=case.optimizer)
+    neutral = build_strategy(case.strategy, **case.neutral)
+    got, m_got = _fit(data, neutral, epochs=4, optimizer=case.optimizer)
+    assert same_weights(m_ref, m_got)
+    assert _without_strategy_record(got.history) == _without_strategy_record(ref.history)
+    assert got.test == ref.test
+    # the comparison can fail: the acting setting trains differently
+    acting = build_strategy(case.strategy, **case.acting)
+    _, m_acting = _fit(data, acting, epochs=4, optimizer=case.optimizer)
+    assert not same_weights(m_ref, m_acting)
