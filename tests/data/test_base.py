@@ -119,7 +119,7 @@ def test_works_with_dataloader() -> None:
 
 
 def test_registry_errors(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry._DATASETS, "_items", dict(registry._DATASETS._items))
 
     def builder(**kwargs: object) -> DatasetSplits:
         raise AssertionError("not called")
@@ -134,7 +134,7 @@ def test_registry_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registry_builds_with_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(registry, "_REGISTRY", {})
+    monkeypatch.setattr(registry._DATASETS, "_items", {})
     seen: dict[str, object] = {}
 
     @registry.register_dataset("toy")

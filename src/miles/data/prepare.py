@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from miles.registry import Registry
+
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 LABELS = "labels.npy"
@@ -333,30 +335,28 @@ def verify(out: Path | str) -> dict[str, Any]:
     return dict(manifest)
 
 
-_PREPARERS: dict[str, type[Preparer]] = {}
+_PREPARERS: Registry[type[Preparer]] = Registry("preparer")
 
 
 def register_preparer(name: str) -> Any:
     """Class decorator: make ``miles prepare NAME`` build this preparer."""
+    add = _PREPARERS.register(name)
 
     def decorate(cls: type[Preparer]) -> type[Preparer]:
-        if name in _PREPARERS:
-            raise ValueError(f"preparer {name!r} is already registered")
+        add(cls)
         cls.name = name
-        _PREPARERS[name] = cls
         return cls
 
     return decorate
 
 
 def build_preparer(name: str, **options: Any) -> Preparer:
-    if name not in _PREPARERS:
-        raise ValueError(f"unknown dataset {name!r} to prepare; available: {sorted(_PREPARERS)}")
+    factory = _PREPARERS.get(name)
     try:
-        return _PREPARERS[name](**options)
+        return factory(**options)
     except TypeError as exc:
         raise TypeError(f"bad options for {name!r}: {exc}") from exc
 
 
 def available_preparers() -> list[str]:
-    return sorted(_PREPARERS)
+    return _PREPARERS.names()

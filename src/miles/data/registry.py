@@ -6,13 +6,14 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from miles.data.base import DatasetSplits
+from miles.registry import Registry
 
 __all__ = ["available_datasets", "build_dataset", "dataset_builder", "register_dataset"]
 
 Builder = Callable[..., DatasetSplits]
 B = TypeVar("B", bound=Builder)
 
-_REGISTRY: dict[str, Builder] = {}
+_DATASETS: Registry[Builder] = Registry("dataset")
 
 
 def register_dataset(name: str) -> Callable[[B], B]:
@@ -22,21 +23,12 @@ def register_dataset(name: str) -> Callable[[B], B]:
         ValueError: ``name`` is empty or already registered (silently replacing a dataset would
             make results depend on import order).
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"dataset name must be a non-empty string, got {name!r}")
-
-    def decorator(builder: B) -> B:
-        if name in _REGISTRY:
-            raise ValueError(f"dataset {name!r} is already registered (by {_REGISTRY[name]!r})")
-        _REGISTRY[name] = builder
-        return builder
-
-    return decorator
+    return _DATASETS.register(name)
 
 
 def available_datasets() -> list[str]:
     """Registered dataset names, sorted."""
-    return sorted(_REGISTRY)
+    return _DATASETS.names()
 
 
 def dataset_builder(name: str) -> Builder:
@@ -45,12 +37,7 @@ def dataset_builder(name: str) -> Builder:
     Raises:
         ValueError: ``name`` is not registered; the message lists the available names.
     """
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown dataset {name!r}; available: {', '.join(available_datasets()) or '(none)'}"
-        ) from None
+    return _DATASETS.get(name)
 
 
 def build_dataset(name: str, **kwargs: Any) -> DatasetSplits:

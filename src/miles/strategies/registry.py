@@ -5,22 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from miles.registry import Registry
 from miles.strategies.base import Strategy
 
 S = TypeVar("S", bound=type[Strategy])
-_REGISTRY: dict[str, type[Strategy]] = {}
+_STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
 
 
 def register_strategy(name: str) -> Callable[[S], S]:
     """Class decorator: make a strategy buildable as ``build_strategy(name, **params)``."""
-
-    def decorate(cls: S) -> S:
-        if name in _REGISTRY:
-            raise ValueError(f"strategy {name!r} is already registered")
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorate
+    return _STRATEGIES.register(name)
 
 
 def build_strategy(name: str, **params: Any) -> Strategy:
@@ -34,13 +28,8 @@ def build_strategy(name: str, **params: Any) -> Strategy:
 
 def strategy_class(name: str) -> type[Strategy]:
     """The registered class, for class-level facts (``uses_aux_losses``, ``comparison_runs``)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown strategy {name!r}; available: {available_strategies()}"
-        ) from None
+    return _STRATEGIES.get(name)
 
 
 def available_strategies() -> list[str]:
-    return sorted(_REGISTRY)
+    return _STRATEGIES.names()

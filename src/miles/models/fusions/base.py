@@ -16,7 +16,8 @@ from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
 
-from miles.validation import check_mapping, check_positive_int, check_str
+from miles.registry import Registry
+from miles.validation import check_mapping, check_positive_int
 
 __all__ = ["Fusion", "available_fusions", "build_fusion", "fusion_class", "register_fusion"]
 
@@ -93,20 +94,18 @@ class Fusion(nn.Module):
 
 
 F = TypeVar("F", bound=type[Fusion])
-_REGISTRY: dict[str, type[Fusion]] = {}
+_FUSIONS: Registry[type[Fusion]] = Registry("fusion")
 
 
 def register_fusion(name: str) -> Callable[[F], F]:
     """Class decorator: make a :class:`Fusion` buildable by ``name`` (sets ``cls.name``)."""
-    check_str("fusion name", name)
+    add = _FUSIONS.register(name)
 
     def decorate(cls: F) -> F:
         if not (isinstance(cls, type) and issubclass(cls, Fusion)):
             raise TypeError(f"register_fusion({name!r}) needs a Fusion subclass, got {cls!r}")
-        if name in _REGISTRY:
-            raise ValueError(f"fusion {name!r} is already registered (by {_REGISTRY[name]!r})")
+        add(cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorate
@@ -114,11 +113,7 @@ def register_fusion(name: str) -> Callable[[F], F]:
 
 def fusion_class(name: str) -> type[Fusion]:
     """The registered class; an unknown name lists the available ones."""
-    check_str("fusion", name)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown fusion {name!r}; available: {available_fusions()}") from None
+    return _FUSIONS.get(name)
 
 
 def build_fusion(
@@ -130,4 +125,4 @@ def build_fusion(
 
 def available_fusions() -> list[str]:
     """Registered fusion names, sorted."""
-    return sorted(_REGISTRY)
+    return _FUSIONS.names()
