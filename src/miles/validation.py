@@ -47,7 +47,7 @@ def check_int(
     name: str, value: Any, *, minimum: int | None = None, maximum: int | None = None
 ) -> int:
     """An integer (Python or NumPy, never ``bool``) in ``[minimum, maximum]``."""
-    bounds = _int_bounds(minimum, maximum)
+    bounds = _bounds(minimum, maximum)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise _type_error(name, f"an int{bounds}", value)
     number = int(value)
@@ -56,13 +56,16 @@ def check_int(
     return number
 
 
-def _int_bounds(minimum: int | None, maximum: int | None) -> str:
-    if minimum is not None and maximum is not None:
-        return f" in [{minimum}, {maximum}]"
-    if minimum is not None:
-        return f" >= {minimum}"
-    if maximum is not None:
-        return f" <= {maximum}"
+def _bounds(
+    low: float | None, high: float | None, low_open: bool = False, high_open: bool = False
+) -> str:
+    """`` in [low, high)``, `` >= low``, `` < high``... or nothing, for error messages."""
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    if high is not None:
+        return f" {'<' if high_open else '<='} {high}"
     return ""
 
 
@@ -92,7 +95,8 @@ def check_number(
     ``finite=False`` admits ``+-inf`` (when the bounds do). NaN is always refused: it compares
     false with every bound.
     """
-    expected = _describe_number(low, high, low_open, high_open, finite)
+    kind = "a finite number" if finite else "a number"
+    expected = kind + _bounds(low, high, low_open, high_open)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise _type_error(name, expected, value)
     number = float(value)
@@ -104,19 +108,6 @@ def check_number(
     ):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return number
-
-
-def _describe_number(
-    low: float | None, high: float | None, low_open: bool, high_open: bool, finite: bool
-) -> str:
-    kind = "a finite number" if finite else "a number"
-    if low is not None and high is not None:
-        return f"{kind} in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-    if low is not None:
-        return f"{kind} {'>' if low_open else '>='} {low}"
-    if high is not None:
-        return f"{kind} {'<' if high_open else '<='} {high}"
-    return kind
 
 
 def check_finite(name: str, value: Any) -> float:

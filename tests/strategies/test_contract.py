@@ -27,7 +27,7 @@ from miles.strategies import Strategy, available_strategies, build_strategy
 from miles.strategies.registry import strategy_class
 from miles.training import RunResult, Trainer, TrainerConfig
 from tests.conftest import make_toy_splits
-from tests.helpers import same_weights, strip_times
+from tests.helpers import assert_table_covers_library, same_weights, strip_times
 
 LRS = {"strong": 1e-2, "weak": 3e-2}  # unequal modality rates (the trainer's base rate is 1e-2)
 BASE_LRS = {"strong": 1e-2, "weak": 1e-2}
@@ -150,12 +150,8 @@ def _without_strategy_record(history: list[dict[str, Any]]) -> list[dict[str, An
 
 def test_every_registered_strategy_has_an_example() -> None:
     """Strategies the library registers (not ones a test or plugin adds) must be in the table."""
-    library = {
-        n for n in available_strategies() if strategy_class(n).__module__.startswith("miles.")
-    }
-    missing = sorted(library - set(EXAMPLES))
-    assert not missing, f"add an EXAMPLES entry for {missing} in {__file__}"
-    assert not set(EXAMPLES) - library, "EXAMPLES names strategies that are not registered"
+    modules = {n: strategy_class(n).__module__ for n in available_strategies()}
+    assert_table_covers_library("strategies", modules, EXAMPLES, __file__)
 
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
