@@ -6,7 +6,13 @@ Importing this package registers every built-in method: ``joint``, ``joint+aux``
 methods the others extend.
 """
 
-from miles.strategies.base import ComparisonSetup, EvalResult, Strategy, StrategyContext
+from miles.strategies.base import (
+    ComparisonSetup,
+    EvalResult,
+    StepOutput,
+    Strategy,
+    StrategyContext,
+)
 from miles.strategies.gblend import GBlend
 from miles.strategies.joint import Joint, JointAux
 from miles.strategies.miles import MILESStrategy
@@ -30,6 +36,7 @@ __all__ = [
     "MSLRDynamic",
     "MSLRKeep",
     "MSLRSmooth",
+    "StepOutput",
     "Strategy",
     "StrategyContext",
     "Unimodal",

@@ -20,8 +20,9 @@ Order of calls in ``Trainer.fit``::
     per epoch:
         on_epoch_start(ctx, epoch)   (look param groups up in ctx.optimizer each time, rather
                                       than caching the group dicts)
-        per batch: loss(losses, output, batch) -> backward
-                   -> on_after_backward(ctx, output, batch) -> optimizer.step()
+        per batch: training_step(ctx, batch) -> StepOutput; the default is
+                   ctx.forward -> ctx.head_losses -> loss(losses, output, batch)
+                   -> ctx.backward -> on_after_backward(ctx, output, batch) -> ctx.optimizer_step
         on_epoch_end(ctx, epoch, val, holdout) -> dict recorded in the history
         selection_score(val) -> float           the best epoch maximises this (default: fused)
         should_stop() -> bool
@@ -29,6 +30,14 @@ Order of calls in ``Trainer.fit``::
     on_fit_end(ctx)                             once, after the last epoch, before the test set
                                                 is scored
     describe() -> dict                          name and settings, for results and reports
+
+``training_step`` is the one override point for methods that change how a step is taken
+(alternating modalities, several backward passes, extra forward passes with a modality removed):
+they compose it from the context's primitives (``ctx.forward``, ``ctx.head_losses``,
+``ctx.zero_grad``, ``ctx.backward``, ``ctx.optimizer_step``), so device placement, mixed
+precision and gradient clipping stay in one place whatever the method does. Methods that train
+copies of the model (per-head copies, teachers) build their optimizers with
+``ctx.make_optimizer`` and read ``ctx.train_loader``.
 
 Class attributes state what a method needs from the trainer: ``uses_aux_losses`` (its loss
 includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs_latents`` and
@@ -45,7 +54,7 @@ import torch
 from torch import Tensor
 
 from miles.models.fusion import FusionOutput, JointFusionModel
-from miles.models.losses import FUSED
+from miles.models.losses import FUSED, head_losses
 from miles.models.param_groups import modality_param_groups
 
 #: hooks renamed for consistent ``on_*`` names: a subclass still defining the old name would
@@ -66,8 +75,23 @@ class EvalResult:
 
 
 @dataclass
+class StepOutput:
+    """What one training step reports: the optimised loss and each head's loss (detached), and
+    how many samples the batch held (the trainer averages per sample)."""
+
+    loss: Tensor
+    losses: dict[str, Tensor]
+    batch_size: int
+
+
+@dataclass
 class StrategyContext:
-    """What hooks may use: the model, its optimizer, and a way to evaluate any loader."""
+    """What hooks may use: the model, its optimizer, the loaders, and the step primitives.
+
+    The primitives (:meth:`forward`, :meth:`head_losses`, :meth:`zero_grad`, :meth:`backward`,
+    :meth:`optimizer_step`) are how every training step runs, the default one and a method's
+    own: they are where the trainer's device, precision and clipping settings apply.
+    """
 
     model: JointFusionModel
     optimizer: torch.optim.Optimizer
@@ -80,7 +104,37 @@ class StrategyContext:
     #: eval-mode loader over a fixed slice of the training part, as large as the holdout (present
     #: when ``holdout_fraction > 0``): train and held-out losses measured the same way
     train_probe_loader: Any | None = None
+    #: the shuffled loader this fit trains on (the training part, without any holdout)
+    train_loader: Any | None = None
+    #: builds an optimizer with the run's settings (kind, momentum, weight decay) over the given
+    #: param groups, e.g. for copies of the model a method trains on the side
+    make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    # -- step primitives -------------------------------------------------------------------------
+    def forward(
+        self, batch: Mapping[str, Any], model: JointFusionModel | None = None
+    ) -> FusionOutput:
+        """``model(inputs, lengths)`` on a batch already on :attr:`device` (default: the run's
+        model)."""
+        net = self.model if model is None else model
+        return net(batch["inputs"], batch.get("lengths") or None)
+
+    def head_losses(self, output: FusionOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Per-head losses (``"fused"`` and one per modality) with the run's loss function."""
+        return head_losses(output, batch["target"], multilabel=self.multilabel)
+
+    def zero_grad(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Clear the gradients of ``optimizer``'s parameters (default: the run's optimizer)."""
+        (self.optimizer if optimizer is None else optimizer).zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        """Back-propagate ``loss``; gradients are left unscaled for the hooks that read them."""
+        loss.backward()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Apply the gradients: one step of ``optimizer`` (default: the run's optimizer)."""
+        (self.optimizer if optimizer is None else optimizer).step()
 
 
 class Strategy:
@@ -134,6 +188,27 @@ class Strategy:
 
     def on_fit_end(self, ctx: StrategyContext) -> None:
         """Called once after the last epoch (also when a strategy stopped early)."""
+
+    # -- the training step -----------------------------------------------------------------------
+    def training_step(self, ctx: StrategyContext, batch: Mapping[str, Any]) -> StepOutput:
+        """One optimisation step on one batch (already on ``ctx.device``).
+
+        The default is the usual step: forward, per-head losses, :meth:`loss`, backward,
+        :meth:`on_after_backward`, optimizer step. Override it only for methods that change how a
+        step is taken, and build it from the context's primitives.
+        """
+        output = ctx.forward(batch)
+        losses = ctx.head_losses(output, batch)
+        loss = self.loss(losses, output, batch)
+        ctx.zero_grad()
+        ctx.backward(loss)
+        self.on_after_backward(ctx, output, batch)
+        ctx.optimizer_step()
+        return StepOutput(
+            loss=loss.detach(),
+            losses={name: value.detach() for name, value in losses.items()},
+            batch_size=int(batch["target"].shape[0]),
+        )
 
     # -- values ----------------------------------------------------------------------------------
     def loss(

@@ -211,22 +211,16 @@ class Trainer:
         count = 0
         for raw in loader:
             batch = move_batch(raw, self.device)
-            out = model(batch["inputs"], batch["lengths"] or None)
-            losses = head_losses(out, batch["target"], multilabel=self.multilabel)
-            loss = strategy.loss(losses, out, batch)
-            if not torch.isfinite(loss):
+            step = strategy.training_step(ctx, batch)
+            if not torch.isfinite(step.loss):
                 raise FloatingPointError(
-                    f"training loss became {float(loss)}; lower the learning rate"
+                    f"training loss became {float(step.loss)}; lower the learning rate"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            strategy.on_after_backward(ctx, out, batch)
-            optimizer.step()
-            n = batch["target"].shape[0]
+            n = step.batch_size
             count += n
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) * n
-            for name, value in losses.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value.detach()) * n
+            sums["loss"] = sums.get("loss", 0.0) + float(step.loss) * n
+            for name, value in step.losses.items():
+                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value) * n
         return {k: v / max(count, 1) for k, v in sums.items()}
 
     # -- the loop --------------------------------------------------------------------------------
@@ -309,6 +303,8 @@ class Trainer:
             evaluate=self.evaluate,
             holdout_loader=holdout_loader,
             train_probe_loader=train_probe_loader,
+            train_loader=train_loader,
+            make_optimizer=self._make_optimizer,
         )
         return _Run(
             ctx=ctx,
