@@ -283,9 +283,7 @@ def _group_modalities(optimizer: Optimizer) -> list[str | None]:
 def _lr_names(optimizer: Optimizer, modalities: list[str | None]) -> list[str]:
     """A unique label per group: its ``"name"``, else its modality or ``shared``."""
     names: list[str] = []
-    for index, (group, modality) in enumerate(
-        zip(optimizer.param_groups, modalities, strict=True)
-    ):
+    for index, (group, modality) in enumerate(zip(optimizer.param_groups, modalities, strict=True)):
         label = group.get("name")
         if not isinstance(label, str) or not label:
             label = modality if modality is not None else "shared"
@@ -639,9 +637,7 @@ class MILES(LRScheduler):
         self, fused: float, estimator: str, metrics: dict[str, float]
     ) -> dict[str, float]:
         key = "unimodal" if estimator == "heads" else "without"
-        return conditional_utilization(
-            fused, **{key: metrics}, mode=self._mode, scale=self._scale
-        )
+        return conditional_utilization(fused, **{key: metrics}, mode=self._mode, scale=self._scale)
 
     def _agreed(
         self,
@@ -854,9 +850,7 @@ def _float_list(state: Mapping[str, Any], key: str, n: int, *, optional: bool) -
     values = state.get(key, [None] * n) if optional else state[key]
     if not isinstance(values, (list, tuple)) or len(values) != n:
         size = len(values) if isinstance(values, (list, tuple)) else type(values).__name__
-        raise ValueError(
-            f"state_dict[{key!r}] is for {size} param groups, this optimizer has {n}"
-        )
+        raise ValueError(f"state_dict[{key!r}] is for {size} param groups, this optimizer has {n}")
     out: list[Any] = []
     for value in values:
         if value is None and optional:
