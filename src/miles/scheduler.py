@@ -86,7 +86,7 @@ from miles.utilization import (
 )
 from miles.validation import check_bool, check_number
 
-__all__ = ["MILES", "Decision", "check_composable"]
+__all__ = ["MILES", "Decision", "check_composable", "check_options"]
 
 #: Version of :meth:`MILES.state_dict`; states without the key are version 1 (still loadable).
 STATE_VERSION = 2
@@ -266,6 +266,32 @@ def _check_mu(mu: Any) -> float:
     return check_number("mu", mu, low=0, high=1, low_open=True)
 
 
+def check_options(
+    tau: Any = 0.2,
+    mu: Any = 0.5,
+    reset_other: Any = False,
+    *,
+    mode: Any = "max",
+    scale: Any = None,
+    sync: Any = "check",
+) -> dict[str, Any]:
+    """Validate MILES's hyper-parameters; return them normalized (floats, checked strings).
+
+    :class:`MILES` calls it; callbacks call it at construction, before any optimizer exists, so
+    a bad value fails before training rather than after the first epoch.
+    """
+    mode = check_mode(mode)
+    check_scale(scale, mode)
+    return {
+        "tau": _check_tau(tau),
+        "mu": _check_mu(mu),
+        "reset_other": check_bool("reset_other", reset_other),
+        "mode": mode,
+        "scale": None if scale is None else float(scale),
+        "sync": check_sync(sync),
+    }
+
+
 def _group_modalities(optimizer: Optimizer) -> list[str | None]:
     """The ``"modality"`` of each param group (None for shared groups), type-checked."""
     out: list[str | None] = []
@@ -357,13 +383,10 @@ class MILES(LRScheduler):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        self._tau = _check_tau(tau)
-        self._mu = _check_mu(mu)
-        self._reset_other = check_bool("reset_other", reset_other)
-        self._mode = check_mode(mode)
-        check_scale(scale, self._mode)
-        self._scale = None if scale is None else float(scale)
-        self._sync = check_sync(sync)
+        options = check_options(tau, mu, reset_other, mode=mode, scale=scale, sync=sync)
+        self._tau, self._mu = options["tau"], options["mu"]
+        self._reset_other, self._mode = options["reset_other"], options["mode"]
+        self._scale, self._sync = options["scale"], options["sync"]
         self._process_group = process_group
         group_modalities = _group_modalities(optimizer)
         names = tuple(dict.fromkeys(m for m in group_modalities if m is not None))
