@@ -51,13 +51,12 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
         "miles.integrations.hf needs transformers: pip install 'miles-lr[hf]'"
     ) from exc
 
+from miles.integrations.metric_keys import MetricKeys
 from miles.models.fusion import FusionOutput
 from miles.models.losses import head_losses
 from miles.scheduler import MILES, check_options
 
 __all__ = ["FusionForTrainer", "MILESCallback", "head_metrics"]
-
-ESTIMATORS = ("heads", "ablation")
 
 
 class FusionForTrainer(nn.Module):
@@ -165,11 +164,8 @@ class MILESCallback(TrainerCallback, ExportableState):
         log_prefix: str = "miles/",
         miles_state: Mapping[str, Any] | None = None,
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self._options = check_options(tau, mu, reset_other, mode=mode, scale=scale, sync=sync)
-        self.estimator = estimator
-        self.fused_key, self.head_key, self.without_key = fused_key, head_key, without_key
+        self.keys = MetricKeys(fused_key, head_key, without_key, estimator)
         self.log = log
         self.log_prefix = log_prefix
         self.miles_state = miles_state
@@ -182,10 +178,10 @@ class MILESCallback(TrainerCallback, ExportableState):
         return {
             "args": {
                 **self._options,
-                "estimator": self.estimator,
-                "fused_key": self.fused_key,
-                "head_key": self.head_key,
-                "without_key": self.without_key,
+                "estimator": self.keys.estimator,
+                "fused_key": self.keys.fused,
+                "head_key": self.keys.head,
+                "without_key": self.keys.without,
                 "log_prefix": self.log_prefix,
             },
             "attributes": {
@@ -246,14 +242,7 @@ class MILESCallback(TrainerCallback, ExportableState):
         scheduler = self.scheduler
         if scheduler is None or metrics is None or not self._training:
             return  # an evaluation outside train(): nothing to schedule
-        fused = self._read(metrics, self.fused_key)
-        template = self.head_key if self.estimator == "heads" else self.without_key
-        values = {m: self._read(metrics, template.format(modality=m)) for m in scheduler.modalities}
-        if self.estimator == "heads":
-            decision = scheduler.step(fused=fused, unimodal=values)
-        else:
-            decision = scheduler.step(fused=fused, without=values)
-        assert decision is not None
+        decision = self.keys.step(scheduler, lambda key: self._read(metrics, key))
         scalars = decision.scalars(prefix=self.log_prefix)
         metrics.update(scalars)
         state.log_history.append({**scalars, "step": state.global_step})

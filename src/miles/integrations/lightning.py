@@ -62,11 +62,10 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
         "miles.integrations.lightning needs Lightning: pip install 'miles-lr[lightning]'"
     ) from exc
 
+from miles.integrations.metric_keys import MetricKeys
 from miles.scheduler import MILES, check_options
 
 __all__ = ["MILESCallback"]
-
-ESTIMATORS = ("heads", "ablation")
 
 
 class MILESCallback(Callback):
@@ -97,12 +96,9 @@ class MILESCallback(Callback):
         optimizer_index: int = 0,
         log_prefix: str | None = "miles/",
     ) -> None:
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         # Checked now, so a bad value fails before training rather than after the first epoch.
         self._options = check_options(tau, mu, reset_other, mode=mode, scale=scale, sync=sync)
-        self.estimator = estimator
-        self.fused_key, self.head_key, self.without_key = fused_key, head_key, without_key
+        self.keys = MetricKeys(fused_key, head_key, without_key, estimator)
         self.optimizer_index = optimizer_index
         self.log_prefix = log_prefix
         self.scheduler: MILES | None = None
@@ -154,15 +150,7 @@ class MILESCallback(Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or self.scheduler is None:
             return
-        scheduler = self.scheduler
-        fused = self._read(trainer, self.fused_key)
-        template = self.head_key if self.estimator == "heads" else self.without_key
-        values = {m: self._read(trainer, template.format(modality=m)) for m in scheduler.modalities}
-        if self.estimator == "heads":
-            decision = scheduler.step(fused=fused, unimodal=values)
-        else:
-            decision = scheduler.step(fused=fused, without=values)
-        assert decision is not None
+        decision = self.keys.step(self.scheduler, lambda key: self._read(trainer, key))
         if self.log_prefix is not None:
             scalars = decision.scalars(prefix=self.log_prefix)
             for logger in trainer.loggers:
