@@ -42,7 +42,9 @@ What the callback does:
   Any schedule you return from ``configure_optimizers`` (per step or per epoch) keeps working:
   MILES removes its factors right after each optimizer step (a torch optimizer post-step hook),
   Lightning steps your schedule on the LRs it would have alone, and MILES puts the factors back
-  at ``on_train_batch_end`` (and before the next optimizer step).
+  at ``on_train_batch_end`` (and before the next optimizer step). A step that 16-bit AMP's
+  gradient scaler skips runs no post-step hook: the schedule then steps on the scaled LRs, which
+  :meth:`miles.MILES.reapply` reads as an absolute write (exact for LambdaLR-style schedules).
 * **Checkpoints**: MILES's state is the callback's ``state_dict``, saved in Lightning's checkpoint
   and restored on ``fit(ckpt_path=...)``, so a resumed run takes the same decisions.
 * **Logging**: each decision's :meth:`miles.Decision.scalars` (``miles/u/<m>``, ``miles/delta``,
