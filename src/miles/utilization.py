@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from miles.validation import check_number
+from miles.validation import check_choice, check_number, check_str
 
 __all__ = [
     "MODES",
@@ -135,12 +135,8 @@ def _as_metric_mapping(values: Any, kind: str) -> dict[str, float]:
 
 
 def check_mode(mode: Any) -> str:
-    """Validate ``mode``: ``"max"`` (higher is better) or ``"min"`` (lower is better)."""
-    if not isinstance(mode, str):
-        raise TypeError(f"mode must be 'max' or 'min', got {type(mode).__name__}: {mode!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be 'max' (higher is better) or 'min' (a loss), got {mode!r}")
-    return mode
+    """Validate ``mode``: ``"max"`` (higher is better) or ``"min"`` (lower is better, a loss)."""
+    return check_choice("mode", check_str("mode", mode), MODES)
 
 
 def check_scale(scale: Any, mode: str = "max") -> float:
@@ -151,14 +147,7 @@ def check_scale(scale: Any, mode: str = "max") -> float:
     """
     if scale is None:
         return 1.0 if check_mode(mode) == "max" else math.inf
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(
-            f"scale must be a real number or None, got {type(scale).__name__}: {scale!r}"
-        )
-    value = float(scale)
-    if math.isnan(value) or value <= 0:
-        raise ValueError(f"scale must be > 0 (1 for fractions, 100 for percentages), got {scale!r}")
-    return value
+    return check_number("scale", scale, low=0, low_open=True, finite=False)
 
 
 def _check_in_scale(values: Mapping[str, float], scale: float, mode: str) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from miles.validation import check_choice, check_str
+
 __all__ = ["SYNC_MODES", "check_sync", "gather_floats", "world_size"]
 
 #: What MILES does with the metrics of several ranks, see the module docstring.
@@ -31,11 +33,7 @@ SYNC_MODES: tuple[str, ...] = ("check", "broadcast", "off")
 
 def check_sync(sync: Any) -> str:
     """Validate a ``sync`` option."""
-    if not isinstance(sync, str):
-        raise TypeError(f"sync must be one of {SYNC_MODES}, got {type(sync).__name__}: {sync!r}")
-    if sync not in SYNC_MODES:
-        raise ValueError(f"sync must be one of {SYNC_MODES}, got {sync!r}")
-    return sync
+    return check_choice("sync", check_str("sync", sync), SYNC_MODES)
 
 
 def world_size(process_group: Any = None) -> int:
