@@ -128,21 +128,7 @@ def lone_schedule() -> list[float]:
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize(
-    "kind",
-    [
-        "small",
-        pytest.param(
-            "joint",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="JointFusionModel.get_extra_state puts a dict in the state dict, which HF's "
-                "safetensors checkpoint refuses; fixed on the models branch (flip after merge)",
-                raises=ValueError,
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("kind", ["small", "joint"])  # any module; a JointFusionModel
 def test_four_epochs_then_two_plus_two_from_a_checkpoint(tmp_path: Path, kind: str) -> None:
     straight_cb, straight_rec = MILESCallback(tau=0.05, mu=0.5), Recorder()
     straight = make_trainer(tmp_path / "a", kind, [straight_cb, straight_rec])
