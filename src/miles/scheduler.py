@@ -576,6 +576,9 @@ class MILES(LRScheduler):
         LR. Called on its own, a group whose LR changed since MILES last set it is taken as an
         *absolute* write by a schedule (LambdaLR, OneCycleLR, HF's or timm's schedules) that
         erased the factor; unchanged groups are left as they are, so calling it twice is safe.
+        (A schedule that happens to write exactly the LR MILES had set looks unchanged: the
+        :meth:`unscale`/:meth:`reapply` pair, ``unscaled()`` and ``base=`` have no such blind
+        spot.)
         """
         for index, group in enumerate(self.optimizer.param_groups):
             value = _lr_value(group["lr"])
