@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchmetrics
 from torch import nn
 
 from miles.metrics import HeadMetrics, ablated_fused_scores, make_metric
@@ -75,12 +76,60 @@ def test_metrics_move_with_module() -> None:
     assert metrics.to(torch.device("cpu")) is metrics
 
 
-def test_update_logits_from_any_model() -> None:
+def test_update_logits_still_works_but_is_deprecated() -> None:
     metrics = HeadMetrics(["a", "b"], num_classes=2)
     target = torch.tensor([0, 1])
     good, bad = torch.tensor([[1.0, 0], [0, 1]]), torch.tensor([[0.0, 1], [1, 0]])
-    metrics.update_logits(good, {"a": bad, "b": good}, target)
+    with pytest.deprecated_call(match="update"):
+        metrics.update_logits(good, {"a": bad, "b": good}, target)
     scores = metrics.compute()
     assert (scores.fused, scores.unimodal) == (1.0, {"a": 0.0, "b": 1.0})
-    with pytest.raises(ValueError, match="'b'"):
+    with pytest.raises(ValueError, match="'b'"), pytest.deprecated_call():
         metrics.update_logits(good, {"a": bad}, target)
+
+
+def test_dict_outputs_from_any_model() -> None:
+    metrics = HeadMetrics(["a", "b"], num_classes=2)
+    target = torch.tensor([0, 1])
+    good, bad = torch.tensor([[1.0, 0], [0, 1]]), torch.tensor([[0.0, 1], [1, 0]])
+    metrics.update({"loss": torch.tensor(0.3), "fused": good, "a": bad, "b": good}, target)
+    scores = metrics.compute()
+    assert (scores.fused, scores.unimodal) == (1.0, {"a": 0.0, "b": 1.0})
+    assert scores.as_log_dict("val/") == {"val/fused": 1.0, "val/head/a": 0.0, "val/head/b": 1.0}
+    with pytest.raises(ValueError, match="no 'fused' logits"):
+        metrics.update({"a": good, "b": good}, target)
+    with pytest.raises(TypeError, match="FusionOutput or a dict"):
+        metrics.update(good, target)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="fused"):
+        HeadMetrics(["fused", "a"], 2)
+
+
+def test_a_real_torchmetrics_metric() -> None:
+    metrics = HeadMetrics(["a", "b"], num_classes=2)
+    assert isinstance(metrics, torchmetrics.Metric)
+    target = torch.tensor([0, 1, 1, 0])
+    eye = torch.eye(2)
+    batch_one = {"fused": eye[[0, 1]], "a": eye[[0, 0]], "b": eye[[1, 1]]}
+    batch_two = {"fused": eye[[0, 0]], "a": eye[[1, 1]], "b": eye[[1, 1]]}
+    first = metrics(batch_one, target[:2])  # forward: this batch's scores, and accumulates
+    assert (first.fused, first.unimodal) == (1.0, {"a": 0.5, "b": 0.5})
+    second = metrics(batch_two, target[2:])
+    assert (second.fused, second.unimodal) == (0.5, {"a": 0.5, "b": 0.5})
+    total = metrics.compute()
+    assert (total.fused, total.unimodal) == (0.75, {"a": 0.5, "b": 0.5})
+    metrics.reset()
+    metrics.update(batch_one, target[:2])
+    assert metrics.compute().fused == 1.0
+
+
+def test_torchmetrics_options_reach_every_head() -> None:
+    def no_sync(result: torch.Tensor, group: object = None) -> list[torch.Tensor]:
+        return [result]
+
+    metrics = HeadMetrics(
+        ["a", "b"], 3, "f1_macro", sync_on_compute=False, dist_sync_fn=no_sync, process_group=None
+    )
+    children = [metrics.fused, *metrics.heads.values()]
+    assert all(m.sync_on_compute is False and m.dist_sync_fn is no_sync for m in children)
+    with pytest.raises(ValueError):
+        HeadMetrics(["a", "b"], 3, not_an_option=1)

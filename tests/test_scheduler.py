@@ -6,6 +6,7 @@ import io
 import itertools
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +45,10 @@ def expected(fa: float, fb: float) -> list[float]:
     return [BASE * fa, BASE * fb, BASE, BASE * fa]
 
 
-# Metrics with fused = 1 so u_A = 1 - M_B and u_B = 1 - M_A, all binary-exact.
+# Metrics with fused = 1/4 so u_A = 1 - 4 M_B and u_B = 1 - 4 M_A: every value is in [0, 1] (the
+# default scale) and, scaled by a power of two, rounds exactly as with fused = 1.
 def heads(u_a: float, u_b: float) -> dict[str, Any]:
-    return {"fused": 1.0, "unimodal": {"A": 1.0 - u_b, "B": 1.0 - u_a}}
+    return {"fused": 0.25, "unimodal": {"A": 0.25 * (1.0 - u_b), "B": 0.25 * (1.0 - u_a)}}
 
 
 CASES = {
@@ -171,7 +173,7 @@ def test_two_modalities_equal_the_literal_algorithm_1(reset_other: bool, tau: fl
     ]
     rng.shuffle(inputs)  # random transitions between states, so persistence is exercised
     opt = make_optimizer()
-    sched = MILES(opt, tau=tau, mu=0.3, reset_other=reset_other)
+    sched = MILES(opt, tau=tau, mu=0.3, reset_other=reset_other, scale=1.25)  # grid's full scale
     fa, fb = 1.0, 1.0
     for fused, m_a, m_b in inputs:
         u_a = (fused - m_b) / fused
@@ -195,7 +197,7 @@ def test_mu_one_leaves_lrs_bit_for_bit(reset_other: bool) -> None:
     rng = random.Random(7)
     for _ in range(200):
         if rng.random() < 0.1:
-            sched.step()
+            sched.skip()
         else:
             sched.step(fused=rng.uniform(0.01, 1), unimodal={"A": rng.random(), "B": rng.random()})
         assert lrs(opt) == base
@@ -217,11 +219,37 @@ def test_get_last_lr_after_construction() -> None:
     assert (sched.tau, sched.mu, sched.reset_other) == (0.2, 0.5, False)
 
 
-def test_step_without_arguments_only_advances() -> None:
+def test_step_without_arguments_only_advances_and_warns_once() -> None:
     opt = make_optimizer()
     sched = MILES(opt)
     sched.step(**CASES["A>0>B"][0])
-    assert sched.step() is None
+    with pytest.warns(UserWarning, match="without metrics") as caught:
+        assert sched.step() is None
+    message = str(caught[0].message)
+    assert "miles.integrations.lightning.MILESCallback" in message
+    assert "miles.integrations.hf.MILESCallback" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched.step()  # once per scheduler
+        sched.skip()  # skip() never warns
+    assert sched.last_epoch == 4
+    assert sched.factors == {"A": MU, "B": 1.0}
+    assert len(sched.history) == 1
+    assert lrs(opt) == expected(MU, 1.0) == sched.get_last_lr()
+
+
+def test_construction_does_not_warn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sched = MILES(make_optimizer())
+    assert sched.last_epoch == 0
+
+
+def test_skip_advances_without_deciding() -> None:
+    opt = make_optimizer()
+    sched = MILES(opt)
+    sched.step(**CASES["A>0>B"][0])
+    assert sched.skip() is None
     assert sched.last_epoch == 2
     assert sched.factors == {"A": MU, "B": 1.0}
     assert len(sched.history) == 1
@@ -501,10 +529,14 @@ def test_state_dict_round_trip_through_torch_save(reset_other: bool) -> None:
     state = sched.state_dict()
     assert only_builtins(state)
     assert set(state) == {
+        "version",
         "tau",
         "mu",
         "reset_other",
+        "mode",
+        "scale",
         "modalities",
+        "group_modalities",
         "factors",
         "history",
         "last_epoch",
@@ -513,6 +545,8 @@ def test_state_dict_round_trip_through_torch_save(reset_other: bool) -> None:
         "base_lrs",
         "written",
         "unscaled",
+        "window_open",
+        "base",
     }
     buffer = io.BytesIO()
     torch.save({"optimizer": opt.state_dict(), "scheduler": state}, buffer)

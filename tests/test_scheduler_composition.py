@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -115,12 +117,16 @@ def test_composition_holds_whichever_is_constructed_first() -> None:
     opt = make_optimizer()
     sched = MILES(opt, tau=0.1, mu=0.5)
     base = LinearLR(opt, start_factor=0.25, total_iters=4)
-    for fused, m_a, m_b in METRICS:
+    for epoch, (fused, m_a, m_b) in enumerate(METRICS):
         ref_opt.step()
         opt.step()
         ref.step()
         base.step()
-        sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+        if epoch == 0:  # an undeclared schedule: detected, warned about once, read as lr * r
+            with pytest.warns(UserWarning, match="changed from 0.1 to .* not told about"):
+                sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+        else:
+            sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
         f = sched.factors
         want = [
             lr * (1.0 if m is None else f[m])
@@ -181,6 +187,8 @@ def test_check_composable_rejects(name: str) -> None:
     with pytest.raises(TypeError, match=pattern) as info:
         check_composable(scheduler)
     assert "compose" in str(info.value)
+    if name not in ("ReduceLROnPlateau", "MILES", "not-a-scheduler"):
+        assert "base=" in str(info.value)  # the way out
     with pytest.raises(TypeError, match=pattern):
         MILES(opt, base_schedulers=[scheduler])
 
@@ -202,3 +210,209 @@ def test_base_scheduler_on_another_optimizer_is_rejected() -> None:
     other = ExponentialLR(make_optimizer(), gamma=0.9)
     with pytest.raises(ValueError, match="different optimizer"):
         MILES(make_optimizer(), base_schedulers=[other])
+
+
+# ---------------------------------------------------------------- any schedule, through base=
+
+STEPS_PER_EPOCH = 5
+EPOCHS = 8
+TOTAL = STEPS_PER_EPOCH * EPOCHS
+
+
+def _hf_cosine(o: torch.optim.Optimizer) -> LRScheduler:
+    transformers = pytest.importorskip("transformers")
+    return transformers.get_cosine_schedule_with_warmup(o, 6, TOTAL)  # type: ignore[no-any-return]
+
+
+PER_STEP: dict[str, Builder] = {
+    "LambdaLR-warmup": lambda o: LambdaLR(o, lambda s: min(1.0, (s + 1) / 7)),
+    "OneCycleLR": lambda o: OneCycleLR(o, max_lr=0.3, total_steps=TOTAL + 1, cycle_momentum=False),
+    "SequentialLR-warmup-cosine": lambda o: SequentialLR(
+        o,
+        [LinearLR(o, start_factor=0.1, total_iters=6), CosineAnnealingLR(o, T_max=TOTAL - 6)],
+        milestones=[6],
+    ),
+    "CosineAnnealingLR-eta_min": lambda o: CosineAnnealingLR(o, T_max=TOTAL, eta_min=0.004),
+    "CosineAnnealingWarmRestarts": lambda o: CosineAnnealingWarmRestarts(o, T_0=7, eta_min=1e-3),
+    "CyclicLR": lambda o: CyclicLR(o, base_lr=0.01, max_lr=0.2, step_size_up=4),
+    "HF-cosine-warmup": _hf_cosine,
+    "StepLR": lambda o: StepLR(o, step_size=3, gamma=0.7),
+}
+
+
+def assert_base_times_factor(sched: MILES, opt: torch.optim.Optimizer, ref: list[float]) -> None:
+    """Every group trains at the lone schedule's LR times MILES's factor (shared: exactly)."""
+    factors = sched.factors
+    for group, ref_lr, lr in zip(opt.param_groups, ref, lrs(opt), strict=True):
+        modality = group["modality"]
+        if modality is None:
+            assert lr == ref_lr
+        else:
+            assert math.isclose(lr, ref_lr * factors[modality], rel_tol=1e-12), (modality, lr)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # torch's own SequentialLR/step-order notes
+@pytest.mark.parametrize("name", list(PER_STEP))
+def test_any_per_step_schedule_through_base(name: str) -> None:
+    """Per-step schedules with decisions every epoch: base x factor at every single step."""
+    ref_opt, opt = make_optimizer(), make_optimizer()
+    ref = PER_STEP[name](ref_opt)
+    sched = MILES(opt, tau=0.1, mu=0.3, base=PER_STEP[name](opt))
+    assert_base_times_factor(sched, opt, lrs(ref_opt))
+    reasons = []
+    for epoch in range(EPOCHS):
+        for _ in range(STEPS_PER_EPOCH):
+            ref_opt.step()
+            opt.step()
+            ref.step()
+            assert sched.step() is None  # one step of the base schedule
+            assert_base_times_factor(sched, opt, lrs(ref_opt))
+        fused, m_a, m_b = METRICS[epoch % len(METRICS)]
+        decision = sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+        assert decision is not None
+        reasons.append(decision.slowed)
+        assert_base_times_factor(sched, opt, lrs(ref_opt))
+        assert decision.lrs == lrs(opt) == sched.get_last_lr()
+    assert sched.last_epoch == EPOCHS  # base steps do not count as epochs
+    assert reasons[:3] == ["A", "A", "B"]  # a repeated slow-down, then a switch
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_per_epoch_base_schedule() -> None:
+    """A per-epoch schedule through base=: one step() then one decision per epoch."""
+    ref_opt, opt = make_optimizer(), make_optimizer()
+    build = PER_STEP["SequentialLR-warmup-cosine"]
+    ref = build(ref_opt)
+    sched = MILES(opt, tau=0.1, mu=0.5, base=build(opt))
+    for fused, m_a, m_b in METRICS * 2:
+        ref_opt.step()
+        opt.step()
+        ref.step()
+        sched.step()
+        sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+        assert_base_times_factor(sched, opt, lrs(ref_opt))
+
+
+class TimmStyle:
+    """Writes absolute LRs from each group's initial LR on step_update(n), like timm's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+
+    def step_update(self, num_updates: int) -> None:
+        scale = 0.5 * (1 + math.cos(math.pi * num_updates / TOTAL))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * scale
+
+
+@pytest.mark.parametrize("how", ["unscaled", "reapply"])
+def test_absolute_schedule_stepped_elsewhere(how: str) -> None:
+    """A schedule MILES does not step: `with unscaled()` or reapply() right after it."""
+    ref_opt, opt = make_optimizer(), make_optimizer()
+    ref, timm = TimmStyle(ref_opt), TimmStyle(opt)
+    sched = MILES(opt, tau=0.1, mu=0.3)
+    n = 0
+    for epoch in range(EPOCHS):
+        for _ in range(STEPS_PER_EPOCH):
+            n += 1
+            ref.step_update(n)
+            if how == "unscaled":
+                with sched.unscaled():
+                    timm.step_update(n)
+            else:
+                timm.step_update(n)
+                sched.reapply()
+                sched.reapply()  # idempotent: no change since, nothing compounds
+            assert_base_times_factor(sched, opt, lrs(ref_opt))
+        fused, m_a, m_b = METRICS[epoch % len(METRICS)]
+        sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+        assert_base_times_factor(sched, opt, lrs(ref_opt))
+
+
+def test_repeated_slow_down_is_reapplied_after_an_absolute_overwrite() -> None:
+    """Slow A twice with LambdaLR writing in between: A stays at mu x schedule both times."""
+    opt = make_optimizer()
+    lam = LambdaLR(opt, lambda s: 0.8**s)
+    sched = MILES(opt, tau=0.1, mu=0.5)
+    slow_a = {"fused": 1.0, "unimodal": {"A": 0.9, "B": 0.2}}
+    sched.step(**slow_a)
+    for step in range(1, 4):
+        opt.step()
+        lam.step()
+        sched.reapply()
+        decision = sched.step(**slow_a)
+        assert decision is not None and decision.slowed == "A"
+        assert math.isclose(lrs(opt)[0], BASE_LRS[0] * 0.8**step * 0.5, rel_tol=1e-12)
+        assert lrs(opt)[2] == BASE_LRS[2] * 0.8**step
+
+
+def test_undeclared_absolute_overwrite_is_detected() -> None:
+    """LambdaLR stepped behind MILES's back erases the factor: MILES warns (once)."""
+    opt = make_optimizer()
+    lam = LambdaLR(opt, lambda s: 0.9**s)
+    sched = MILES(opt, tau=0.1, mu=0.5)
+    sched.step(fused=1.0, unimodal={"A": 0.9, "B": 0.2})
+    opt.step()
+    lam.step()
+    with pytest.warns(UserWarning, match=r"param group 0 \(modality 'A'\).*base=schedule"):
+        sched.step(fused=1.0, unimodal={"A": 0.9, "B": 0.2})
+
+
+def test_declared_multiplicative_schedule_does_not_warn() -> None:
+    opt = make_optimizer()
+    base = ExponentialLR(opt, gamma=0.9)
+    sched = MILES(opt, tau=0.1, base_schedulers=[base])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fused, m_a, m_b in METRICS:
+            opt.step()
+            base.step()
+            sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_resume_with_a_base_schedule_is_exact() -> None:
+    """State dict (with the base's) through torch.save(weights_only): the same LRs bit for bit."""
+    build = PER_STEP["OneCycleLR"]
+
+    def run(opt: torch.optim.Optimizer, sched: MILES, epochs: range) -> list[list[float]]:
+        seen = []
+        for epoch in epochs:
+            for _ in range(STEPS_PER_EPOCH):
+                opt.step()
+                sched.step()
+                seen.append(lrs(opt))
+            fused, m_a, m_b = METRICS[epoch % len(METRICS)]
+            sched.step(fused=fused, unimodal={"A": m_a, "B": m_b})
+            seen.append(lrs(opt))
+        return seen
+
+    opt = make_optimizer()
+    sched = MILES(opt, tau=0.1, mu=0.3, base=build(opt))
+    straight = run(opt, sched, range(EPOCHS))
+
+    opt1 = make_optimizer()
+    sched1 = MILES(opt1, tau=0.1, mu=0.3, base=build(opt1))
+    first = run(opt1, sched1, range(3))
+    buffer = io.BytesIO()
+    torch.save({"optimizer": opt1.state_dict(), "scheduler": sched1.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    opt2 = make_optimizer()
+    sched2 = MILES(opt2, base=build(opt2))
+    opt2.load_state_dict(saved["optimizer"])
+    sched2.load_state_dict(saved["scheduler"])
+    assert first + run(opt2, sched2, range(3, EPOCHS)) == straight
+    assert sched2.history == sched.history
+
+
+def test_base_must_be_a_schedule_on_this_optimizer() -> None:
+    with pytest.raises(TypeError, match="step"):
+        MILES(make_optimizer(), base=object())
+    with pytest.raises(ValueError, match="different optimizer"):
+        MILES(make_optimizer(), base=ExponentialLR(make_optimizer(), 0.9))
+    opt = make_optimizer()
+    with pytest.raises(TypeError, match="another MILES"):
+        MILES(opt, base=MILES(opt))

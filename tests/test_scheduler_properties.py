@@ -64,7 +64,7 @@ def check_run(
     base = [g["lr"] for g in opt.param_groups]
     previous = sched.factors
     for epoch, inputs in enumerate(steps, start=1):
-        decision = sched.step() if inputs is None else sched.step(**inputs)
+        decision = sched.skip() if inputs is None else sched.step(**inputs)
         factors = sched.factors
         assert sched.last_epoch == epoch
         # every factor is 1 or mu: never compounded

@@ -1,7 +1,8 @@
 """miles: balanced multimodal learning around MILES, the Modality-Informed Learning ratE Scheduler.
 
 ``import miles`` needs torch alone: the scheduler, its functional twins and the models load eagerly;
-the trainer, metrics and datasets (torchmetrics, numpy, tqdm) load on first use.
+the trainer, metrics and datasets (torchmetrics, numpy, tqdm) load on first use. The Lightning and
+Hugging Face callbacks live in :mod:`miles.integrations` and are imported from there.
 
 Reference: A. Guerra-Manzanares and F. E. Shamout, "MILES: Modality-Informed Learning Rate
 Scheduler for Balancing Multimodal Learning", arXiv 2510.17394, 2025.
@@ -19,6 +20,8 @@ from miles.models import (
     modality_param_groups,
     param_groups_by_modality,
 )
+from miles.models.adapters import HFEncoder
+from miles.models.param_groups import param_groups_by_prefix, split_weight_decay
 from miles.scheduler import MILES, Decision, check_composable
 from miles.utilization import conditional_utilization, decide, imbalance
 
@@ -59,6 +62,7 @@ __all__ = [
     "Decision",
     "ExperimentConfig",
     "FusionOutput",
+    "HFEncoder",
     "HeadMetrics",
     "HeadScores",
     "JointFusionModel",
@@ -76,6 +80,8 @@ __all__ = [
     "imbalance",
     "modality_param_groups",
     "param_groups_by_modality",
+    "param_groups_by_prefix",
     "register_strategy",
     "run_experiment",
+    "split_weight_decay",
 ]

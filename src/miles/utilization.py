@@ -17,6 +17,20 @@ Conditional utilization of modality ``m`` (Eq. 4, generalized to N modalities)::
   paper's ``u_A = (M_AB - M_B) / M_AB``.
 * ``without`` ("ablation"): the metric of the fused head with ``m``'s contribution removed
   (computed elsewhere), used as is.
+
+Which way is better, and on what scale (``mode`` and ``scale``, on every function here and on
+:class:`miles.scheduler.MILES`):
+
+* ``mode="max"`` (default): higher is better (accuracy, F1, AUC). ``u`` is computed on the metrics
+  as given. ``scale`` is their full scale: ``1`` (default: fractions) or ``100`` (percentages),
+  and every metric must lie in ``[0, scale]``. ``u`` does not depend on the unit, but it is only
+  meaningful when every metric is in the *same* unit, so a value above ``scale`` is refused: that
+  catches a fused accuracy in percent next to heads in fractions (or a loss passed as a score).
+  ``scale=math.inf`` accepts any non-negative score.
+* ``mode="min"``: lower is better (a validation loss). ``u`` is computed on the score
+  ``s = 1 / loss``, so with heads ``u_m = 1 - L(fused) / L(without m)``: the share of the loss of
+  the model without ``m`` that adding ``m`` removes. The "best other head" is then the one with
+  the lowest loss. Losses are unbounded by default (``scale=None``); a loss of 0 is refused.
 """
 
 from __future__ import annotations
@@ -28,9 +42,10 @@ from typing import Any
 
 import torch
 
-from miles.validation import check_number
+from miles.validation import check_choice, check_number, check_str
 
 __all__ = [
+    "MODES",
     "REASONS",
     "as_metric",
     "conditional_utilization",
@@ -40,6 +55,9 @@ __all__ = [
 
 #: The possible reasons of a decision, see :func:`decide`.
 REASONS: tuple[str, str, str] = ("balanced", "all-negative", "slowed")
+
+#: ``"max"``: higher is better (accuracy, F1); ``"min"``: lower is better (a loss).
+MODES: tuple[str, str] = ("max", "min")
 
 
 def _is_bool_like(value: Any) -> bool:
@@ -116,38 +134,101 @@ def _as_metric_mapping(values: Any, kind: str) -> dict[str, float]:
     return out
 
 
+def check_mode(mode: Any) -> str:
+    """Validate ``mode``: ``"max"`` (higher is better) or ``"min"`` (lower is better, a loss)."""
+    return check_choice("mode", check_str("mode", mode), MODES)
+
+
+def check_scale(scale: Any, mode: str = "max") -> float:
+    """Resolve ``scale``, the largest value a metric may take (``math.inf``: no bound).
+
+    ``None`` means the default of the mode: ``1`` for scores (``"max"``: fractions), no bound for
+    losses (``"min"``). Otherwise a real number > 0 (``100`` for percentages, ``math.inf``).
+    """
+    if scale is None:
+        return 1.0 if check_mode(mode) == "max" else math.inf
+    return check_number("scale", scale, low=0, low_open=True, finite=False)
+
+
+def _check_in_scale(values: Mapping[str, float], scale: float, mode: str) -> None:
+    """Refuse a metric above the declared scale, with the likely cause in the message.
+
+    ``values`` are keyed by the name to show, e.g. ``"'fused'"`` or ``"unimodal['audio']"``.
+    """
+    for name, value in values.items():
+        if value <= scale:
+            continue
+        hint = (
+            "if every metric is a percentage, pass scale=100; if this is a loss (lower is "
+            "better), pass mode='min'; if some metrics are percentages and others fractions, "
+            "convert them to one unit first: u is only meaningful when they share one"
+            if mode == "max"
+            else "every loss must be in [0, scale]"
+        )
+        raise ValueError(f"metric {name} = {value!r} exceeds scale={scale!r}: {hint}")
+
+
+def _scores(values: Mapping[str, float], mode: str) -> dict[str, float]:
+    """The higher-is-better scores u is computed on: the metrics, or ``1 / loss`` for "min"."""
+    if mode == "max":
+        return dict(values)
+    for name, value in values.items():
+        if value == 0 or not math.isfinite(1.0 / value):
+            raise ValueError(
+                f"loss {name!r} is {value!r}: with mode='min', u is computed on 1 / loss, which "
+                "is undefined at 0 (or overflows this close to it)"
+            )
+    return {name: 1.0 / value for name, value in values.items()}
+
+
 def conditional_utilization(
     fused: Any,
     unimodal: Mapping[str, Any] | None = None,
     *,
     without: Mapping[str, Any] | None = None,
+    mode: str = "max",
+    scale: float | None = None,
 ) -> dict[str, float]:
     """Return ``{modality: u_m}`` with ``u_m = (M(fused) - M(without m)) / M(fused)``.
 
     Give exactly one estimator of ``M(without m)``: ``unimodal`` (the unimodal heads' metrics; the
     best *other* head stands in for "fused without m") or ``without`` (the fused head's metric with
-    ``m`` ablated). The result keeps the order of the given mapping. ``fused`` must be > 0: the
-    rate is a ratio to it and is undefined at 0.
+    ``m`` ablated). The result keeps the order of the given mapping. ``mode`` and ``scale`` say
+    which way is better and the metrics' unit (see the module docstring): with ``mode="min"`` the
+    rate is computed on ``1 / loss``. ``M(fused)`` must be > 0: the rate is a ratio to it, and a
+    fused metric so close to 0 that ``u`` overflows is refused with a clear error.
     """
     if (unimodal is None) == (without is None):
         raise ValueError(
             "give exactly one of unimodal= (unimodal head metrics) or without= (ablated fused "
             "metrics)"
         )
+    mode = check_mode(mode)
+    bound = check_scale(scale, mode)
     fused_value = as_metric(fused, "fused")
-    if unimodal is not None:
-        heads = _as_metric_mapping(unimodal, "unimodal")
-        if fused_value == 0:
-            raise ValueError("fused metric is 0: utilization undefined")
-        result: dict[str, float] = {}
-        for name in heads:
-            best_other = max(value for other, value in heads.items() if other != name)
-            result[name] = (fused_value - best_other) / fused_value
-        return result
-    ablated = _as_metric_mapping(without, "without")
-    if fused_value == 0:
+    kind, given = ("unimodal", unimodal) if unimodal is not None else ("without", without)
+    values = _as_metric_mapping(given, kind)
+    named = {f"{kind}[{name!r}]": value for name, value in values.items()}
+    _check_in_scale({"'fused'": fused_value, **named}, bound, mode)
+    if mode == "max" and fused_value == 0:
         raise ValueError("fused metric is 0: utilization undefined")
-    return {name: (fused_value - value) / fused_value for name, value in ablated.items()}
+    fused_score = _scores({"fused": fused_value}, mode)["fused"]
+    scores = _scores(values, mode)
+    if kind == "unimodal":
+        without_m = {
+            name: max(value for other, value in scores.items() if other != name) for name in scores
+        }
+    else:
+        without_m = scores
+    u = {name: (fused_score - value) / fused_score for name, value in without_m.items()}
+    rates = list(u.values())
+    if not all(math.isfinite(r) for r in rates) or not math.isfinite(max(rates) - min(rates)):
+        raise ValueError(
+            f"fused metric {fused_value!r} is too close to 0: u = (M(fused) - M(without m)) / "
+            f"M(fused) overflows ({kind}: {values}). A fused metric this small means the model "
+            "predicts almost nothing yet; skip this epoch's decision (MILES.skip())"
+        )
+    return u
 
 
 def imbalance(u: Mapping[str, float]) -> float:
