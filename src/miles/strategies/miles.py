@@ -74,7 +74,7 @@ class MILESStrategy(JointAux):
             raise RuntimeError("MILESStrategy.on_fit_start was not called")
         if val.fused <= 0:
             # u is undefined when the fused metric is 0 (e.g. F1 in the first epoch): keep factors.
-            self.scheduler.step()
+            self.scheduler.skip()
             return {"decision": None, "note": "fused metric is 0: no decision"}
         if self.estimator == "heads":
             decision = self.scheduler.step(fused=val.fused, unimodal=val.unimodal)
