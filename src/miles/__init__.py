@@ -33,7 +33,7 @@ _LAZY = {
     "ablated_fused_scores": "miles.metrics",
     "Trainer": "miles.training.trainer",
     "TrainerConfig": "miles.training.trainer",
-    "RunResult": "miles.training.trainer",
+    "RunResult": "miles.results",
     "ExperimentConfig": "miles.training.experiment",
     "run_experiment": "miles.training.experiment",
     "Strategy": "miles.strategies",
@@ -45,9 +45,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from miles.data import build_dataset
     from miles.metrics import HeadMetrics, HeadScores, ablated_fused_scores
+    from miles.results import RunResult
     from miles.strategies import Strategy, build_strategy, register_strategy
     from miles.training.experiment import ExperimentConfig, run_experiment
-    from miles.training.trainer import RunResult, Trainer, TrainerConfig
+    from miles.training.trainer import Trainer, TrainerConfig
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,7 @@ from miles.batch import move_batch
 from miles.metrics import METRICS, HeadMetrics
 from miles.models.fusion import JointFusionModel
 from miles.models.losses import FUSED, head_losses
+from miles.results import RunResult  # re-exported: it used to live here
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
 from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from miles.training.history import write_history, write_json
@@ -67,25 +68,6 @@ class TrainerConfig:
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_str("device", self.device)
         check_bool("progress", self.progress)
-
-
-@dataclass
-class RunResult:
-    """Outcome of :meth:`Trainer.fit`; ``to_dict`` is what ``result.json`` holds."""
-
-    best_epoch: int
-    epochs_run: int
-    val: dict[str, Any]
-    test: dict[str, Any] | None
-    test_last: dict[str, Any] | None
-    history: list[dict[str, Any]]
-    strategy: dict[str, Any]
-    config: dict[str, Any]
-    wall_time_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
