@@ -6,6 +6,7 @@ describe exactly the same thing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -63,12 +64,17 @@ class ExperimentConfig:
 
 
 def run_experiment(
-    config: ExperimentConfig, *, data: Any = None, resume: bool = False
+    config: ExperimentConfig,
+    *,
+    data: Any = None,
+    resume: bool = False,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Build dataset (unless ``data`` is given), model and strategy from ``config`` and train.
 
     The model is initialised right after ``torch.manual_seed(seed)``, so every strategy with the
-    same seed starts from the same weights.
+    same seed starts from the same weights. ``on_epoch_end`` is passed to the
+    :class:`~miles.training.trainer.Trainer` (called with each epoch's history row).
     """
     from miles.data import build_dataset, collate_multimodal
 
@@ -87,6 +93,7 @@ def run_experiment(
         multilabel=data.multilabel,
         out_dir=config.out_dir,
         collate_fn=collate_multimodal,
+        on_epoch_end=on_epoch_end,
     )
     result = trainer.fit(data.train, data.val, data.test, resume=resume)
     result.extra.update(

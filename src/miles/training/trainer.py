@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,8 @@ class Trainer:
         multilabel: targets are 0/1 vectors (BCE loss, thresholded metrics).
         out_dir: where history, checkpoints and ``result.json`` go (``None``: keep in memory).
         collate_fn: batch builder (``miles.data.collate_multimodal`` for our datasets).
+        on_epoch_end: called with each epoch's history row once it is logged and saved (e.g. to
+            print the strategy's decision); it cannot change training.
     """
 
     def __init__(
@@ -115,6 +117,7 @@ class Trainer:
         multilabel: bool = False,
         out_dir: str | Path | None = None,
         collate_fn: Any = None,
+        on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         check_choice("metric", metric, METRICS)
         check_bool("multilabel", multilabel)
@@ -125,6 +128,7 @@ class Trainer:
         self.multilabel = multilabel
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.collate_fn = collate_fn
+        self.on_epoch_end = on_epoch_end
         self.device = torch.device(self.config.device)
 
     # -- building blocks -------------------------------------------------------------------------
@@ -242,6 +246,8 @@ class Trainer:
             if self.out_dir is not None:
                 self._checkpoint(run, epoch, improved)
             bar.set_postfix(val=f"{run.history[-1]['val_fused']:.3f}", best=run.best_epoch)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(dict(run.history[-1]))
             if run.stopped:
                 break
         bar.close()
