@@ -35,14 +35,17 @@ if [[ $# -ge 1 ]]; then
 else
   echo "building a tiny compare and its report in $work ..."
   "$PYTHON" - "$work" <<'PY'
+import dataclasses
 import sys
-from miles.compare import CompareConfig, run_compare
 from miles.report.page import build_report
+from miles.studies.compare import CompareConfig, run_compare
+from miles.studies.config import quiet_base
 
 out = sys.argv[1]
+base = dataclasses.replace(quiet_base(epochs=2), dataset_params={"max_train": 60}, latent_dim=8)
 config = CompareConfig(
-    dataset_params={"max_train": 60}, methods=["joint", "joint+aux", "miles", "unimodal"],
-    fusions=["concat", "sum"], seeds=[0, 1], epochs=2, latent_dim=8, out_dir=f"{out}/compare",
+    base=base, methods=["joint", "joint+aux", "miles", "unimodal"],
+    fusions=["concat", "sum"], seeds=[0, 1], out_dir=f"{out}/compare",
 )
 run_compare(config, echo=lambda _m: None)
 report = build_report(f"{out}/compare", f"{out}/report")

@@ -1,4 +1,5 @@
-"""`miles report`: self-contained HTML + markdown for compare, demo and single-run folders.
+"""`miles report`: self-contained HTML + markdown for every study kind (run, demo, compare,
+ablate, sweep), found by the ``kind`` its JSON records (old folders by file name).
 
 The runs are tiny (FSDD-MNIST with 60 training pairs, 2 epochs, latent 8) and built once per module:
 what is checked is the page, not the numbers on it.
@@ -6,7 +7,6 @@ what is checked is the page, not the numbers on it.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import dataclasses
 import io
@@ -25,17 +25,15 @@ import pytest
 from torch.utils.data import Subset
 
 import miles.data
-from miles.compare import CompareConfig, run_compare
-from miles.demo import run_demo
-from miles.report.page import (
-    FILES_DIR,
-    Report,
-    add_parser,
-    build_report,
-    detect_kind,
-    run_cli,
-)
+from miles.cli import main
+from miles.report.document import Document as Report
+from miles.report.page import FILES_DIR, build_report, detect_kind, find_studies
 from miles.report.plots import plot_metric_bars
+from miles.studies.ablate import AblateConfig, run_ablation
+from miles.studies.compare import CompareConfig, run_compare
+from miles.studies.config import quiet_base
+from miles.studies.demo import DemoConfig, run_demo
+from miles.studies.sweep import SweepConfig, run_sweep
 
 PIL = pytest.importorskip("PIL.Image")
 _REAL_BUILD = miles.data.build_dataset
@@ -43,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check_report_chromium.sh"
 METHODS = ["joint", "joint+aux", "miles", "unimodal"]
 FUSIONS = ["concat"]  # one fusion keeps the file fast; the demo report covers two
-DYNAMICS_BARS = (("bars", ".png"), ("dynamics", "_miles.png"))
+SEEDS = [0, 1]
+quiet = {"echo": lambda _m: None}
 DATA_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/=]+")
 
 
@@ -136,19 +135,19 @@ def small_data() -> Iterator[None]:
         yield
 
 
+def _base(epochs: int = 2) -> Any:
+    return dataclasses.replace(
+        quiet_base(epochs=epochs), dataset_params={"max_train": 60}, latent_dim=8
+    )
+
+
 @pytest.fixture(scope="module")
 def compare_dir(tmp_path_factory: pytest.TempPathFactory, small_data: None) -> Path:
     out = tmp_path_factory.mktemp("compare")
     config = CompareConfig(
-        dataset_params={"max_train": 60},
-        methods=METHODS,
-        fusions=FUSIONS,
-        seeds=[0, 1],
-        epochs=2,
-        latent_dim=8,
-        out_dir=str(out),
+        base=_base(), methods=METHODS, fusions=FUSIONS, seeds=SEEDS, out_dir=str(out)
     )
-    run_compare(config, echo=lambda _m: None)
+    run_compare(config, **quiet)
     return out
 
 
@@ -161,35 +160,71 @@ def compare_report(compare_dir: Path) -> Report:
 def demo_dir(tmp_path_factory: pytest.TempPathFactory, small_data: None) -> Path:
     """``miles demo`` trains on the full dataset; the small one is enough for a report."""
     out = tmp_path_factory.mktemp("demo")
-    run_demo(
-        out,
-        epochs=2,
-        fusions=("concat", "sum"),
-        methods=("joint", "miles"),
-        progress=False,
-        echo=lambda _m: None,
+    config = DemoConfig(
+        base=dataclasses.replace(_base(), dataset="fsdd-mnist", dataset_params={}),
+        fusions=["concat", "sum"],
+        methods=["joint", "miles"],
+        out_dir=str(out),
     )
+    run_demo(config, **quiet)
     return out
+
+
+@pytest.fixture(scope="module")
+def ablate_dir(tmp_path_factory: pytest.TempPathFactory, small_data: None) -> Path:
+    """A tau and a mu ablation sharing one folder (and its runs)."""
+    out = tmp_path_factory.mktemp("ablate")
+    base = dataclasses.replace(_base(epochs=1), dataset="fsdd-mnist")
+    for param, values in (("tau", [0.0]), ("mu", [1.0])):
+        config = AblateConfig(base=base, param=param, values=values, seeds=[0], out_dir=str(out))
+        run_ablation(config, **quiet)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory: pytest.TempPathFactory, small_data: None) -> Path:
+    out = tmp_path_factory.mktemp("sweep")
+    config = SweepConfig(base=_base(epochs=1), trials=2, rerun_seeds=1, out_dir=str(out))
+    run_sweep(config, **quiet)
+    return config.study_dir
 
 
 def test_detect_kind(compare_dir: Path, demo_dir: Path, tmp_path: Path) -> None:
     assert detect_kind(compare_dir) == "compare"
     assert detect_kind(demo_dir) == "demo"
     assert detect_kind(compare_dir / "runs" / "concat" / "miles" / "seed0") == "run"
+    assert detect_kind(compare_dir / "compare.json") == "compare"
     with pytest.raises(FileNotFoundError, match="nothing to report"):
         detect_kind(tmp_path)
-    with pytest.raises(FileNotFoundError, match="not a folder"):
+    with pytest.raises(FileNotFoundError, match="neither a folder nor a file"):
         detect_kind(tmp_path / "missing")
+    (tmp_path / "other.json").write_text('{"kind": "spreadsheet"}', encoding="utf-8")
+    with pytest.raises(ValueError, match="not a study file"):
+        detect_kind(tmp_path / "other.json")
+
+
+def test_kind_wins_over_the_file_name(compare_dir: Path, tmp_path: Path) -> None:
+    """A study is recognised by its ``kind``, whatever the file is called."""
+    payload = (compare_dir / "compare.json").read_text(encoding="utf-8")
+    (tmp_path / "my-comparison.json").write_text(payload, encoding="utf-8")
+    assert find_studies(tmp_path) == [(tmp_path / "my-comparison.json", "compare")]
+
+
+def _decision_tables(report: Report) -> list[Any]:
+    return [t for t in report.tables if "decision for next epoch" in t.columns]
 
 
 def test_compare_report(compare_dir: Path, compare_report: Report) -> None:
     assert compare_report.kind == "compare"
     assert compare_report.html_path == compare_dir / "report" / "report.html"
-    # one Table II per fusion and the all-runs table
-    assert len(compare_report.tables) == len(FUSIONS) + 1
-    # per fusion: the bar chart and MILES' learning dynamics (all seeds in one figure)
+    # one Table II per fusion, the all-runs table, a decision table per MILES run
+    assert len(_decision_tables(compare_report)) == len(FUSIONS) * len(SEEDS)
+    assert len(compare_report.tables) == len(FUSIONS) + 1 + len(FUSIONS) * len(SEEDS)
+    # per fusion: the bar chart, and MILES' learning dynamics (all seeds in one figure)
     names = sorted(f.path.name for f in compare_report.figures)
-    assert names == sorted(f"{kind}_{f}{tail}" for f in FUSIONS for kind, tail in DYNAMICS_BARS)
+    assert names == sorted(
+        [f"bars_{f}_fusion.png" for f in FUSIONS] + [f"dynamics_{f}_miles.png" for f in FUSIONS]
+    )
     page = _check_page(compare_report)
     for table in compare_report.tables[: len(FUSIONS)]:  # a row per method, in the asked order
         assert [row[0] for row in table.rows] == METHODS
@@ -198,28 +233,117 @@ def test_compare_report(compare_dir: Path, compare_report: Report) -> None:
     assert any("±" in c for c in page.cells)
     md = _check_markdown(compare_report)
     assert "## concat fusion" in md and "| joint+aux | yes |" in md
+    assert "gap = " in md and "(signed" in md
+    # the page shows what compare.md shows: the same table, cell for cell
+    own = (compare_dir / "compare.md").read_text(encoding="utf-8")
+    first = compare_report.tables[0]
+    for row in first.rows:
+        assert "| " + " | ".join(row) + " |" in own
+
+
+def test_decision_table_matches_the_history(compare_dir: Path, compare_report: Report) -> None:
+    result = json.loads(
+        (compare_dir / "runs" / "concat" / "miles" / "seed0" / "result.json").read_text()
+    )
+    table = next(t for t in _decision_tables(compare_report) if "seed 0" in t.caption)
+    assert [r[0] for r in table.rows] == [str(row["epoch"]) for row in result["history"]]
+    for row, hist in zip(table.rows, result["history"], strict=True):
+        decision = hist["strategy"]["decision"]
+        if decision is None:
+            continue
+        assert row[table.columns.index("u audio")] == f"{decision['u']['audio']:+.3f}"
+        assert row[table.columns.index("delta")] == f"{decision['delta']:.3f}"
+        assert row[table.columns.index("lr audio")] == f"{hist['lr_audio']:.3g}"
 
 
 def test_demo_report(demo_dir: Path, tmp_path: Path) -> None:
     report = build_report(demo_dir, tmp_path / "out")
     assert report.kind == "demo"
     assert report.html_path == tmp_path / "out" / "report.html"
-    # per fusion its table and bar chart; then MILES' dynamics, one column per fusion
     titles = [s.title for s in report.sections]
-    assert titles == ["concat fusion", "sum fusion", "MILES learning dynamics"]
-    assert len(report.tables) == 2 and len(report.figures) == 3
+    assert titles == [
+        "Results",
+        "concat fusion",
+        "sum fusion",
+        "MILES learning dynamics",
+        "MILES decisions per epoch",
+    ]
+    assert len(report.tables) == 1 + 2 and len(report.figures) == 2 + 2
     page = _check_page(report)
     assert page.cells.count("joint") == page.cells.count("miles") == 2
     md = _check_markdown(report)
     assert "## concat fusion" in md and "## sum fusion" in md
+    # the demo's own markdown table is the page's results table
+    own = json.loads((demo_dir / "results.json").read_text())["table_markdown"]
+    assert own.splitlines()[0] == "| " + " | ".join(report.tables[0].columns) + " |"
+
+
+def test_legacy_demo_folder(demo_dir: Path, tmp_path: Path) -> None:
+    """A results.json written before the demo recorded its kind and config still renders."""
+    payload = json.loads((demo_dir / "results.json").read_text())
+    cfg = payload["config"]
+    legacy = {
+        "dataset": "fsdd-mnist",
+        "epochs": cfg["base"]["trainer"]["epochs"],
+        "seed": cfg["base"]["trainer"]["seed"],
+        "lr": cfg["base"]["trainer"]["lr"],
+        "miles_params": {},
+        "rows": payload["rows"],
+        "runs": payload["runs"],
+    }
+    folder = tmp_path / "old-demo"
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(legacy), encoding="utf-8")
+    report = build_report(folder, tmp_path / "out")
+    assert report.kind == "demo"
+    assert report.tables[0].rows == build_report(demo_dir, tmp_path / "new").tables[0].rows
+
+
+def test_legacy_compare_folder(tmp_path: Path) -> None:
+    """The measured benchmark folder (written before compare recorded its kind, without its
+    runs): the tables come from compare.json alone."""
+    report = build_report(ROOT / "benchmarks" / "results" / "fsdd_mnist_compare", tmp_path)
+    assert report.kind == "compare"
+    assert [s.title for s in report.sections][:2] == ["concat fusion", "sum fusion"]
+    assert "miles" in [row[0] for row in report.tables[0].rows]
+    _check_page(report)
 
 
 def test_single_run_report(compare_dir: Path, tmp_path: Path) -> None:
     report = build_report(compare_dir / "runs" / "concat" / "joint" / "seed1", tmp_path)
     assert report.kind == "run"
-    assert len(report.tables) == 1 and len(report.figures) == 2
+    assert len(report.tables) == 1 and len(report.figures) == 2  # joint: no decisions
     page = _check_page(report)
     assert "joint" in page.cells
+    _check_markdown(report)
+    miles_run = build_report(compare_dir / "runs" / "concat" / "miles" / "seed1", tmp_path / "m")
+    assert len(_decision_tables(miles_run)) == 1
+
+
+def test_ablate_report(ablate_dir: Path, tmp_path: Path) -> None:
+    """Two ablations in one folder: one page holding both, each with its table and checks."""
+    report = build_report(ablate_dir, tmp_path)
+    assert report.kind == "ablate"
+    titles = [s.title for s in report.sections]
+    assert any(t.startswith("miles ablate mu") for t in titles)
+    assert any(t.startswith("miles ablate tau") for t in titles)
+    md = _check_markdown(report)
+    assert "bit-identical to joint+aux in 1/1 seeds" in md  # the mu = 1 check is on the page
+    tables = [t for t in report.tables if "MILES acted" in t.columns]
+    assert {row[0] for t in tables for row in t.rows} >= {"joint", "joint+aux", "unimodal"}
+    assert len(_decision_tables(report)) >= 2
+    _check_page(report)
+
+
+def test_sweep_report(sweep_dir: Path, tmp_path: Path) -> None:
+    report = build_report(sweep_dir, tmp_path)
+    assert report.kind == "sweep"
+    titles = [s.title for s in report.sections]
+    assert titles[0].startswith("Best parameters over seeds") and titles[-1] == "Trials"
+    trials = next(t for t in report.tables if t.columns[0] == "trial")
+    assert len(trials.rows) == 2
+    assert len(_decision_tables(report)) == 1  # the best trial's one re-run (MILES)
+    _check_page(report)
     _check_markdown(report)
 
 
@@ -231,7 +355,7 @@ def test_rebuild_drops_stale_figures(compare_dir: Path, tmp_path: Path) -> None:
     assert not stale.exists()
 
 
-def test_compare_report_reads_only_its_methods(compare_dir: Path, tmp_path: Path) -> None:
+def test_compare_report_reads_only_its_runs(compare_dir: Path, tmp_path: Path) -> None:
     """MILES runs left in the folder by an earlier invocation get no figure when the current
     ``compare.json`` has no MILES rows."""
     folder = tmp_path / "compare"
@@ -244,22 +368,18 @@ def test_compare_report_reads_only_its_methods(compare_dir: Path, tmp_path: Path
     assert list((folder / "runs").glob("*/miles/seed*/result.json"))  # the stale MILES runs
     report = build_report(folder, tmp_path / "out")
     names = [f.path.name for f in report.figures]
-    assert names == [f"bars_{f}.png" for f in FUSIONS]  # no dynamics figure
+    assert names == [f"bars_{f}_fusion.png" for f in FUSIONS]  # no dynamics figure
     assert "miles" not in _check_page(report).cells
 
 
 def test_cli(compare_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    parser = argparse.ArgumentParser(prog="miles")
-    add_parser(parser.add_subparsers(dest="command"))
     run = compare_dir / "runs" / "concat" / "joint" / "seed0"
-    args = parser.parse_args(["report", str(run), "--out", str(tmp_path / "r")])
-    assert run_cli(args) == 0
+    assert main(["report", str(run), "--out", str(tmp_path / "r")]) == 0
     assert "run report: 1 tables, 2 figures" in capsys.readouterr().out
     assert (tmp_path / "r" / "report.html").is_file()
-    args = parser.parse_args(["report", str(run)])  # default: RUN_DIR/report
-    assert args.out is None
-    with pytest.raises(SystemExit, match=r"miles report: .* nothing to report"):
-        run_cli(parser.parse_args(["report", str(tmp_path / "r")]))
+    assert main(["report", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("miles report: error: ") and "nothing to report" in err
 
 
 def test_metric_bars_leave_out_missing_values(tmp_path: Path) -> None:

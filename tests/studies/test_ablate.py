@@ -2,46 +2,42 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import miles.ablate as ablate
-from miles.ablate import (
+import miles.training.experiment as experiment
+from miles.cli import build_parser, main
+from miles.studies.ablate import (
     AblateConfig,
-    add_parser,
     compare_histories,
     parse_fixed,
     parse_values,
     run_ablation,
-    run_cli,
 )
+from miles.studies.config import quiet_base
+from miles.studies.runner import DONE
+from miles.studies.summary import display_name
 
 SMALL = {"max_train": 60}
 
 
-def _config(tmp_path: Path, **kw: Any) -> AblateConfig:
-    base: dict[str, Any] = {
-        "dataset": "fsdd-mnist",
-        "dataset_params": SMALL,
+def _config(tmp_path: Path, epochs: int = 2, fusion: str = "concat", **kw: Any) -> AblateConfig:
+    base = dataclasses.replace(
+        quiet_base(epochs=epochs), dataset_params=dict(SMALL), latent_dim=8, fusion=fusion
+    )
+    fields: dict[str, Any] = {
+        "base": base,
         "param": "mu",
         "values": [1.0, 0.5],
         "fixed": {"tau": 0.0},  # MILES decides to slow a modality after every epoch
         "seeds": [0],
-        "epochs": 2,
-        "latent_dim": 8,
         "out_dir": str(tmp_path),
     }
-    return AblateConfig(**(base | kw))
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="miles")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return AblateConfig(**(fields | kw))
 
 
 def test_value_parsing_and_validation(tmp_path: Path) -> None:
@@ -75,32 +71,31 @@ def test_value_parsing_and_validation(tmp_path: Path) -> None:
         _config(tmp_path, param="lr")
     with pytest.raises(ValueError, match="fusion"):
         _config(tmp_path, fusion="attention")
-    # the CLI: argparse rejects an unknown --param (usage error), run_cli a bad value (message)
+    # the CLI: argparse rejects an unknown --param (usage error), a bad value is one line
     with pytest.raises(SystemExit) as exc:
-        _parse(["ablate", "--param", "gamma", "--values", "1"])
+        build_parser().parse_args(["ablate", "--param", "gamma", "--values", "1"])
     assert exc.value.code == 2
-    with pytest.raises(SystemExit, match="mu must be in"):
-        run_cli(_parse(["ablate", "--param", "mu", "--values", "1,0", "--out", str(tmp_path)]))
-    args = _parse(
+    assert main(["ablate", "--param", "mu", "--values", "1,0", "--out", str(tmp_path)]) == 2
+    args = build_parser().parse_args(
         ["ablate", "--param", "tau", "--values", "0.1", "--dataset-option", "max_train=60"]
     )
-    assert args.dataset_option == [("max_train", 60)]
+    assert args.dataset_option == [("max_train", 60)] and args.dataset == "mfeat-pix-fou"
 
 
 def test_mu_one_equals_joint_aux_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real = ablate.run_experiment
+    real = experiment.run_experiment
 
     def counting(config: Any, **kw: Any) -> Any:
         calls.append(f"{config.strategy}/{config.strategy_params}/{config.trainer.seed}")
         return real(config, **kw)
 
-    monkeypatch.setattr(ablate, "run_experiment", counting)
+    monkeypatch.setattr(experiment, "run_experiment", counting)
     first = run_ablation(_config(tmp_path), echo=lambda _m: None)
     # 2 unimodal + joint + joint+aux + 2 MILES values
     assert len(calls) == 6
     order = first["dominant_order"]
-    agg = {a["label"]: a for a in first["aggregate"]}
+    agg = {display_name(a): a for a in first["aggregate"]}
     assert list(agg) == ["unimodal", "joint", "joint+aux", "mu=1", "mu=0.5"]
     # mu = 1: the recorded metrics equal joint+aux exactly, per seed and in the table
     rows = first["rows"]
@@ -110,6 +105,7 @@ def test_mu_one_equals_joint_aux_and_table(tmp_path: Path, monkeypatch: pytest.M
         for key in ("fused", *order, "fused_last", *(f"{m}_last" for m in order), "best_epoch"):
             assert mine[key] == ref[key], key
         assert mine["acted"] == 0  # a factor of 1 never lowers a rate
+        assert mine["gap"] == pytest.approx(mine[order[0]] - mine[order[-1]])
     decisions = json.loads(
         (tmp_path / "runs" / "miles-tau0.0-mu1.0" / "seed0" / "result.json").read_text()
     )
@@ -119,6 +115,7 @@ def test_mu_one_equals_joint_aux_and_table(tmp_path: Path, monkeypatch: pytest.M
     for key, value in agg["joint+aux"].items():
         if key not in ("label", "method") and not key.startswith(("acted", "slowed")):
             assert agg["mu=1"][key] == value, key
+    assert agg["mu=1"]["acted_mean"] == 0 and agg["joint+aux"]["acted_mean"] != 0  # NaN: no MILES
     (check,) = first["mu_one_checks"]
     assert check["identical"] and check["seeds_compared"] == [0]
     md = (tmp_path / "ablate_mu_tau0.0.md").read_text()
@@ -126,18 +123,21 @@ def test_mu_one_equals_joint_aux_and_table(tmp_path: Path, monkeypatch: pytest.M
     # the columns the issue asks for: unimodal reference, heads vs it, last-epoch heads, acted
     for col in (
         f"| {order[0]} head (dominant) |",
-        f"| {order[0]} vs uni |",
+        "| heads vs unimodal (pp) |",
         "| chosen epoch |",
-        "| acted |",
-        f"| last: {order[-1]} |",
-        "| unimodal (each alone) |",
+        "| MILES acted |",
+        f"| slowed {' / '.join(order)} |",
+        "| fused at last epoch |",
+        "| heads at last epoch |",
+        "| unimodal |",
     ):
         assert col in md, col
+    assert f"gap = {order[0]} head - {order[-1]} head (signed" in md
     header = (tmp_path / "ablate_mu_tau0.0_table.csv").read_text().splitlines()[0].split(",")
     for col in ("fused_last_mean", f"{order[1]}_last_mean", "acted_mean", "best_epoch_mean"):
         assert col in header
     assert f"{order[0]}_vs_unimodal_mean" in header
-    ref_row = agg["unimodal"]
+    ref_row = next(a for a in first["aggregate"] if a["method"] == "unimodal")
     uni = [r for r in rows if r["method"] == "unimodal"]
     assert ref_row[f"{order[0]}_mean"] == pytest.approx(
         next(r[order[0]] for r in uni if r["label"] == order[0])
@@ -149,7 +149,7 @@ def test_mu_one_equals_joint_aux_and_table(tmp_path: Path, monkeypatch: pytest.M
     assert calls == []
     assert again["aggregate"] == first["aggregate"]
     # an interrupted run (no done.json) is the only one trained again
-    (tmp_path / "runs" / "miles-tau0.0-mu0.5" / "seed0" / ablate.DONE).unlink()
+    (tmp_path / "runs" / "miles-tau0.0-mu0.5" / "seed0" / DONE).unlink()
     run_ablation(_config(tmp_path), echo=lambda _m: None)
     assert calls == ["miles/{'tau': 0.0, 'mu': 0.5}/0"]
     # a tau ablation in the same folder reuses the shared runs (references, tau=0 mu=0.5)
@@ -161,6 +161,7 @@ def test_mu_one_equals_joint_aux_and_table(tmp_path: Path, monkeypatch: pytest.M
     # another training budget in the same folder is refused, not mixed
     with pytest.raises(ValueError, match="different settings"):
         run_ablation(_config(tmp_path, epochs=3), echo=lambda _m: None)
+    assert json.loads((tmp_path / "ablate_tau.json").read_text())["kind"] == "ablate"
 
 
 def test_compare_histories_reports_the_first_difference() -> None:

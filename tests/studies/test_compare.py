@@ -8,46 +8,54 @@ from typing import Any
 
 import pytest
 
-import miles.compare as compare
+import miles.training.experiment as experiment
 from miles.cli import main
-from miles.compare import CompareConfig, dominant_order, run_compare
+from miles.studies.compare import CompareConfig, run_compare
+from miles.studies.config import quiet_base
+from miles.studies.runner import DONE
 
 SMALL = {"max_train": 60}
 
 
-def _config(tmp_path: Path, **kw: Any) -> CompareConfig:
-    base: dict[str, Any] = {
-        "dataset_params": SMALL,
+def _config(tmp_path: Path, epochs: int = 1, **kw: Any) -> CompareConfig:
+    base = quiet_base(epochs=epochs)
+    base.dataset_params, base.latent_dim = dict(SMALL), 8
+    fields: dict[str, Any] = {
+        "base": base,
         "methods": ["joint", "unimodal", "mslr-k", "miles"],
         "fusions": ["concat", "sum"],
         "seeds": [0, 1],
-        "epochs": 1,
-        "latent_dim": 8,
         "sweep_lrs": [1e-3, 3e-3],
         "sweep_epochs": 1,
         "out_dir": str(tmp_path),
     }
-    return CompareConfig(**(base | kw))
+    return CompareConfig(**(fields | kw))
 
 
 def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real = compare.run_experiment
+    real = experiment.run_experiment
 
     def counting(config: Any, **kw: Any) -> Any:
         calls.append(f"{config.strategy}/{config.fusion}/{config.trainer.seed}")
         return real(config, **kw)
 
-    monkeypatch.setattr(compare, "run_experiment", counting)
-    first = run_compare(_config(tmp_path), echo=lambda _m: None)
-    # unimodal runs once per modality and seed (fusion-independent), the others per fusion
+    monkeypatch.setattr(experiment, "run_experiment", counting)
+    lines: list[str] = []
+    first = run_compare(_config(tmp_path), echo=lines.append)
+    # unimodal runs once per modality and seed (fusion-independent), the others per fusion;
+    # the unimodal LR sweep (MSLR's input) trains 2 modalities x 2 rates once
     assert sorted(c for c in calls if c.startswith("unimodal")) == [
-        "unimodal/concat/0",
-        "unimodal/concat/0",
+        *["unimodal/concat/0"] * 6,
         "unimodal/concat/1",
         "unimodal/concat/1",
     ]
-    assert len(calls) == 4 + 2 * 2 * 3
+    assert len(calls) == 4 + 4 + 2 * 2 * 3
+    # progress: one line per planned run with the time left, then the table
+    assert lines[0] == "4 runs planned, 0 already done, 4 to train"  # the LR sweep first
+    assert "16 runs planned, 0 already done, 16 to train" in lines
+    assert any(line.startswith("[1/16] seed 0 concat joint: test fused") for line in lines)
+    assert any("s left)" in line for line in lines)
     rows = first["rows"]
     uni = [r for r in rows if r["method"] == "unimodal"]
     assert {r["fusion"] for r in uni} == {"concat", "sum"}  # reused under both fusions
@@ -58,6 +66,7 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     }
     assert order[0] == max(means, key=lambda m: means[m])
     assert first["dominant_rule"].startswith("unimodal reference")
+    assert first["kind"] == "compare"
     for agg in first["aggregate"]:
         assert agg["n"] == 2  # two seeds per cell
         assert agg["gap_mean"] == pytest.approx(agg[f"{order[0]}_mean"] - agg[f"{order[1]}_mean"])
@@ -68,18 +77,23 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert joint["uses_aux_losses"] is False
     # the imbalance diagnostic: each head against its own unimodal model, and last-epoch heads
     for m in order:
-        assert joint[f"{m}_vs_unimodal"] == pytest.approx(joint[f"{m}_mean"] - means[m])
+        assert joint[f"{m}_vs_unimodal_mean"] == pytest.approx(joint[f"{m}_mean"] - means[m])
         assert 0.0 <= joint[f"{m}_last_mean"] <= 1.0
     md = (tmp_path / "compare.md").read_text()
     assert "| heads vs unimodal (pp) |" in md and "| heads at last epoch |" in md
     assert "## concat fusion" in md and "## sum fusion" in md
     assert f"| {order[0]} head (dominant) |" in md and "| aux |" in md
+    assert f"gap = {order[0]} head - {order[1]} head (signed" in md
     assert (tmp_path / "compare_runs.csv").read_text().count("\n") == len(rows) + 1
     table_csv = (tmp_path / "compare_table.csv").read_text().splitlines()
-    assert table_csv[0].startswith("fusion,method,uses_aux_losses,n,")
+    assert table_csv[0].startswith("fusion,method,label,uses_aux_losses,")
     assert len(table_csv) == 1 + 2 * 4  # 4 methods x 2 fusions
-    for row in rows:  # one signed gap: dominant head minus the other
-        assert row["gap"] == pytest.approx(row[order[0]] - row[order[1]])
+    for row in rows:  # one signed gap: dominant head minus the other; none for a reference
+        if row["method"] == "unimodal":
+            assert row["gap"] is None and row["fused"] is None
+        else:
+            assert row["gap"] == pytest.approx(row[order[0]] - row[order[1]])
+        assert (tmp_path / row["run_dir"] / "result.json").is_file()
 
     # a finished compare re-run trains nothing and reproduces the tables
     calls.clear()
@@ -88,14 +102,22 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert again["aggregate"] == first["aggregate"]
 
     # an interrupted run (no done.json) is the only one trained again
-    done = next((tmp_path / "runs" / "sum" / "miles").glob("seed1")) / compare.DONE
+    done = next((tmp_path / "runs" / "sum" / "miles").glob("seed1")) / DONE
     done.unlink()
     run_compare(_config(tmp_path), echo=lambda _m: None)
     assert calls == ["miles/sum/1"]
 
     # the same folder under another training budget is refused, not mixed
-    with pytest.raises(ValueError, match="different settings"):
+    with pytest.raises(
+        ValueError, match=r"different settings \(differs in \['base.trainer.epochs'\]\)"
+    ):
         run_compare(_config(tmp_path, epochs=2), echo=lambda _m: None)
+    # ... but not when only the device or the progress bars differ
+    other = _config(tmp_path)
+    other.base.trainer.progress = True
+    calls.clear()
+    run_compare(other, echo=lambda _m: None)
+    assert calls == []
     # more seeds may be added to a folder: only the new runs train
     calls.clear()
     run_compare(_config(tmp_path, seeds=[0, 1, 2], methods=["joint"]), echo=lambda _m: None)
@@ -105,32 +127,23 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_diverged_run_is_recorded_not_fatal(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = compare.run_experiment
+    real = experiment.run_experiment
 
     def diverge_miles(config: Any, **kw: Any) -> Any:
         if config.strategy == "miles":
             raise FloatingPointError("training loss became nan")
         return real(config, **kw)
 
-    monkeypatch.setattr(compare, "run_experiment", diverge_miles)
+    monkeypatch.setattr(experiment, "run_experiment", diverge_miles)
     cfg = _config(tmp_path, methods=["joint", "miles"], fusions=["concat"], seeds=[0])
     payload = run_compare(cfg, echo=lambda _m: None)
     failed = [r for r in payload["rows"] if r.get("failed")]
     assert [r["method"] for r in failed] == ["miles"]
-    assert "diverged" in (tmp_path / "compare.md").read_text()
+    assert "concat miles, seed 0: training loss became nan" in (tmp_path / "compare.md").read_text()
     # recorded as done: a re-run does not retry it
-    monkeypatch.setattr(compare, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
     again = run_compare(cfg, echo=lambda _m: None)
     assert [r["method"] for r in again["rows"] if r.get("failed")] == ["miles"]
-
-
-def test_dominant_rule_falls_back_to_joint_heads() -> None:
-    rows = [
-        {"method": "joint", "label": "", "a": 0.4, "b": 0.9},
-        {"method": "joint", "label": "", "a": 0.5, "b": 0.7},
-    ]
-    order, rule = dominant_order(rows, ["a", "b"])
-    assert order == ["b", "a"] and "joint" in rule
 
 
 def test_bad_compare_configs(tmp_path: Path) -> None:
@@ -140,6 +153,10 @@ def test_bad_compare_configs(tmp_path: Path) -> None:
         _config(tmp_path, methods=["joint", "joint"])
     with pytest.raises(ValueError, match="fusion"):
         _config(tmp_path, fusions=["attention"])
+    with pytest.raises(TypeError, match="ExperimentConfig"):
+        _config(tmp_path, base={"epochs": 3})
+    with pytest.raises(ValueError, match="seeds"):
+        _config(tmp_path, seeds=[0, 0])
     for argv in (["--methods", "joint,nope"], ["--methods", ","], ["--fusion", "attention"]):
         with pytest.raises(SystemExit) as exc:
             main(["compare", *argv, "--out", str(tmp_path)])
@@ -177,6 +194,7 @@ def test_unimodal_reference_does_not_depend_on_fusion() -> None:
 def test_cli_compare_passes_dataset_options(tmp_path: Path) -> None:
     argv = ["compare", "--methods", "joint", "--fusion", "concat", "--seeds", "1", "--epochs", "1"]
     argv += ["--latent-dim", "8", "--dataset-option", "max_train=60", "--out", str(tmp_path)]
-    assert main(argv) == 0
-    saved = json.loads((tmp_path / "compare_config.json").read_text())
-    assert saved["dataset_params"] == {"max_train": 60} and saved["seeds"] == [0]
+    assert main([*argv, "--quiet"]) == 0
+    saved = json.loads((tmp_path / "compare.json").read_text())["config"]
+    assert saved["base"]["dataset_params"] == {"max_train": 60} and saved["seeds"] == [0]
+    assert saved["base"]["latent_dim"] == 8 and saved["base"]["trainer"]["epochs"] == 1

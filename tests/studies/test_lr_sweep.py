@@ -1,4 +1,5 @@
-"""Unimodal learning-rate sweep: argmax choice, cache hits, changed settings, bad cache files."""
+"""Unimodal learning-rate sweep: argmax choice, cache hits, changed settings, bad cache files,
+resuming an interrupted sweep."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from miles.studies.lr_sweep import best_lrs, read_sweep, sweep_unimodal_lrs
 from miles.training import experiment
-from miles.training.lr_sweep import best_lrs, read_sweep, sweep_unimodal_lrs
+from miles.training.experiment import ExperimentConfig
+from miles.training.trainer import TrainerConfig
 from tests.conftest import make_toy_splits
 
 LRS = (1e-3, 3e-2)
@@ -35,16 +38,16 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
     return calls
 
 
-def _sweep(data: Any, cache: Path | None, **kw: Any) -> dict[str, float]:
-    args: dict[str, Any] = {
-        "lrs": LRS,
-        "epochs": 2,
-        "latent_dim": 8,
-        "cache_dir": cache,
-        "progress": False,
-        "trainer_overrides": {"batch_size": 32},
-    }
-    return sweep_unimodal_lrs("toy", data, **{**args, **kw})
+def _sweep(
+    data: Any, cache: Path | None, *, seed: int = 0, batch_size: int = 32, **kw: Any
+) -> dict[str, float]:
+    base = ExperimentConfig(
+        dataset="toy",
+        latent_dim=8,
+        trainer=TrainerConfig(epochs=5, seed=seed, batch_size=batch_size, progress=False),
+    )
+    args: dict[str, Any] = {"lrs": LRS, "epochs": 2, "cache_dir": cache, "echo": None}
+    return sweep_unimodal_lrs(base, data, **{**args, **kw})
 
 
 def test_best_lrs_by_hand() -> None:
@@ -52,17 +55,18 @@ def test_best_lrs_by_hand() -> None:
     assert best_lrs(scores) == {"a": 1e-2, "b": 1e-2}  # tie -> smaller; NaN never wins
 
 
-def test_sweep_picks_argmax_and_caches(
-    tmp_path: Path, small: Any, counted: list[Any], capsys: pytest.CaptureFixture[str]
-) -> None:
-    best = _sweep(small, tmp_path, progress=True)
+def test_sweep_picks_argmax_and_caches(tmp_path: Path, small: Any, counted: list[Any]) -> None:
+    lines: list[str] = []
+    best = _sweep(small, tmp_path, echo=lines.append)
     # one unimodal trial per (modality, lr), each configured as asked
     assert len(counted) == 4
     assert {(c.strategy, c.strategy_params["modality"], c.trainer.lr) for c in counted} == {
         ("unimodal", m, lr) for m in small.modalities for lr in LRS
     }
     assert all(c.trainer.epochs == 2 and c.trainer.batch_size == 32 for c in counted)
-    assert capsys.readouterr().out.count("[lr-sweep] toy [") == 4  # one line per trial
+    # one line per trial through the shared run loop, with the trial's validation score
+    assert sum(": val " in line and "[lr-sweep] toy" in line for line in lines) == 4
+    assert lines[-1] == f"[lr-sweep] toy: best {best}"
     files = list(tmp_path.glob("*.json"))
     assert len(files) == 1
     record = read_sweep(files[0])
@@ -83,7 +87,7 @@ def test_changed_setting_recomputes(tmp_path: Path, small: Any, counted: list[An
     assert len(counted) == 2
     _sweep(small, tmp_path, lrs=(1e-2,), seed=1)
     assert len(counted) == 4
-    _sweep(small, tmp_path, lrs=(1e-2,), trainer_overrides={"batch_size": 16})
+    _sweep(small, tmp_path, lrs=(1e-2,), batch_size=16)
     assert len(counted) == 6
     assert len(list(tmp_path.glob("*.json"))) == 3
     _sweep(small, tmp_path, lrs=(1e-2,), seed=1)  # still cached
@@ -96,14 +100,38 @@ def test_corrupt_cache_warns_and_recomputes(tmp_path: Path, small: Any, counted:
     path.write_text("{not json", encoding="utf-8")
     with pytest.warns(RuntimeWarning, match="unusable learning-rate sweep cache"):
         again = _sweep(small, tmp_path, lrs=(1e-2,))
-    assert again == best and len(counted) == 4
+    # recomputed from the finished trial runs, which are only read, not trained again
+    assert again == best and len(counted) == 2
     assert json.loads(path.read_text())["best"] == best  # rewritten
     payload = json.loads(path.read_text())
     payload["settings"]["lrs"] = [5.0]  # a hand-edited file no longer matches its name
     path.write_text(json.dumps(payload), encoding="utf-8")
     with pytest.warns(RuntimeWarning, match="settings differ"):
         _sweep(small, tmp_path, lrs=(1e-2,))
-    assert len(counted) == 6
+    assert len(counted) == 2
+
+
+def test_interrupted_sweep_resumes(
+    tmp_path: Path, small: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[float] = []
+    real = experiment.run_experiment
+
+    def interrupt_third(config: Any, **kwargs: Any) -> Any:
+        calls.append(config.trainer.lr)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(experiment, "run_experiment", interrupt_third)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(small, tmp_path)
+    calls.clear()
+    monkeypatch.setattr(
+        experiment, "run_experiment", lambda c, **k: calls.append(1) or real(c, **k)
+    )
+    _sweep(small, tmp_path)
+    assert len(calls) == 2  # the interrupted trial and the one never started
 
 
 def test_no_cache_dir_always_trains(small: Any, counted: list[Any]) -> None:
@@ -118,18 +146,16 @@ def test_no_cache_dir_always_trains(small: Any, counted: list[Any]) -> None:
         ({"lrs": ()}, "at least one"),
         ({"lrs": (1e-3, -1.0)}, "positive finite"),
         ({"lrs": (1e-3, 1e-3)}, "duplicates"),
-        ({"trainer_overrides": {"lr": 1.0}}, "may not set"),
-        ({"trainer_overrides": {"bogus": 1}}, "unknown trainer_overrides"),
-        ({"fusion": "product"}, "fusion"),
     ],
 )
 def test_bad_arguments(small: Any, kw: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         _sweep(small, None, **kw)
+    with pytest.raises(TypeError, match="ExperimentConfig"):
+        sweep_unimodal_lrs({"dataset": "toy"}, small, epochs=1)  # type: ignore[arg-type]
 
 
 def test_all_diverged_is_an_error_not_a_choice() -> None:
-    from miles.training.lr_sweep import best_lrs
 
     with pytest.raises(FloatingPointError, match="every candidate learning rate diverged"):
         best_lrs({"a": {1e-3: float("nan"), 3e-3: float("nan")}})

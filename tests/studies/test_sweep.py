@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import math
 import time
@@ -12,14 +12,18 @@ from typing import Any
 import optuna
 import pytest
 
-import miles.sweep as sweep
+import miles.training.experiment as experiment
+from miles.cli import main
 from miles.data import DatasetSplits, build_dataset
+from miles.results import RunResult
 from miles.strategies import available_strategies
-from miles.sweep import SweepConfig, run_sweep, select_best
-from miles.training.trainer import RunResult
+from miles.studies import optuna_study, search_space
+from miles.studies.config import quiet_base
+from miles.studies.sweep import SweepConfig, run_sweep, select_best, study_slug
 
 SMALL = {"max_train": 60}
 quiet = {"echo": lambda _m: None}
+RETRY_OF = optuna_study.RETRY_OF
 
 
 @pytest.fixture(scope="module")
@@ -28,20 +32,18 @@ def data() -> DatasetSplits:
     return build_dataset("fsdd-mnist", **SMALL)
 
 
-def _config(tmp_path: Path, **kw: Any) -> SweepConfig:
-    base: dict[str, Any] = {
-        "dataset": "fsdd-mnist",
-        "dataset_params": SMALL,
+def _config(tmp_path: Path, *, seed: int = 0, epochs: int = 1, **kw: Any) -> SweepConfig:
+    base = quiet_base(epochs=epochs, seed=seed)
+    base = dataclasses.replace(base, dataset_params=dict(SMALL), latent_dim=8)
+    fields: dict[str, Any] = {
+        "base": base,
         "method": "miles",
-        "fusion": "concat",
         "trials": 3,
-        "epochs": 1,
-        "latent_dim": 8,
         "rerun_seeds": 0,
         "out_dir": str(tmp_path / "out"),
         "storage": f"sqlite:///{tmp_path / 'sweep.db'}",
     }
-    return SweepConfig(**(base | kw))
+    return SweepConfig(**(fields | kw))
 
 
 def _val_of(lr: float) -> float:
@@ -81,27 +83,27 @@ def _params(payload: dict[str, Any], state: str = "COMPLETE") -> list[dict[str, 
     return [t["params"] for t in payload["trials"] if t["state"] == state]
 
 
-def test_search_spaces_cover_every_method_but_unimodal(tmp_path: Path) -> None:
-    assert set(sweep.SEARCH_SPACES) | set(sweep.NOT_SWEEPABLE) == set(available_strategies())
-    for method, space in sweep.SEARCH_SPACES.items():
-        assert space[0] == sweep.LR, method  # every method tunes its learning rate
+def test_search_spaces_cover_every_method_but_unimodal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spaces = search_space.SEARCH_SPACES
+    assert set(spaces) | set(search_space.NOT_SWEEPABLE) == set(available_strategies())
+    for method, space in spaces.items():
+        assert space[0] == search_space.LR, method  # every method tunes its learning rate
     with pytest.raises(ValueError, match="cannot be swept"):
         _config(tmp_path, method="unimodal")
     with pytest.raises(ValueError, match="no search space"):
-        sweep.search_space("no-such-method")
-    parser = argparse.ArgumentParser()
-    sweep.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["sweep", "--method", "unimodal", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match="cannot be swept"):
-        sweep.run_cli(args)
+        search_space.search_space("no-such-method")
+    assert main(["sweep", "--method", "unimodal", "--out", str(tmp_path)]) == 2
+    assert "miles sweep: error: method 'unimodal' cannot be swept" in capsys.readouterr().err
 
 
 def test_search_space_to_run_settings() -> None:
-    study = optuna.create_study(sampler=sweep.make_sampler("random", 0))
+    study = optuna.create_study(sampler=optuna_study.make_sampler("random", 0))
     trial = study.ask()
-    params = sweep.suggest(trial, "mslr-s", ["audio", "image"])
+    params = search_space.suggest(trial, "mslr-s", ["audio", "image"])
     assert list(params) == ["lr", "unimodal_lrs.audio", "unimodal_lrs.image", "smoothing"]
-    lr, strategy_params = sweep.run_settings("mslr-s", params, ["audio", "image"])
+    lr, strategy_params = search_space.run_settings("mslr-s", params, ["audio", "image"])
     assert lr == params["lr"] and 1e-4 <= lr <= 1e-2
     assert strategy_params == {
         "unimodal_lrs": {
@@ -110,7 +112,7 @@ def test_search_space_to_run_settings() -> None:
         },
         "smoothing": params["smoothing"],
     }
-    gblend = sweep.suggest(study.ask(), "gblend", ["audio", "image"])
+    gblend = search_space.suggest(study.ask(), "gblend", ["audio", "image"])
     assert isinstance(gblend["super_epoch"], int) and 2 <= gblend["super_epoch"] <= 10
 
 
@@ -130,23 +132,25 @@ def test_real_sweep_selects_best_on_validation_and_reruns(
         result = json.loads((Path(t["run_dir"]) / "result.json").read_text())
         assert result["val"]["fused"] == pytest.approx(t["val"])
         assert result["test"]["fused"] == pytest.approx(t["test"])
-    assert payload["rerun_aggregate"]["n"] == 2
-    fused = [r["fused"] for r in payload["reruns"]]
-    assert payload["rerun_aggregate"]["fused_mean"] == pytest.approx(sum(fused) / 2)
+    (agg,) = payload["aggregate"]
+    assert agg["n"] == 2 and payload["kind"] == "sweep"
+    fused = [r["fused"] for r in payload["rows"]]
+    assert agg["fused_mean"] == pytest.approx(sum(fused) / 2)
+    assert [r["seed"] for r in payload["rows"]] == [0, 1]
     md = (cfg.study_dir / "sweep.md").read_text()
     assert f"**Best trial {best['number']}**" in md and "mean ± std" in md
     assert json.loads((cfg.study_dir / "sweep.json").read_text())["best"] == payload["best"]
 
     # a finished sweep run again trains nothing, not even the re-runs
-    monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("trained again"))
     again = run_sweep(_config(tmp_path, rerun_seeds=2), data=data, **quiet)
-    assert again["best"] == payload["best"] and again["reruns"] == payload["reruns"]
+    assert again["best"] == payload["best"] and again["rows"] == payload["rows"]
 
 
 def test_seeded_sampling_is_reproducible(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    monkeypatch.setattr(experiment, "run_experiment", FakeRuns())
     runs = {}
     for name, seed in [("a", 0), ("b", 0), ("c", 1)]:
         cfg = _config(tmp_path / name, seed=seed)
@@ -155,10 +159,10 @@ def test_seeded_sampling_is_reproducible(
     assert all(x != y for x, y in zip(runs["a"], runs["c"], strict=True))  # another seed
     # trial k's parameters do not depend on the process: a fresh process (here: a fresh sampler
     # on a fresh study) asking for trial 2 alone gets what the sweep got
-    study = optuna.create_study(sampler=sweep.make_sampler("random", 0))
+    study = optuna.create_study(sampler=optuna_study.make_sampler("random", 0))
     for _ in range(2):
         study.tell(study.ask(), 0.0)
-    assert sweep.suggest(study.ask(), "miles", data.modalities) == runs["a"][2]
+    assert search_space.suggest(study.ask(), "miles", data.modalities) == runs["a"][2]
 
 
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
@@ -167,10 +171,12 @@ def test_sampler_is_a_function_of_seed_and_history(sampler: str) -> None:
     seed and the same results they are the same, in any process."""
 
     def sampled(seed: int) -> list[dict[str, Any]]:
-        study = optuna.create_study(sampler=sweep.make_sampler(sampler, seed), direction="maximize")
+        study = optuna.create_study(
+            sampler=optuna_study.make_sampler(sampler, seed), direction="maximize"
+        )
         for _ in range(14):
             trial = study.ask()
-            study.tell(trial, _val_of(sweep.suggest(trial, "ogm", ["a", "b"])["lr"]))
+            study.tell(trial, _val_of(search_space.suggest(trial, "ogm", ["a", "b"])["lr"]))
         return [t.params for t in study.trials]
 
     first = sampled(0)
@@ -181,7 +187,7 @@ def test_sampler_is_a_function_of_seed_and_history(sampler: str) -> None:
 def test_best_is_argmax_of_validation(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    monkeypatch.setattr(experiment, "run_experiment", FakeRuns())
     payload = run_sweep(_config(tmp_path, trials=6), data=data, **quiet)
     vals = {t["number"]: t["val"] for t in payload["trials"]}
     assert len(set(vals.values())) == 6  # no ties: the check below is not vacuous
@@ -211,24 +217,24 @@ def test_interrupted_sweep_resumes_without_repeating(
     get in an uninterrupted sweep (the re-run uses up no sampling slot), so the resumed sweep
     measures exactly what an uninterrupted one would."""
     fake = FakeRuns(fail_on_call=fail_on_call, exc=KeyboardInterrupt())
-    monkeypatch.setattr(sweep, "run_experiment", fake)
+    monkeypatch.setattr(experiment, "run_experiment", fake)
     with pytest.raises(KeyboardInterrupt):
         run_sweep(_config(tmp_path), data=data, **quiet)
     assert len(fake.calls) == fail_on_call
     first_calls = list(fake.calls)
 
-    monkeypatch.setattr(sweep, "run_experiment", FakeRuns())
+    monkeypatch.setattr(experiment, "run_experiment", FakeRuns())
     straight = run_sweep(_config(tmp_path / "straight"), data=data, **quiet)
     straight_params = _params(straight)
 
     resumed = FakeRuns()
-    monkeypatch.setattr(sweep, "run_experiment", resumed)
+    monkeypatch.setattr(experiment, "run_experiment", resumed)
     payload = run_sweep(_config(tmp_path), data=data, **quiet)
     interrupted = fail_on_call - 1
     # the interrupted trial again, same parameters, then the remaining fresh trials
     assert resumed.calls[0] == first_calls[interrupted]
     assert len(resumed.calls) == 3 - interrupted
-    states = [(t["number"], t["state"], t[sweep.RETRY_OF]) for t in payload["trials"]]
+    states = [(t["number"], t["state"], t[RETRY_OF]) for t in payload["trials"]]
     expected = [(n, "COMPLETE", None) for n in range(interrupted)]
     expected += [(interrupted, "FAIL", None), (interrupted + 1, "COMPLETE", interrupted)]
     expected += [(n + 1, "COMPLETE", None) for n in range(interrupted + 1, 3)]
@@ -243,11 +249,11 @@ def test_trial_slot_skips_reruns() -> None:
     study = optuna.create_study()
     for _ in range(2):
         study.tell(study.ask(), 0.0)
-    study.enqueue_trial({}, user_attrs={sweep.RETRY_OF: 1})
+    study.enqueue_trial({}, user_attrs={RETRY_OF: 1})
     study.tell(study.ask(), 0.0)  # trial 2: the re-run of trial 1
     study.tell(study.ask(), 0.0)  # trial 3: the third fresh trial
     trials = study.get_trials()
-    assert [sweep.trial_slot(trials, n) for n in range(4)] == [0, 1, 2, 2]
+    assert [optuna_study.trial_slot(trials, n) for n in range(4)] == [0, 1, 2, 2]
 
 
 def test_requeue_rereads_trials_before_enqueueing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,7 +264,7 @@ def test_requeue_rereads_trials_before_enqueueing(monkeypatch: pytest.MonkeyPatc
     failed = study.ask({"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)})
     study.tell(failed, state=optuna.trial.TrialState.FAIL)
     before_b = study.get_trials(deepcopy=False)
-    study.enqueue_trial(dict(study.trials[1].params), user_attrs={sweep.RETRY_OF: 1})  # worker B
+    study.enqueue_trial(dict(study.trials[1].params), user_attrs={RETRY_OF: 1})  # worker B
     real = study.get_trials
     reads = []
 
@@ -271,8 +277,8 @@ def test_requeue_rereads_trials_before_enqueueing(monkeypatch: pytest.MonkeyPatc
         return real(*args, **kwargs)
 
     monkeypatch.setattr(study, "get_trials", get_trials)
-    assert sweep._requeue_interrupted(study) == []
-    retries = [t for t in real() if t.user_attrs.get(sweep.RETRY_OF) == 1]
+    assert optuna_study.requeue_interrupted(study) == []
+    retries = [t for t in real() if t.user_attrs.get(RETRY_OF) == 1]
     assert len(retries) == 1  # B's re-run only
 
 
@@ -285,7 +291,7 @@ def test_killed_sweep_resumes_once_its_trial_is_stale(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeRuns(fail_on_call=3, exc=ProcessKilled())
-    monkeypatch.setattr(sweep, "run_experiment", fake)
+    monkeypatch.setattr(experiment, "run_experiment", fake)
     cfg = _config(tmp_path, stale_after=1, rerun_seeds=1)
     with pytest.raises(ProcessKilled):
         run_sweep(cfg, data=data, **quiet)
@@ -294,9 +300,9 @@ def test_killed_sweep_resumes_once_its_trial_is_stale(
 
     # while its heartbeat is fresh the trial may be running on another machine: left alone
     resumed = FakeRuns()
-    monkeypatch.setattr(sweep, "run_experiment", resumed)
+    monkeypatch.setattr(experiment, "run_experiment", resumed)
     early = run_sweep(cfg, data=data, **quiet)
-    assert resumed.calls == [] and early["reruns"] == []
+    assert resumed.calls == [] and early["rows"] == []
     assert "Re-runs wait" in (cfg.study_dir / "sweep.md").read_text()
 
     time.sleep(2.2)  # silent for longer than stale_after (SQLite clock: whole seconds)
@@ -304,20 +310,20 @@ def test_killed_sweep_resumes_once_its_trial_is_stale(
     assert resumed.calls[0] == fake.calls[2]  # the killed trial again, same parameters
     assert len(resumed.calls) == 2  # ... and the best trial's one re-run, nothing else
     assert [t["state"] for t in payload["trials"]] == ["COMPLETE", "COMPLETE", "FAIL", "COMPLETE"]
-    assert payload["trials"][3][sweep.RETRY_OF] == 2
-    assert payload["finished"] == 3 and payload["rerun_aggregate"]["n"] == 1
+    assert payload["trials"][3][RETRY_OF] == 2
+    assert payload["finished"] == 3 and payload["aggregate"][0]["n"] == 1
 
 
 def test_diverged_trial_counts_and_is_not_rerun(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeRuns(fail_on_call=1, exc=FloatingPointError("training loss became nan"))
-    monkeypatch.setattr(sweep, "run_experiment", fake)
+    monkeypatch.setattr(experiment, "run_experiment", fake)
     payload = run_sweep(_config(tmp_path), data=data, **quiet)
     assert len(fake.calls) == 3
     assert [t["state"] for t in payload["trials"]] == ["PRUNED", "COMPLETE", "COMPLETE"]
     assert payload["trials"][0]["diverged"] == "training loss became nan"
-    monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
     run_sweep(_config(tmp_path), data=data, **quiet)
     md = (_config(tmp_path).study_dir / "sweep.md").read_text()
     assert "diverged: training loss became nan" in md
@@ -327,7 +333,7 @@ def test_more_trials_extend_the_study_but_other_settings_are_refused(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fake = FakeRuns()
-    monkeypatch.setattr(sweep, "run_experiment", fake)
+    monkeypatch.setattr(experiment, "run_experiment", fake)
     run_sweep(_config(tmp_path, trials=2), data=data, **quiet)
     run_sweep(_config(tmp_path, trials=4), data=data, **quiet)
     assert len(fake.calls) == 4  # two more, the first two kept
@@ -348,7 +354,7 @@ def test_two_studies_in_one_out_keep_their_own_runs(
     assert ogm_cfg.storage_url == miles_cfg.storage_url  # one shared sweep.db
     assert ogm_cfg.study_dir != miles_cfg.study_dir
     payload = run_sweep(miles_cfg, data=data, **quiet)
-    assert payload["rerun_aggregate"]["n"] == 1
+    assert payload["aggregate"][0]["n"] == 1
     # the miles re-run trained its own run (with miles' parameters), not read ogm's result
     rerun = miles_cfg.study_dir / "rerun" / f"trial{payload['best']['number']:04d}" / "seed0"
     assert json.loads((rerun / "result.json").read_text())["strategy"]["name"] == "miles"
@@ -368,14 +374,14 @@ def test_two_studies_in_one_out_keep_their_own_runs(
         storage=f"sqlite:///{tmp_path / 'other.db'}",
         study_name=miles_cfg.name,
     )
-    monkeypatch.setattr(sweep, "run_experiment", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(ValueError, match=r"sweep run .*trial0000 was started with different"):
         run_sweep(other, data=data, **quiet)
 
 
 def test_study_slug() -> None:
-    assert sweep.study_slug("fsdd-mnist-miles-concat") == "fsdd-mnist-miles-concat"
-    plus = sweep.study_slug("fsdd-mnist-joint+aux-sum")
+    assert study_slug("fsdd-mnist-miles-concat") == "fsdd-mnist-miles-concat"
+    plus = study_slug("fsdd-mnist-joint+aux-sum")
     assert plus.startswith("fsdd-mnist-joint_aux-sum-") and "/" not in plus
-    assert sweep.study_slug("a b") != sweep.study_slug("a_b")
-    assert sweep.study_slug("..") not in ("..", ".", "")
+    assert study_slug("a b") != study_slug("a_b")
+    assert study_slug("..") not in ("..", ".", "")

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miles.report.tables import decisions
+from miles.results import decisions
 
 
 def plot_learning_dynamics(

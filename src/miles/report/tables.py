@@ -1,93 +1,38 @@
-"""Turn run results into table rows and markdown: the numbers users compare methods by."""
+"""Aggregation over seeds and the columns every results table is built from.
+
+Rows are :func:`miles.results.run_row` rows (plus the study's identifiers and the signed gap);
+:func:`aggregate` groups them into ``<value>_mean`` / ``<value>_std`` / ``n``; the
+:data:`COLUMNS` turn aggregated rows into text cells. Compare, ablate, sweep, the demo and
+``miles report`` all pick their columns from here, so a column with one title always holds the
+same number, formatted the same way.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from statistics import mean, stdev
 from typing import Any
 
+from miles.report.document import Table
+from miles.results import decisions
 
-def decisions(result: Mapping[str, Any]) -> list[dict[str, Any] | None]:
-    """The MILES decision of every epoch (``None`` where no decision was taken or no MILES)."""
-    out = []
-    for row in result["history"]:
-        record = row.get("strategy") or {}
-        out.append(record.get("decision"))
-    return out
-
-
-def epochs_acted(result: Mapping[str, Any]) -> int | None:
-    """In how many epochs MILES trained a modality at a lowered rate (``None`` without MILES).
-
-    A decision applies to the *next* epoch, so the one taken after the last epoch changed nothing
-    and is not counted.
-    """
-    if result["strategy"].get("name") != "miles":
-        return None
-    effective = decisions(result)[:-1]
-    return sum(1 for d in effective if d is not None and d.get("slowed") is not None)
-
-
-def idle_reasons(result: Mapping[str, Any]) -> dict[str, int]:
-    """Why MILES did not act, counted over the epochs whose decision applied to training."""
-    counts: dict[str, int] = {}
-    for d in decisions(result)[:-1]:
-        reason = "no decision (fused metric 0)" if d is None else d["reason"]
-        if d is None or d.get("slowed") is None:
-            counts[reason] = counts.get(reason, 0) + 1
-    return counts
-
-
-def max_delta(result: Mapping[str, Any]) -> float | None:
-    deltas = [d["delta"] for d in decisions(result) if d is not None]
-    return max(deltas) if deltas else None
-
-
-def summarize_run(result: Mapping[str, Any]) -> dict[str, Any]:
-    """One row: test fused / each head (best-on-validation epoch), head gap, chosen epoch, acted."""
-    test = result["test"] or result["val"]
-    modalities = list(test["unimodal"])
-    heads = [test["unimodal"][m] for m in modalities]
-    row: dict[str, Any] = {
-        "method": result["strategy"]["name"],
-        "fusion": result.get("extra", {}).get("fusion", ""),
-        "seed": result["config"]["seed"],
-        "fused": test["fused"],
-        **{m: test["unimodal"][m] for m in modalities},
-        "gap": max(heads) - min(heads),
-        "best_epoch": result["best_epoch"],
-        "epochs": result["epochs_run"],
-        "acted": epochs_acted(result),
-        "max_delta": max_delta(result),
-    }
-    if result.get("test_last"):
-        for m in modalities:
-            row[f"{m}_last"] = result["test_last"]["unimodal"][m]
-    return row
-
-
-def _fmt(value: Any, pct: bool) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{100 * value:.1f}" if pct else f"{value:.3f}"
-    return str(value)
-
-
-def markdown_table(
-    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], *, percent: Sequence[str] = ()
-) -> str:
-    """A GitHub markdown table; columns in ``percent`` print as percentages with one decimal."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [_fmt(row.get(c), c in percent) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+__all__ = [
+    "COLUMNS",
+    "Column",
+    "aggregate",
+    "decision_table",
+    "mean_std",
+    "metric_columns",
+    "pct",
+    "pm",
+    "results_table",
+]
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value; NaN for none)."""
     if not values:
         return math.nan, math.nan
     return mean(values), (stdev(values) if len(values) > 1 else 0.0)
@@ -96,10 +41,11 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 def aggregate(
     rows: Sequence[Mapping[str, Any]], keys: Sequence[str], values: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Group rows by ``keys`` and give ``value_mean``/``value_std`` plus ``n`` per group."""
+    """Group rows by ``keys`` (first-seen order) and give ``value_mean``/``value_std`` plus ``n``
+    (the rows in the group); ``None`` values are left out of a mean."""
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for row in rows:
-        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+        groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
     out = []
     for key, members in groups.items():
         agg: dict[str, Any] = dict(zip(keys, key, strict=True))
@@ -111,9 +57,170 @@ def aggregate(
     return out
 
 
-def pm(agg: Mapping[str, Any], name: str, *, pct: bool = True) -> str:
-    """``mean +- std`` text for an aggregated column."""
-    m, s = agg[f"{name}_mean"], agg[f"{name}_std"]
-    if math.isnan(m):
+def pct(value: Any) -> str:
+    """A metric in [0, 1] as a percentage with one decimal; ``-`` for missing or NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    return f"{100 * m:.1f} ± {100 * s:.1f}" if pct else f"{m:.1f} ± {s:.1f}"
+    return f"{100 * float(value):.1f}"
+
+
+def pm(agg: Mapping[str, Any], name: str, *, percent: bool = True) -> str:
+    """``mean ± std`` of an aggregated value; the mean alone for a single run; ``-`` when absent."""
+    m = agg.get(f"{name}_mean", math.nan)
+    s = agg.get(f"{name}_std", math.nan)
+    if m is None or math.isnan(m):
+        return "-"
+    scale = 100.0 if percent else 1.0
+    if agg.get("n") == 1:
+        value = scale * m
+        return f"{value:.1f}" if percent or not value.is_integer() else f"{value:.0f}"
+    return f"{scale * m:.1f} ± {scale * s:.1f}"
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its title and how one aggregated row becomes its cell."""
+
+    title: str
+    cell: Callable[[Mapping[str, Any]], str]
+
+
+def _joined(keys: Sequence[str], *, percent: bool = True) -> Callable[[Mapping[str, Any]], str]:
+    """One cell holding several values (``a / b``), ``-`` when any is missing."""
+
+    def cell(row: Mapping[str, Any]) -> str:
+        parts = [pm(row, k, percent=percent) for k in keys]
+        return "-" if "-" in parts else " / ".join(parts)
+
+    return cell
+
+
+def _vs_unimodal(order: Sequence[str]) -> Callable[[Mapping[str, Any]], str]:
+    def cell(row: Mapping[str, Any]) -> str:
+        deltas = [row.get(f"{m}_vs_unimodal_mean") for m in order]
+        if any(d is None or math.isnan(d) for d in deltas):
+            return "-"
+        return " / ".join(f"{100 * d:+.1f}" for d in deltas)  # type: ignore[operator]
+
+    return cell
+
+
+def _aux(row: Mapping[str, Any]) -> str:
+    return {True: "yes", False: "no"}.get(row.get("uses_aux_losses"), "-")  # type: ignore[arg-type]
+
+
+def _columns(order: Sequence[str]) -> dict[str, list[Column]]:
+    dom, rest = order[0], list(order[1:])
+    slowed = [f"slowed_{m}" for m in order]
+    return {
+        "aux": [Column("aux", _aux)],
+        "fused": [Column("fused", lambda r: pm(r, "fused"))],
+        "heads": [
+            Column(f"{dom} head (dominant)", lambda r: pm(r, dom)),
+            *(Column(f"{m} head", lambda r, m=m: pm(r, m)) for m in rest),  # type: ignore[misc]
+        ],
+        "gap": [Column("gap", lambda r: pm(r, "gap"))],
+        "vs_unimodal": [Column("heads vs unimodal (pp)", _vs_unimodal(order))],
+        "chosen": [Column("chosen epoch", lambda r: pm(r, "best_epoch", percent=False))],
+        "acted": [Column("MILES acted", lambda r: pm(r, "acted", percent=False))],
+        "slowed": [Column(f"slowed {' / '.join(order)}", _joined(slowed, percent=False))],
+        "fused_last": [Column("fused at last epoch", lambda r: pm(r, "fused_last"))],
+        "last": [
+            Column("heads at last epoch", _joined([f"{m}_last" for m in order])),
+        ],
+        "n": [Column("n", lambda r: str(r.get("n", "-")))],
+    }
+
+
+#: the column groups :func:`metric_columns` knows, in table order
+COLUMNS = (
+    "aux",
+    "fused",
+    "heads",
+    "gap",
+    "vs_unimodal",
+    "chosen",
+    "acted",
+    "slowed",
+    "fused_last",
+    "last",
+    "n",
+)
+#: the values of a run row that the columns read (what :func:`aggregate` must average)
+VALUES = ("fused", "gap", "best_epoch", "acted", "fused_last")
+
+
+def metric_columns(order: Sequence[str], groups: Sequence[str] = COLUMNS) -> list[Column]:
+    """The columns of ``groups`` (names from :data:`COLUMNS`) for modalities ``order``."""
+    table = _columns(order)
+    unknown = [g for g in groups if g not in table]
+    if unknown:
+        raise ValueError(f"unknown column groups {unknown}; choose from {list(COLUMNS)}")
+    return [c for g in groups for c in table[g]]
+
+
+def metric_values(order: Sequence[str]) -> list[str]:
+    """Every per-run value the metric columns read, for :func:`aggregate`."""
+    return [
+        *VALUES,
+        *order,
+        *(f"slowed_{m}" for m in order),
+        *(f"{m}_last" for m in order),
+    ]
+
+
+def results_table(
+    caption: str,
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Column],
+    *,
+    drop_empty: bool = True,
+) -> Table:
+    """Text table of aggregated ``rows``; ``drop_empty`` leaves out columns that are ``-`` in
+    every row (e.g. MILES acted in a table without MILES)."""
+    cells = [[c.cell(r) for c in columns] for r in rows]
+    keep = [
+        i
+        for i in range(len(columns))
+        if not drop_empty or not rows or any(row[i] != "-" for row in cells)
+    ]
+    return Table(
+        caption, [columns[i].title for i in keep], [[row[i] for i in keep] for row in cells]
+    )
+
+
+def _lr(value: Any) -> str:
+    return "-" if value is None else f"{float(value):.3g}"
+
+
+def decision_table(result: Mapping[str, Any], caption: str) -> Table | None:
+    """MILES's decision after every epoch, or ``None`` for a run without MILES decisions.
+
+    Columns: epoch, u per modality, delta, what MILES decided for the next epoch (``slowed m``,
+    or its reason: ``balanced``, ``all-negative``, ``no decision``), and the learning rate every
+    param group trained with in that epoch.
+    """
+    decs = decisions(result)
+    if all(d is None for d in decs) and not any(
+        "decision" in (row.get("strategy") or {}) for row in result["history"]
+    ):
+        return None
+    modalities = list(result["val"]["unimodal"])
+    groups = [k.removeprefix("lr_") for k in result["history"][0] if k.startswith("lr_")]
+    rows = []
+    for row, d in zip(result["history"], decs, strict=True):
+        if d is None:
+            decided = ["-"] * len(modalities) + ["-", "no decision (fused metric 0)"]
+        else:
+            verdict = str(d["reason"])
+            if d.get("slowed"):
+                factor = float(d["factors"].get(d["slowed"], 1.0))
+                verdict = f"slowed {d['slowed']}" + (" (factor 1)" if factor >= 1.0 else "")
+            decided = [f"{d['u'][m]:+.3f}" for m in modalities] + [f"{d['delta']:.3f}", verdict]
+        rows.append([str(row["epoch"]), *decided, *(_lr(row.get(f"lr_{g}")) for g in groups)])
+    return Table(
+        caption,
+        ["epoch", *(f"u {m}" for m in modalities), "delta", "decision for next epoch"]
+        + [f"lr {g}" for g in groups],
+        rows,
+    )

@@ -6,12 +6,14 @@ those rates: for every modality and candidate rate it trains the ``unimodal`` st
 ``m`` and head ``m`` alone, best epoch chosen on ``m``'s validation metric) and keeps, per
 modality, the rate with the best validation score (ties go to the smaller rate).
 
-Results are cached as JSON in ``cache_dir``, one file per setting (dataset and its parameters,
-candidate rates, epochs, seed, latent size, fusion and every trainer setting except ``progress``),
-so the second call with the same setting trains nothing and any changed setting recomputes. The
-file also keeps every trial's validation score. A cache file that cannot be read, or whose stored
-setting does not match, is treated as a miss: the sweep warns (``RuntimeWarning``, naming the
-file), recomputes and overwrites it, since a cache only ever saves time.
+It is a study like the others: the runs go through the shared run loop
+(:func:`miles.studies.runner.run_all`). With a ``cache_dir`` every trial has its own run folder
+and the choice is cached as JSON, one file per setting (dataset and its parameters, the data's
+sizes, candidate rates, epochs, latent size, fusion and every trainer setting but the rate and
+``progress``), so a second call with the same setting trains nothing, an interrupted sweep resumes
+and any changed setting recomputes. The file also keeps every trial's validation score. A cache
+file that cannot be read, or whose stored setting does not match, is treated as a miss: the sweep
+warns (``RuntimeWarning``, naming the file) and rewrites it from the trial runs.
 """
 
 from __future__ import annotations
@@ -26,19 +28,17 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import miles.strategies.unimodal  # noqa: F401  (registers "unimodal")
-from miles.training import experiment
+from miles.report.document import write_json
+from miles.studies.runner import Echo, PlannedRun, RunOutcome, describe_test, run_all
 from miles.training.experiment import ExperimentConfig
-from miles.training.history import atomic_write_text
-from miles.training.trainer import TrainerConfig
 
 if TYPE_CHECKING:
     from miles.data import DatasetSplits
 
+__all__ = ["CACHE_VERSION", "DEFAULT_LRS", "best_lrs", "read_sweep", "sweep_unimodal_lrs"]
+
 DEFAULT_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
-CACHE_VERSION = 1
-#: trainer fields the sweep sets itself, so ``trainer_overrides`` may not
-_OWNED = ("epochs", "lr", "seed", "progress")
+CACHE_VERSION = 2
 
 
 def _check_lrs(lrs: Iterable[float]) -> tuple[float, ...]:
@@ -57,20 +57,6 @@ def _check_lrs(lrs: Iterable[float]) -> tuple[float, ...]:
     if len(set(out)) != len(out):
         raise ValueError(f"lrs has duplicates: {values!r}")
     return out
-
-
-def _trainer_settings(overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    overrides = dict(overrides or {})
-    owned = sorted(set(overrides) & set(_OWNED))
-    if owned:
-        raise ValueError(
-            f"trainer_overrides may not set {owned}: the sweep sets epochs, lr, seed and progress"
-        )
-    known = {f.name for f in dataclasses.fields(TrainerConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown trainer_overrides {unknown}; expected some of {sorted(known)}")
-    return overrides
 
 
 def best_lrs(scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
@@ -96,12 +82,12 @@ def best_lrs(scores: Mapping[str, Mapping[float, float]]) -> dict[str, float]:
     return best
 
 
-def _cache_file(cache_dir: Path, dataset: str, settings: Mapping[str, Any]) -> Path:
+def _cache_stem(dataset: str, settings: Mapping[str, Any]) -> str:
     digest = hashlib.sha256(
         json.dumps(settings, sort_keys=True, default=repr).encode("utf-8")
     ).hexdigest()[:16]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset) or "dataset"
-    return cache_dir / f"unimodal-lrs_{safe}_{digest}.json"
+    return f"unimodal-lrs_{safe}_{digest}"
 
 
 def _read_cache(path: Path, settings: Mapping[str, Any]) -> dict[str, float] | None:
@@ -127,112 +113,114 @@ def _read_cache(path: Path, settings: Mapping[str, Any]) -> dict[str, float] | N
         return None
 
 
+def _score(outcome: RunOutcome) -> float:
+    """The trial's score: its modality's validation metric at its best epoch (NaN: diverged)."""
+    if outcome.result is None:
+        return math.nan
+    return float(outcome.result["val"]["unimodal"][outcome.run.ident["modality"]])
+
+
+def _summary(result: Mapping[str, Any]) -> str:
+    modality = result["strategy"].get("modality")
+    if modality is None:
+        return describe_test(result)
+    score = result["val"]["unimodal"][modality]
+    return f"val {modality} {score:.4f} (best epoch {result['best_epoch']})"
+
+
 def sweep_unimodal_lrs(
-    dataset: str,
+    base: ExperimentConfig,
     data: DatasetSplits | None = None,
     *,
     lrs: Iterable[float] = DEFAULT_LRS,
-    epochs: int,
-    seed: int = 0,
-    latent_dim: int = 64,
-    fusion: str = "concat",
+    epochs: int | None = None,
     cache_dir: Path | str | None = None,
-    progress: bool = True,
-    trainer_overrides: Mapping[str, Any] | None = None,
-    dataset_params: Mapping[str, Any] | None = None,
+    echo: Echo | None = print,
 ) -> dict[str, float]:
     """Best unimodal learning rate per modality, ``{modality: lr}``, for MSLR's ``unimodal_lrs``.
 
     Args:
-        dataset: registered dataset name (also the cache key's first part).
-        data: the built :class:`~miles.data.DatasetSplits`; ``None`` builds
-            ``build_dataset(dataset, **dataset_params)`` (only when the cache misses).
+        base: the experiment every trial starts from (dataset and its parameters, latent size,
+            fusion, trainer settings and seed); the sweep sets the strategy, the rate and
+            ``epochs``.
+        data: the built :class:`~miles.data.DatasetSplits`; ``None`` builds ``base``'s dataset.
         lrs: candidate rates (positive, distinct); the paper searched a grid per modality.
-        epochs, seed, latent_dim, fusion: as in :class:`ExperimentConfig` / :class:`TrainerConfig`.
-        cache_dir: where the JSON cache lives (created if needed); ``None`` disables caching.
-        progress: print one line per trial.
-        trainer_overrides: other :class:`TrainerConfig` fields (batch size, optimizer, device...);
-            ``epochs``, ``lr``, ``seed`` and ``progress`` are the sweep's own.
-        dataset_params: the dataset builder's parameters (part of the cache key).
+        epochs: epochs per trial (``None``: ``base.trainer.epochs``).
+        cache_dir: where the trial runs and the JSON cache live; ``None`` trains in memory.
+        echo: where progress lines go (``None``: silent).
 
-    Each trial is ``run_experiment`` of strategy ``unimodal`` for one modality; its score is that
-    modality's validation metric at the trial's best epoch (``RunResult.val["unimodal"][m]``).
+    Each trial is the ``unimodal`` strategy for one modality; its score is that modality's
+    validation metric at the trial's best epoch (``RunResult.val["unimodal"][m]``).
     """
+    if not isinstance(base, ExperimentConfig):
+        raise TypeError(f"base must be an ExperimentConfig, got {type(base).__name__}")
     candidates = _check_lrs(lrs)
-    overrides = _trainer_settings(trainer_overrides)
-    params = dict(dataset_params or {})
-    base = TrainerConfig(epochs=epochs, lr=candidates[0], seed=seed, progress=False, **overrides)
-    ExperimentConfig(dataset=dataset, fusion=fusion, latent_dim=latent_dim)  # validates them
-    trainer_key = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("lr", "progress")}
+    trainer = dataclasses.replace(
+        base.trainer, epochs=base.trainer.epochs if epochs is None else epochs, progress=False
+    )
     if data is None:
         from miles.data import build_dataset
 
-        data = build_dataset(dataset, **params)
+        data = build_dataset(base.dataset, **base.dataset_params)
+    trainer_key = {
+        k: v for k, v in dataclasses.asdict(trainer).items() if k not in ("lr", "progress")
+    }
     settings: dict[str, Any] = {
-        "dataset": dataset,
-        "dataset_params": params,
+        "dataset": base.dataset,
+        "dataset_params": dict(base.dataset_params),
         # the data actually swept, so two different datasets under one name never share a file
         "data": {
             "modalities": list(data.modalities),
             "sizes": [len(data.train), len(data.val), len(data.test)],
         },
         "lrs": list(candidates),
-        "latent_dim": latent_dim,
-        "fusion": fusion,
+        "latent_dim": base.latent_dim,
+        "fusion": base.fusion,
         "trainer": trainer_key,
     }
-    path = None
+    say = echo or (lambda _m: None)
+    path = runs_dir = None
     if cache_dir is not None:
-        path = _cache_file(Path(cache_dir), dataset, settings)
+        stem = _cache_stem(base.dataset, settings)
+        path, runs_dir = Path(cache_dir) / f"{stem}.json", Path(cache_dir) / stem
         cached = _read_cache(path, settings)
         if cached is not None:
-            if progress:
-                print(f"[lr-sweep] {dataset}: cached {cached} ({path})", flush=True)
+            say(f"[lr-sweep] {base.dataset}: cached {cached} ({path})")
             return cached
 
-    modalities = tuple(data.modalities)
-    scores: dict[str, dict[float, float]] = {m: {} for m in modalities}
-    trials: list[dict[str, Any]] = []
-    total, done = len(modalities) * len(candidates), 0
-    for m in modalities:
-        for lr in candidates:
-            config = ExperimentConfig(
-                dataset=dataset,
-                dataset_params=params,
-                fusion=fusion,
-                latent_dim=latent_dim,
+    runs = [
+        PlannedRun(
+            dataclasses.replace(
+                base,
                 strategy="unimodal",
                 strategy_params={"modality": m},
-                trainer=dataclasses.replace(base, lr=lr),
-            )
-            try:
-                result = experiment.run_experiment(config, data=data)
-                score, best_epoch = float(result.val["unimodal"][m]), result.best_epoch
-                note = None
-            except FloatingPointError as exc:  # the rate diverged: a losing trial, not a crash
-                score, best_epoch, note = math.nan, 0, str(exc)
-            scores[m][lr] = score
-            trials.append(
-                {
-                    "modality": m,
-                    "lr": lr,
-                    "val": None if math.isnan(score) else score,  # JSON has no NaN
-                    "best_epoch": best_epoch,
-                    "note": note,
-                }
-            )
-            done += 1
-            if progress:
-                print(
-                    f"[lr-sweep] {dataset} [{done}/{total}] {m} lr={lr:g}: "
-                    f"val {data.metric}={score:.4f} (best epoch {best_epoch})",
-                    flush=True,
-                )
+                trainer=dataclasses.replace(trainer, lr=lr),
+                out_dir=None if runs_dir is None else str(runs_dir / f"{m}-lr{lr!r}"),
+            ),
+            ident={"modality": m, "lr": lr},
+            name=f"[lr-sweep] {base.dataset} {m} lr={lr:g}",
+        )
+        for m in data.modalities
+        for lr in candidates
+    ]
+    batch = run_all(runs, data, echo=say, summary=_summary, label="lr-sweep run")
+    scores: dict[str, dict[float, float]] = {m: {} for m in data.modalities}
+    trials = []
+    for outcome in batch.outcomes:
+        m, lr = outcome.run.ident["modality"], outcome.run.ident["lr"]
+        score = scores[m][lr] = _score(outcome)
+        trials.append(
+            {
+                "modality": m,
+                "lr": lr,
+                "val": None if math.isnan(score) else score,  # JSON has no NaN
+                "best_epoch": outcome.result["best_epoch"] if outcome.result else 0,
+                "note": outcome.failed,
+            }
+        )
     best = best_lrs(scores)
-    if progress:
-        print(f"[lr-sweep] {dataset}: best {best}", flush=True)
+    say(f"[lr-sweep] {base.dataset}: best {best}")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "version": CACHE_VERSION,
             "settings": json.loads(json.dumps(settings, default=repr)),
@@ -240,7 +228,8 @@ def sweep_unimodal_lrs(
             "best": best,
             "trials": trials,
         }
-        atomic_write_text(path, json.dumps(payload, indent=2, default=repr) + "\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, payload)
     return best
 
 

@@ -1,0 +1,302 @@
+"""What every ``miles`` command shares: parent parsers, argument types, errors, the base config.
+
+Options that several commands take are declared once here, as *parent parsers* built per command
+(so each command can show its own defaults without touching another's): :func:`data_options`,
+:func:`fusion_option`, :func:`seeds_option`, :func:`training_options`, :func:`output_options`,
+:func:`global_options`. Argument types fail the way argparse expects (``ArgumentTypeError``), so a
+bad value is a one-line usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:
+    from miles.training.experiment import ExperimentConfig
+
+__all__ = [
+    "HelpFormatter",
+    "Parser",
+    "UserError",
+    "base_config",
+    "csv_list",
+    "data_options",
+    "echo_for",
+    "floats",
+    "fusion_option",
+    "global_options",
+    "key_value",
+    "methods",
+    "output_options",
+    "positive_int",
+    "seeds_option",
+    "show",
+    "training_options",
+]
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for: shown as one line, exit status 2."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows every option's default (but not ``None`` or an off flag), keeps descriptions as
+    written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, []) or not action.option_strings:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line: ``miles <cmd>: error: <message>``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _parent() -> Parser:
+    return Parser(add_help=False, formatter_class=HelpFormatter)
+
+
+# -- argument types -------------------------------------------------------------------------------
+
+
+def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Turn a ``ValueError``/``TypeError`` of ``check`` into argparse's usage error."""
+
+    def parse(value: Any) -> Any:
+        try:
+            return check(value)
+        except (TypeError, ValueError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def key_value(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with VALUE read as a YAML scalar: ``max_train=60`` -> ``("max_train", 60)``.
+
+    Dashes in KEY become underscores, so ``--dataset-option min-video-coverage=null`` reaches
+    the ``min_video_coverage`` parameter. Dots are kept (``--set trainer.lr=1e-3``).
+    """
+    from miles.cli.yamlio import parse_scalar
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.replace("-", "_"), parse_scalar(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def csv_list(text: str) -> list[str]:
+    """``a,b,c`` -> ``["a", "b", "c"]`` (at least one item)."""
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def floats(text: str) -> list[float]:
+    """``3e-4,1e-3`` -> ``[0.0003, 0.001]``."""
+    try:
+        return [float(t) for t in csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def fusions(text: str) -> list[str]:
+    """Comma-separated fusion names, checked against the available fusions."""
+    from miles.studies.checks import check_fusions
+
+    return _checked(check_fusions)(csv_list(text))
+
+
+def fusion(text: str) -> str:
+    """One fusion name, checked against the available fusions."""
+    from miles.studies.checks import check_fusions
+
+    return _checked(check_fusions)([text])[0]
+
+
+def methods(text: str) -> list[str]:
+    """``all`` (the paper's comparison) or comma-separated registered strategy names."""
+    from miles.studies.checks import check_methods
+    from miles.studies.compare import ALL_METHODS
+
+    items = csv_list(text)
+    return _checked(check_methods)(list(ALL_METHODS) if items == ["all"] else items)
+
+
+# -- parent parsers -------------------------------------------------------------------------------
+
+
+def global_options(*, suppress: bool) -> Parser:
+    """``--debug`` and ``--plugin``, accepted before or after the command name."""
+    p = _parent()
+    default: Any = argparse.SUPPRESS if suppress else None
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="show the full traceback of an error instead of one line",
+    )
+    p.add_argument(
+        "--plugin",
+        action="append",
+        metavar="MODULE",
+        default=default,
+        help="import MODULE (or a .py file) first, so its register_strategy / register_dataset "
+        "calls take effect (repeatable)",
+    )
+    return p
+
+
+def data_options(dataset: str = "fsdd-mnist") -> Parser:
+    """``--dataset`` and ``--dataset-option KEY=VALUE``."""
+    p = _parent()
+    p.add_argument("--dataset", default=dataset, help="a registered dataset (see `miles list`)")
+    p.add_argument(
+        "--dataset-option",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dataset parameter, VALUE read as YAML (repeatable), e.g. max_train=60",
+    )
+    return p
+
+
+def fusion_option(default: str, *, many: bool) -> Parser:
+    """``--fusion``: one fusion, or (``many``) a comma-separated list."""
+    p = _parent()
+    what = "comma-separated fusions" if many else "the fusion"
+    p.add_argument(
+        "--fusion",
+        default=default,
+        type=fusions if many else fusion,
+        help=f"{what} (see `miles list`)",
+    )
+    return p
+
+
+def seeds_option(default: int = 3) -> Parser:
+    """``--seeds N``: seeds 0..N-1."""
+    p = _parent()
+    p.add_argument("--seeds", type=positive_int, default=default, help="use seeds 0..N-1")
+    return p
+
+
+def training_options(
+    *,
+    epochs: int,
+    lr: float | None = 1e-3,
+    batch_size: int = 64,
+    latent_dim: int = 64,
+    optimizer: str = "adam",
+) -> Parser:
+    """The training budget every run of a command shares, and where it runs.
+
+    ``lr=None`` leaves ``--lr`` out (a sweep searches it).
+    """
+    p = _parent()
+    p.add_argument("--epochs", type=positive_int, default=epochs, help="epochs per run")
+    if lr is not None:
+        p.add_argument("--lr", type=float, default=lr, help="base learning rate")
+    p.add_argument("--batch-size", type=positive_int, default=batch_size, help="training batch")
+    p.add_argument(
+        "--latent-dim", type=positive_int, default=latent_dim, help="latent size per encoder"
+    )
+    p.add_argument("--optimizer", default=optimizer, help="adam or sgd")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    p.add_argument(
+        "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
+    )
+    return p
+
+
+def output_options(out: str | None) -> Parser:
+    """``--out`` (``None``: required) and ``--quiet``."""
+    p = _parent()
+    if out is None:
+        p.add_argument("--out", required=True, help="output folder")
+    else:
+        p.add_argument("--out", default=out, help="output folder")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print only the results: no progress bars, no per-run or per-epoch lines",
+    )
+    return p
+
+
+# -- from arguments to configs --------------------------------------------------------------------
+
+
+def base_config(args: argparse.Namespace, **fixed: Any) -> ExperimentConfig:
+    """The base experiment of a study from the shared options (``fixed`` wins: e.g. the demo's
+    dataset)."""
+    from miles.training.experiment import ExperimentConfig
+    from miles.training.trainer import TrainerConfig
+
+    fields: dict[str, Any] = {
+        "dataset": getattr(args, "dataset", None),
+        "dataset_params": dict(getattr(args, "dataset_option", []) or []),
+        "latent_dim": args.latent_dim,
+    }
+    if isinstance(getattr(args, "fusion", None), str):
+        fields["fusion"] = args.fusion
+    fields = {k: v for k, v in fields.items() if v is not None} | fixed
+    trainer = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "device": args.device,
+        "progress": False,
+    }
+    if getattr(args, "lr", None) is not None:
+        trainer["lr"] = args.lr
+    if getattr(args, "seed", None) is not None:
+        trainer["seed"] = args.seed
+    return ExperimentConfig(**fields, trainer=TrainerConfig(**trainer))
+
+
+def echo_for(args: argparse.Namespace) -> Callable[[str], None]:
+    """Where progress lines go: stdout, or nowhere with ``--quiet``."""
+    if getattr(args, "quiet", False):
+        return lambda _line: None
+    return lambda line: print(line, flush=True)
+
+
+def show(text: str) -> None:
+    """Print a result (always, even with ``--quiet``)."""
+    print(text, flush=True)

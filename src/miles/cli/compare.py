@@ -1,0 +1,74 @@
+"""``miles compare``: every balancing method on the same data, model, budget and seeds."""
+
+from __future__ import annotations
+
+import argparse
+
+from miles.cli.common import (
+    base_config,
+    data_options,
+    echo_for,
+    floats,
+    fusion_option,
+    methods,
+    output_options,
+    positive_int,
+    seeds_option,
+    show,
+    training_options,
+)
+from miles.cli.registry import Command, register_command
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--methods", type=methods, default="all", help="comma-separated, or 'all' (the paper's)"
+    )
+    p.add_argument(
+        "--sweep-lrs",
+        type=floats,
+        default="3e-4,1e-3,3e-3",
+        help="unimodal learning rates tried for MSLR's starting rates",
+    )
+    p.add_argument(
+        "--sweep-epochs", type=positive_int, default=5, help="epochs of each unimodal LR trial"
+    )
+    p.add_argument("--sweep-cache", help="folder caching the unimodal LR sweep (default OUT/sweep)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from miles.studies.compare import CompareConfig, run_compare
+
+    config = CompareConfig(
+        base=base_config(args),
+        methods=args.methods,
+        fusions=args.fusion,
+        seeds=list(range(args.seeds)),
+        sweep_lrs=args.sweep_lrs,
+        sweep_epochs=args.sweep_epochs,
+        sweep_cache=args.sweep_cache,
+        out_dir=args.out,
+    )
+    run_compare(config, echo=echo_for(args), show=show)
+    return 0
+
+
+COMMAND = register_command(
+    Command(
+        "compare",
+        "every balancing method, same data, model, budget and seeds (resumable)",
+        run,
+        arguments,
+        parents=(
+            data_options,
+            lambda: fusion_option("concat,sum", many=True),
+            seeds_option,
+            lambda: training_options(epochs=10),
+            lambda: output_options("compare-out"),
+        ),
+        needs=("torchmetrics", "numpy", "tqdm"),
+        description="Train every method on the same data, encoders, budget and seeds and write "
+        "the paper's Table II (compare.md, compare_table.csv, compare_runs.csv, compare.json). "
+        "Re-run the same command to resume: finished runs are read, not trained again.",
+    )
+)

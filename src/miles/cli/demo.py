@@ -1,0 +1,66 @@
+"""``miles demo``: joint, joint+aux and MILES on FSDD-MNIST, both fusions, offline."""
+
+from __future__ import annotations
+
+import argparse
+
+from miles.cli.common import (
+    base_config,
+    csv_list,
+    echo_for,
+    fusion_option,
+    non_negative_int,
+    output_options,
+    show,
+    training_options,
+)
+from miles.cli.registry import Command, register_command
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    from miles.studies.demo import DEMO_METHODS
+
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of every run")
+    p.add_argument(
+        "--methods", type=csv_list, default=",".join(DEMO_METHODS), help="comma-separated"
+    )
+    p.add_argument("--tau", type=float, default=0.2, help="MILES imbalance threshold")
+    p.add_argument("--mu", type=float, default=0.5, help="MILES learning-rate factor")
+
+
+def _demo_epochs() -> int:
+    from miles.studies.demo import DEMO_EPOCHS
+
+    return DEMO_EPOCHS
+
+
+def run(args: argparse.Namespace) -> int:
+    from miles.studies.demo import DemoConfig, run_demo
+
+    base = base_config(args, dataset="fsdd-mnist")
+    base.trainer.progress = not args.quiet
+    config = DemoConfig(
+        base=base,
+        methods=args.methods,
+        fusions=args.fusion,
+        miles_params={"tau": args.tau, "mu": args.mu},
+        out_dir=args.out,
+    )
+    run_demo(config, echo=echo_for(args), show=show)
+    return 0
+
+
+COMMAND = register_command(
+    Command(
+        "demo",
+        "joint, joint+aux and MILES on FSDD-MNIST, both fusions (offline, ~2 min on 2 cores)",
+        run,
+        arguments,
+        parents=(
+            lambda: fusion_option("concat,sum", many=True),
+            lambda: training_options(epochs=_demo_epochs()),
+            lambda: output_options("demo-out"),
+        ),
+        needs=("torchmetrics", "numpy", "tqdm", "matplotlib"),
+    )
+)

@@ -1,0 +1,57 @@
+"""``miles prepare``: decode a raw dataset copy into a memory-mapped cache."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from miles.cli.common import key_value, show
+from miles.cli.registry import Command, register_command
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dataset", help="e.g. cremad, smnist, luma, mmimdb (see `miles list`)")
+    p.add_argument("--raw", required=True, type=Path, help="the dataset's official raw folder")
+    p.add_argument("--out", required=True, type=Path, help="cache folder to write")
+    p.add_argument(
+        "--option",
+        action="append",
+        type=key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="a preprocessing option, VALUE read as YAML (repeatable), e.g. frame=middle",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip unreadable samples (listed in the manifest) instead of stopping",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import miles.data  # noqa: F401  (registers the preparers)
+    from miles.data.prepare import build_preparer, prepare
+
+    preparer = build_preparer(args.dataset, **dict(args.option))
+    manifest = prepare(
+        preparer, args.raw, args.out, skip_bad=args.skip_bad, progress=not args.quiet
+    )
+    show(
+        f"{args.dataset}: {manifest['sizes']} samples per split, "
+        f"{len(manifest['skipped'])} skipped; cache in {args.out} "
+        f"(checksums in {args.out / 'manifest.json'})"
+    )
+    return 0
+
+
+COMMAND = register_command(
+    Command(
+        "prepare",
+        "decode a raw dataset copy into a memory-mapped cache",
+        run,
+        arguments,
+        needs=("numpy", "tqdm"),
+        interrupted="re-run the same command to resume (finished samples are kept)",
+    )
+)

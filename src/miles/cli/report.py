@@ -1,0 +1,45 @@
+"""``miles report PATH``: the self-contained HTML (and markdown) page of a run or study."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from miles.cli.common import show
+from miles.cli.registry import Command, register_command
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "path",
+        type=Path,
+        help="a run or study folder (compare, ablate, sweep study, demo), or a study's JSON file",
+    )
+    p.add_argument("--out", type=Path, help="output folder (default: <folder>/report)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from miles.report.page import build_report
+
+    report = build_report(args.path, args.out)
+    show(
+        f"{report.kind} report: {len(report.tables)} tables, {len(report.figures)} figures; "
+        f"wrote {report.html_path} and {report.md_path}"
+    )
+    return 0
+
+
+COMMAND = register_command(
+    Command(
+        "report",
+        "self-contained HTML (and markdown) report of a run, demo, compare, ablate or sweep",
+        run,
+        arguments,
+        needs=("torchmetrics", "numpy", "tqdm", "matplotlib"),
+        description="Write report.html (plots embedded, opens with no server) and report.md "
+        "(plots in report_files/) for a `miles train` run folder or the output of `miles demo`, "
+        "`compare`, `ablate` or `sweep` (its study folder OUT/<study name>). The study is "
+        "recognised by the 'kind' its JSON file records.",
+        interrupted="re-run the same command",
+    )
+)

@@ -1,0 +1,407 @@
+"""``miles sweep``: the paper's hyper-parameter search for one method, with Optuna.
+
+The paper tunes every method on the validation set: it samples the learning rate and the method's
+own hyper-parameters (``tau``/``mu`` for MILES, ``alpha`` for OGM, ...) at random, keeps the trial
+with the best validation fused metric, reports that trial's test result, and re-runs it over
+several seeds for mean ± std. This study does exactly that:
+
+- the search spaces are a table keyed by method name (:mod:`miles.studies.search_space`);
+- the trial loop is Optuna's, with seeded per-trial samplers and a resumable storage
+  (:mod:`miles.studies.optuna_study`), and every trial trains through the shared per-run runner
+  (:func:`miles.studies.runner.run_one`: settings checked, divergence recorded, progress with ETA);
+- best = highest validation fused metric (ties: lowest trial number); its parameters are re-run
+  over seeds ``0..K-1`` through the shared run loop, and ``OUT/<study slug>/sweep.json`` /
+  ``sweep.md`` hold the best parameters, every trial and the mean ± std over the re-runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from miles.report.document import Document, Table
+from miles.report.tables import pct
+from miles.studies.config import StudyConfig, quiet_base
+from miles.studies.optuna_study import (
+    RETRY_OF,
+    SAMPLERS,
+    open_study,
+    requeue_interrupted,
+    trial_counts,
+)
+from miles.studies.runner import (
+    Echo,
+    PlannedRun,
+    Progress,
+    RunBatch,
+    hardware_line,
+    run_all,
+    run_one,
+    setting_line,
+)
+from miles.studies.search_space import run_settings, search_space, suggest
+from miles.studies.summary import study_payload, summarize, summary_table, write_study
+from miles.training.experiment import ExperimentConfig
+
+__all__ = ["KIND", "SweepConfig", "run_sweep", "select_best", "study_slug", "sweep_document"]
+
+KIND = "sweep"
+#: the columns of the re-runs' table
+RERUN_COLUMNS = ("fused", "heads", "gap", "chosen", "acted", "n")
+
+
+def _sweep_base() -> ExperimentConfig:
+    return quiet_base(epochs=10)
+
+
+@dataclass
+class SweepConfig(StudyConfig):
+    """One sweep: ``method`` from ``base`` (dataset, fusion, budget; its trainer seed seeds the
+    sampler and every trial; its learning rate is searched), ``trials`` sampled settings, then
+    ``rerun_seeds`` re-runs of the best one. ``storage`` defaults to ``sqlite:///OUT/sweep.db``
+    and ``study_name`` to ``dataset-method-fusion``."""
+
+    base: ExperimentConfig = field(default_factory=_sweep_base)
+    method: str = "miles"
+    trials: int = 10
+    sampler: str = "random"
+    rerun_seeds: int = 3
+    storage: str | None = None
+    study_name: str | None = None
+    stale_after: int = 120
+    out_dir: str = "sweep-out"
+
+    #: may differ between the workers of one study: they do not change what a trial measures
+    EXTENDABLE: ClassVar[tuple[str, ...]] = (
+        "trials",
+        "rerun_seeds",
+        "storage",
+        "study_name",
+        "stale_after",
+        "out_dir",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        search_space(self.method)  # unknown or unsweepable methods fail here, before any work
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        for name, low in (("trials", 1), ("rerun_seeds", 0), ("stale_after", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        self.run_config(strategy=self.method)  # validates the method with the base
+
+    @property
+    def seed(self) -> int:
+        return self.base.trainer.seed
+
+    @property
+    def storage_url(self) -> str:
+        if self.storage:
+            return self.storage
+        return f"sqlite:///{(Path(self.out_dir) / 'sweep.db').resolve()}"
+
+    @property
+    def name(self) -> str:
+        return self.study_name or f"{self.base.dataset}-{self.method}-{self.base.fusion}"
+
+    @property
+    def study_dir(self) -> Path:
+        """``OUT/<slug of the study name>``: the run folders and reports of this study only."""
+        return Path(self.out_dir) / study_slug(self.name)
+
+    def shared_settings(self) -> dict[str, Any]:
+        """What every process working on one study must agree on: the base experiment (but the
+        searched rate, device and output folder), the method, sampler and search space."""
+        base = self.base.to_dict()
+        for key in ("strategy", "strategy_params", "out_dir"):
+            base.pop(key)
+        for key in ("lr", "device", "progress"):
+            base["trainer"].pop(key)
+        settings = {
+            "base": base,
+            "method": self.method,
+            "sampler": self.sampler,
+            "search_space": [p.__dict__ for p in search_space(self.method)],
+        }
+        return dict(json.loads(json.dumps(settings)))
+
+
+def study_slug(name: str) -> str:
+    """A folder name for study ``name``: the name itself when it is a safe one, else its safe
+    characters plus a short hash of the name, so two names never share a folder."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "study"
+    if slug == name:
+        return slug
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def select_best(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The completed trial with the highest validation fused metric; ties: lowest number."""
+    done = [r for r in rows if r["state"] == "COMPLETE" and r["val"] is not None]
+    if not done:
+        return None
+    return dict(max(done, key=lambda r: (r["val"], -r["number"])))
+
+
+def _trial_rows(study: Any) -> list[dict[str, Any]]:
+    rows = []
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        result = t.user_attrs.get("result") or {}
+        test = result.get("test") or {}
+        rows.append(
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "params": dict(t.params),
+                "val": t.value if t.state.name == "COMPLETE" else None,
+                "test": test.get("fused"),
+                "test_unimodal": test.get("unimodal"),
+                "best_epoch": result.get("best_epoch"),
+                "wall_time_s": result.get("wall_time_s"),
+                "diverged": t.user_attrs.get("diverged"),
+                RETRY_OF: t.user_attrs.get(RETRY_OF),
+                "run_dir": t.user_attrs.get("run_dir"),
+            }
+        )
+    return rows
+
+
+def _fmt_params(params: Mapping[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+def _planned(
+    config: SweepConfig,
+    params: Mapping[str, Any],
+    modalities: Sequence[str],
+    *,
+    seed: int,
+    out: Path,
+    name: str,
+) -> PlannedRun:
+    """One run of the method with a trial's flat parameters."""
+    lr, strategy_params = run_settings(config.method, params, modalities)
+    exp = config.run_config(
+        strategy=config.method, strategy_params=strategy_params, lr=lr, seed=seed, out_dir=str(out)
+    )
+    return PlannedRun(exp, {"method": config.method, "label": "", "seed": seed}, name)
+
+
+def _trials_table(trials: Sequence[Mapping[str, Any]]) -> Table:
+    rows = []
+    for r in trials:
+        note = []
+        if r["diverged"]:
+            note.append(f"diverged: {r['diverged']}")
+        if r[RETRY_OF] is not None:
+            note.append(f"re-run of interrupted trial {r[RETRY_OF]}")
+        if r["state"] == "FAIL":
+            note.append("interrupted")
+        rows.append(
+            [
+                str(r["number"]),
+                r["state"],
+                _fmt_params(r["params"]),
+                pct(r["val"]),
+                pct(r["test"]),
+                "; ".join(note),
+            ]
+        )
+    return Table("every trial", ["trial", "state", "params", "val", "test", "note"], rows)
+
+
+def sweep_document(payload: Mapping[str, Any]) -> Document:
+    """``sweep.md``: the best trial, the mean ± std of its re-runs, and every trial."""
+    config = SweepConfig.from_dict(dict(payload["config"]))
+    t = config.base.trainer
+    best = payload["best"]
+    doc = Document(
+        KIND,
+        f"miles sweep: {config.method} on {config.base.dataset} ({config.base.fusion} fusion)",
+        [
+            f"Study `{payload['study_name']}`: {payload['finished']} of {config.trials} trials "
+            f"finished, {config.sampler} sampler, seed {t.seed}, {t.epochs} epochs each. Metric: "
+            f"{payload['metric']} (%); val = the run's best validation fused metric (the "
+            "selection criterion), test = fused test metric at that epoch.",
+            "Search space: " + "; ".join(payload["search_space"]) + ".",
+            "No trial has completed yet."
+            if best is None
+            else f"**Best trial {best['number']}** (highest val; ties: lowest number): "
+            f"{_fmt_params(best['params'])}; val {pct(best['val'])}, test {pct(best['test'])}.",
+        ],
+    )
+    if payload["rows"]:
+        summary = summarize(payload["rows"], payload["modalities"])
+        section = doc.section(f"Best parameters over seeds {payload['rerun_seeds']}")
+        section.paragraphs.append(
+            f"Test {payload['metric']} (%), mean ± std over the re-runs. Dominant modality by "
+            f"{summary.rule}: {summary.order[0]}. {summary.gap_rule}."
+        )
+        section.blocks.append(
+            summary_table(
+                "the best parameters re-run",
+                summary.aggregate,
+                summary.order,
+                groups=RERUN_COLUMNS,
+            )
+        )
+        if summary.failure_note:
+            section.paragraphs.append(summary.failure_note)
+    elif payload.get("rerun_note"):
+        doc.intro.append(payload["rerun_note"])
+    doc.section("Trials").blocks.append(_trials_table(payload["trials"]))
+    doc.intro.append(payload["meta"])
+    return doc
+
+
+def run_sweep(
+    config: SweepConfig,
+    *,
+    echo: Echo = print,
+    show: Echo | None = None,
+    data: Any = None,
+) -> dict[str, Any]:
+    """Run (or resume, or join) the sweep, re-run its best trial, write the reports.
+
+    Everything of the study goes to :attr:`SweepConfig.study_dir` (``OUT/<study slug>``).
+    ``data`` may be given to reuse an already-built dataset. Returns what ``sweep.json`` holds.
+    A sweep whose trials are still running elsewhere reports what has finished and skips the
+    re-runs; running the command again once they finish completes it.
+
+    ``echo`` gets the progress lines, ``show`` the final report (default: ``echo``).
+    """
+    import optuna
+
+    out = config.study_dir
+    out.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        from miles.data import build_dataset
+
+        data = build_dataset(config.base.dataset, **config.base.dataset_params)
+    modalities = list(data.modalities)
+    study = open_study(
+        config.storage_url,
+        config.name,
+        sampler=config.sampler,
+        seed=config.seed,
+        stale_after=config.stale_after,
+        settings=config.shared_settings(),
+    )
+    finished, running = trial_counts(study)
+    progress = Progress(max(config.trials - finished - running, 0), echo)
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, config.method, modalities)
+        run_dir = out / "trials" / f"trial{trial.number:04d}"
+        trial.set_user_attr("run_dir", str(run_dir))
+        run = _planned(
+            config,
+            params,
+            modalities,
+            seed=config.seed,
+            out=run_dir,
+            name=f"trial {trial.number} ({_fmt_params(params)})",
+        )
+        outcome = run_one(run, data, progress=progress, label="sweep run")
+        if outcome.result is None:
+            # a setting that diverges is a finished, bad trial: recorded, never re-run
+            trial.set_user_attr("diverged", outcome.failed)
+            raise optuna.TrialPruned(f"diverged: {outcome.failed}")
+        result = outcome.result
+        value = float(result["val"]["fused"])
+        # one attribute, one storage write: what the trial table shows besides the value
+        trial.set_user_attr(
+            "result",
+            {
+                "test": result["test"],
+                "best_epoch": result["best_epoch"],
+                "wall_time_s": result["wall_time_s"],
+            },
+        )
+        if not math.isfinite(value):
+            trial.set_user_attr("diverged", f"validation fused metric {value}")
+            raise optuna.TrialPruned(f"validation fused metric {value}")
+        return value
+
+    announced = False
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        requeued = requeue_interrupted(study)
+        if requeued:
+            echo(f"interrupted trials {requeued}: re-run with the same parameters")
+        finished, running = trial_counts(study)
+        if finished + running >= config.trials:
+            break
+        if not announced:
+            echo(
+                f"study {config.name!r}: {finished} of {config.trials} trials finished, "
+                f"{running} running elsewhere; storage {config.storage_url}"
+            )
+            announced = True
+        study.optimize(objective, n_trials=1)
+
+    trials = _trial_rows(study)
+    best = select_best(trials)
+    finished, running = trial_counts(study)
+    seeds = list(range(config.rerun_seeds))
+    batch, rerun_note = RunBatch([], 0.0), None
+    if best is not None and finished >= config.trials and seeds:
+        echo(f"best trial {best['number']}: {_fmt_params(best['params'])}; re-runs {seeds}")
+        reruns = [
+            _planned(
+                config,
+                best["params"],
+                modalities,
+                seed=seed,
+                out=out / "rerun" / f"trial{best['number']:04d}" / f"seed{seed}",
+                name=f"re-run of trial {best['number']}, seed {seed}",
+            )
+            for seed in seeds
+        ]
+        batch = run_all(reruns, data, echo=echo, label="sweep run")
+    elif best is not None and seeds:
+        rerun_note = (
+            f"Re-runs wait until all {config.trials} trials have finished ({finished} finished, "
+            f"{running} running elsewhere or left by a killed process, which is re-run once "
+            f"silent for {config.stale_after} s): run the same command again."
+        )
+    summary = summarize(batch.rows(out), modalities)
+    wall, trained = time.perf_counter() - progress.start, progress.trained + batch.trained
+    meta = f"{setting_line(config.base)} Optuna {optuna.__version__}. " + hardware_line(
+        wall, trained, len(batch.outcomes) - batch.trained
+    )
+    payload = study_payload(
+        KIND,
+        config,
+        data,
+        summary,
+        meta,
+        wall_s=wall,
+        trained=trained,
+        study_name=config.name,
+        storage=config.storage_url,
+        search_space=[p.describe() for p in search_space(config.method)],
+        finished=finished,
+        best=best,
+        rerun_seeds=seeds,
+        rerun_note=rerun_note,
+        trials=trials,
+    )
+    write_study(out, KIND, payload, sweep_document(payload), (["seed"], ["method"]), show or echo)
+    return payload
