@@ -10,9 +10,9 @@ Scheduler for Balancing Multimodal Learning", arXiv 2510.17394, 2025.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from miles._lazy import lazy_attributes
 from miles.models import (
     FusionOutput,
     JointFusionModel,
@@ -51,11 +51,7 @@ if TYPE_CHECKING:
     from miles.training.trainer import Trainer, TrainerConfig
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'miles' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -274,8 +274,8 @@ def test_demo_report(demo_dir: Path, tmp_path: Path) -> None:
     md = _check_markdown(report)
     assert "## concat fusion" in md and "## sum fusion" in md
     # the demo's own markdown table is the page's results table
-    own = json.loads((demo_dir / "results.json").read_text())["table_markdown"]
-    assert own.splitlines()[0] == "| " + " | ".join(report.tables[0].columns) + " |"
+    own = (demo_dir / "results.md").read_text()
+    assert "| " + " | ".join(report.tables[0].columns) + " |" in own.splitlines()
 
 
 def test_legacy_demo_folder(demo_dir: Path, tmp_path: Path) -> None:
@@ -339,7 +339,7 @@ def test_sweep_report(sweep_dir: Path, tmp_path: Path) -> None:
     report = build_report(sweep_dir, tmp_path)
     assert report.kind == "sweep"
     titles = [s.title for s in report.sections]
-    assert titles[0].startswith("Best parameters over seeds") and titles[-1] == "Trials"
+    assert titles[0].startswith("Best parameters over seeds") and "Trials" in titles
     trials = next(t for t in report.tables if t.columns[0] == "trial")
     assert len(trials.rows) == 2
     assert len(_decision_tables(report)) == 1  # the best trial's one re-run (MILES)

@@ -41,7 +41,7 @@ def test_demo_table_warning_and_resume(
     for fusion in ("concat", "sum"):
         assert f"warning: MILES never acted in {fusion}/miles (" in report
     assert f"gap = {order[0]} head - {order[-1]} head (signed" in report
-    assert payload["table_markdown"] in report
+    assert (tmp_path / "results.md").read_text() in report
     assert (tmp_path / "learning_dynamics.png").read_bytes()[:4] == b"\x89PNG"
     assert (
         json.loads((tmp_path / "results.json").read_text())["runs"].keys() == payload["runs"].keys()

@@ -18,10 +18,10 @@ import pytest
 from miles.report.document import Document, Table
 from miles.report.page import build_report
 from miles.results import RunResult
-from miles.studies.ablate import AblateConfig, ablate_document
-from miles.studies.compare import CompareConfig, compare_document
+from miles.studies.ablate import AblateConfig, Ablation
+from miles.studies.compare import Compare, CompareConfig
 from miles.studies.config import quiet_base
-from miles.studies.demo import DemoConfig, demo_document
+from miles.studies.demo import Demo, DemoConfig
 from miles.studies.runner import PlannedRun, RunOutcome
 from tests.handmade import joint_result, miles_result
 
@@ -89,9 +89,9 @@ def test_gap_and_acted_are_the_same_everywhere(tmp_path: Path) -> None:
         **common,
     }
     tables = {
-        "compare": (compare_document(compare), "miles"),
-        "ablate": (ablate_document(ablate), "mu=0.5"),
-        "demo": (demo_document(demo), "miles"),
+        "compare": (Compare.document(compare), "miles"),
+        "ablate": (Ablation.document(ablate), "mu=0.5"),
+        "demo": (Demo.document(demo), "miles"),
         "report of compare": (build_report(cmp_dir, tmp_path / "r1"), "miles"),
         "report of ablate": (build_report(abl_dir, tmp_path / "r2"), "mu=0.5"),
     }

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 
 from miles.cli.common import (
-    base_config,
     data_options,
-    echo_for,
     fusion_option,
     output_options,
+    run_study_command,
     seeds_option,
-    show,
     training_options,
 )
 from miles.cli.registry import Command, register_command
@@ -30,18 +28,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from miles.studies.ablate import AblateConfig, parse_fixed, run_ablation
+    from miles.studies.ablate import Ablation, parse_fixed
 
-    config = AblateConfig(
-        base=base_config(args),
-        param=args.param,
-        values=args.values,
-        fixed=parse_fixed(args.fixed),
-        seeds=list(range(args.seeds)),
-        out_dir=args.out,
+    return run_study_command(
+        args, Ablation, copy=("param", "values"), fixed=parse_fixed(args.fixed)
     )
-    run_ablation(config, echo=echo_for(args), show=show)
-    return 0
 
 
 COMMAND = register_command(

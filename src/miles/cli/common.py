@@ -10,10 +10,11 @@ bad value is a one-line usage error.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:
+    from miles.studies.study import Study
     from miles.training.experiment import ExperimentConfig
 
 __all__ = [
@@ -28,9 +29,12 @@ __all__ = [
     "fusion_option",
     "global_options",
     "key_value",
+    "key_values",
     "methods",
+    "non_negative_int",
     "output_options",
     "positive_int",
+    "run_study_command",
     "seeds_option",
     "show",
     "training_options",
@@ -77,26 +81,24 @@ def _checked(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _int_at_least(low: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    parse.__name__ = what.replace(" ", "_")
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0 (argparse type)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
+#: an integer >= 1 (argparse type)
+positive_int = _int_at_least(1, "a positive integer")
+#: an integer >= 0 (argparse type)
+non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def key_value(text: str) -> tuple[str, Any]:
@@ -185,15 +187,21 @@ def data_options(dataset: str = "fsdd-mnist") -> Parser:
     """``--dataset`` and ``--dataset-option KEY=VALUE``."""
     p = _parent()
     p.add_argument("--dataset", default=dataset, help="a registered dataset (see `miles list`)")
+    key_values(p, "--dataset-option", "a dataset parameter", "max_train=60")
+    return p
+
+
+def key_values(p: argparse.ArgumentParser, flag: str, what: str, example: str) -> None:
+    """A repeatable ``FLAG KEY=VALUE`` option (VALUE read as YAML) collected as a list of
+    ``(key, value)`` pairs."""
     p.add_argument(
-        "--dataset-option",
+        flag,
         action="append",
         type=key_value,
         default=[],
         metavar="KEY=VALUE",
-        help="a dataset parameter, VALUE read as YAML (repeatable), e.g. max_train=60",
+        help=f"{what}, VALUE read as YAML (repeatable), e.g. {example}",
     )
-    return p
 
 
 def fusion_option(default: str, *, many: bool) -> Parser:
@@ -281,13 +289,32 @@ def base_config(args: argparse.Namespace, **fixed: Any) -> ExperimentConfig:
         "batch_size": args.batch_size,
         "optimizer": args.optimizer,
         "device": args.device,
-        "progress": False,
+        "progress": getattr(args, "progress_bars", False) and not getattr(args, "quiet", False),
     }
     if getattr(args, "lr", None) is not None:
         trainer["lr"] = args.lr
     if getattr(args, "seed", None) is not None:
         trainer["seed"] = args.seed
     return ExperimentConfig(**fields, trainer=TrainerConfig(**trainer))
+
+
+def run_study_command(
+    args: argparse.Namespace, study: type[Study[Any]], *, copy: Sequence[str] = (), **fields: Any
+) -> int:
+    """Run a study from a command's arguments: its config is ``base_config(args)``, ``--out``,
+    the arguments named in ``copy`` (same name in the config), ``--seeds N`` as seeds 0..N-1,
+    a list of ``--fusion`` as ``fusions``, and ``fields``. Progress lines unless ``--quiet``,
+    the report always."""
+    from miles.studies.study import run_study
+
+    fields |= {name: getattr(args, name) for name in copy}
+    if hasattr(args, "seeds"):
+        fields.setdefault("seeds", list(range(args.seeds)))
+    if isinstance(getattr(args, "fusion", None), list):
+        fields.setdefault("fusions", args.fusion)
+    config = study.config_type(base=base_config(args), out_dir=args.out, **fields)
+    run_study(study, config, echo=echo_for(args), show=show)
+    return 0
 
 
 def echo_for(args: argparse.Namespace) -> Callable[[str], None]:

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 
 from miles.cli.common import (
-    base_config,
     data_options,
-    echo_for,
     floats,
     fusion_option,
     methods,
     output_options,
     positive_int,
+    run_study_command,
     seeds_option,
-    show,
     training_options,
 )
 from miles.cli.registry import Command, register_command
@@ -37,20 +35,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from miles.studies.compare import CompareConfig, run_compare
+    from miles.studies.compare import Compare
 
-    config = CompareConfig(
-        base=base_config(args),
-        methods=args.methods,
-        fusions=args.fusion,
-        seeds=list(range(args.seeds)),
-        sweep_lrs=args.sweep_lrs,
-        sweep_epochs=args.sweep_epochs,
-        sweep_cache=args.sweep_cache,
-        out_dir=args.out,
+    return run_study_command(
+        args, Compare, copy=("methods", "sweep_lrs", "sweep_epochs", "sweep_cache")
     )
-    run_compare(config, echo=echo_for(args), show=show)
-    return 0
 
 
 COMMAND = register_command(

@@ -5,13 +5,11 @@ from __future__ import annotations
 import argparse
 
 from miles.cli.common import (
-    base_config,
     csv_list,
-    echo_for,
     fusion_option,
     non_negative_int,
     output_options,
-    show,
+    run_study_command,
     training_options,
 )
 from miles.cli.registry import Command, register_command
@@ -26,6 +24,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--tau", type=float, default=0.2, help="MILES imbalance threshold")
     p.add_argument("--mu", type=float, default=0.5, help="MILES learning-rate factor")
+    p.set_defaults(progress_bars=True)  # one bar per run, unless --quiet
 
 
 def _demo_epochs() -> int:
@@ -35,19 +34,11 @@ def _demo_epochs() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from miles.studies.demo import DemoConfig, run_demo
+    from miles.studies.demo import Demo
 
-    base = base_config(args, dataset="fsdd-mnist")
-    base.trainer.progress = not args.quiet
-    config = DemoConfig(
-        base=base,
-        methods=args.methods,
-        fusions=args.fusion,
-        miles_params={"tau": args.tau, "mu": args.mu},
-        out_dir=args.out,
-    )
-    run_demo(config, echo=echo_for(args), show=show)
-    return 0
+    args.dataset = "fsdd-mnist"
+    miles_params = {"tau": args.tau, "mu": args.mu}
+    return run_study_command(args, Demo, copy=("methods",), miles_params=miles_params)
 
 
 COMMAND = register_command(

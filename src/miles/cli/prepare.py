@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from miles.cli.common import key_value, show
+from miles.cli.common import key_values, show
 from miles.cli.registry import Command, register_command
 
 
@@ -13,14 +13,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dataset", help="e.g. cremad, smnist, luma, mmimdb (see `miles list`)")
     p.add_argument("--raw", required=True, type=Path, help="the dataset's official raw folder")
     p.add_argument("--out", required=True, type=Path, help="cache folder to write")
-    p.add_argument(
-        "--option",
-        action="append",
-        type=key_value,
-        default=[],
-        metavar="KEY=VALUE",
-        help="a preprocessing option, VALUE read as YAML (repeatable), e.g. frame=middle",
-    )
+    key_values(p, "--option", "a preprocessing option", "frame=middle")
     p.add_argument(
         "--skip-bad",
         action="store_true",

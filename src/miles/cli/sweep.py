@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 
 from miles.cli.common import (
-    base_config,
     data_options,
-    echo_for,
     fusion_option,
     non_negative_int,
     output_options,
     positive_int,
-    show,
+    run_study_command,
     training_options,
 )
 from miles.cli.registry import Command, register_command
@@ -47,22 +45,11 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import optuna
 
-    from miles.studies.sweep import SweepConfig, run_sweep
+    from miles.studies.sweep import Sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
-    config = SweepConfig(
-        base=base_config(args),
-        method=args.method,
-        trials=args.trials,
-        sampler=args.sampler,
-        rerun_seeds=args.rerun_seeds,
-        storage=args.storage,
-        study_name=args.study_name,
-        stale_after=args.stale_after,
-        out_dir=args.out,
-    )
-    run_sweep(config, echo=echo_for(args), show=show)
-    return 0
+    copied = ("method", "trials", "sampler", "rerun_seeds", "storage", "study_name", "stale_after")
+    return run_study_command(args, Sweep, copy=copied)
 
 
 COMMAND = register_command(

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from miles.cli.common import UserError, key_value, non_negative_int, show
+from miles.cli.common import UserError, key_values, non_negative_int, show
 from miles.cli.registry import Command, register_command
 
 __all__ = ["epoch_line"]
@@ -15,15 +15,7 @@ __all__ = ["epoch_line"]
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, help="the run's YAML config")
-    p.add_argument(
-        "--set",
-        action="append",
-        type=key_value,
-        default=[],
-        metavar="KEY.SUB=VALUE",
-        help="override one config value, VALUE read as YAML (repeatable), e.g. "
-        "--set trainer.lr=1e-3 --set strategy_params.tau=0.1",
-    )
+    key_values(p, "--set", "override one config value (KEY.SUB=VALUE)", "trainer.lr=1e-3")
     p.add_argument("--out", help="output folder (overrides the config's out_dir)")
     p.add_argument("--seed", type=non_negative_int, help="overrides trainer.seed")
     p.add_argument("--device", help="torch device, e.g. cuda (overrides trainer.device)")

@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from miles.report.document import Document, Figure
-from miles.report.page import register_renderer
+from miles.report.page import Renderer, register_renderer
 from miles.report.tables import decision_table
 from miles.results import RunResult, factors_in_force, load_result, run_row
 from miles.studies import ablate, compare, demo, sweep
 from miles.studies.planning import method_plan
+from miles.studies.study import Study
 from miles.studies.summary import Summary, display_name, summarize, summary_table
 
 __all__ = [
@@ -262,35 +263,59 @@ def _legacy_demo(payload: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _render_study(
+    study: type[Study[Any]],
+    payload: Mapping[str, Any],
+    results: Mapping[str, Mapping[str, Any]],
+    files: Path,
+    *,
+    section_of: Callable[[Any, Mapping[str, Any]], str],
+    all_runs: bool = False,
+) -> Document:
+    """The study's own document, then its bars (one chart per ``section_of(config, row)``),
+    optionally every run, and MILES's dynamics and decisions."""
+    payload = {**payload, "metric": _metric(payload, results)}
+    doc = study.document(payload)
+    config, summary = study.summary_of(payload)
+    if summary.aggregate:
+        _add_bars(
+            doc,
+            summary,
+            payload["metric"],
+            files,
+            section_of=lambda a: section_of(config, a),
+            title=config.base.dataset,
+        )
+    if all_runs:
+        _all_runs(doc, summary, payload["metric"])
+    _miles_parts(doc, summary.rows, results, files)
+    return doc
+
+
+def _per_fusion(config: Any, row: Mapping[str, Any]) -> str:
+    return f"{row['fusion']} fusion"
+
+
 @register_renderer(demo.KIND)
 def render_demo(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
     """The demo's table (recomputed from the runs it embeds), bars per fusion, MILES's parts."""
     if "config" not in payload:
         payload = _legacy_demo(payload)
-    runs: Mapping[str, Mapping[str, Any]] = payload["runs"]
-    rows = []
-    for key, result in runs.items():
-        fusion, method = key.split("/", 1)
-        rows.append(
-            run_row(result) | {"fusion": fusion, "method": method, "label": "", "run_dir": key}
-        )
-    payload = {**payload, "rows": rows}
-    doc = demo.demo_document(payload)
-    summary = summarize(rows, payload["modalities"])
-    _add_bars(
-        doc,
-        summary,
-        payload["metric"],
-        files,
-        section_of=lambda a: f"{a['fusion']} fusion",
-        title=doc.title,
-    )
-    _miles_parts(doc, rows, {k: dict(v) for k, v in runs.items()}, files)
-    return doc
+    runs = {k: dict(v) for k, v in payload["runs"].items()}
+    rows = [
+        run_row(result)
+        | dict(zip(("fusion", "method"), key.split("/", 1), strict=True))
+        | {"label": "", "run_dir": key}
+        for key, result in runs.items()
+    ]
+    return _render_study(demo.Demo, {**payload, "rows": rows}, runs, files, section_of=_per_fusion)
 
 
-def _legacy_compare(payload: Mapping[str, Any]) -> dict[str, Any]:
-    """A ``compare.json`` written before compare recorded its kind, base config and run paths."""
+def _legacy_compare(payload: Mapping[str, Any]) -> Mapping[str, Any]:
+    """A ``compare.json`` written before compare recorded its kind, base config and run paths
+    (a current one is returned as it is)."""
+    if "base" in payload["config"]:
+        return payload
     old = dict(payload["config"])
     trainer = {k: old.pop(k) for k in ("epochs", "lr", "batch_size", "optimizer") if k in old}
     base = {k: old.pop(k) for k in ("dataset", "dataset_params", "latent_dim") if k in old}
@@ -308,29 +333,6 @@ def _legacy_compare(payload: Mapping[str, Any]) -> dict[str, Any]:
         "rows": rows,
         "modalities": payload.get("modalities") or list(payload["dominant_order"]),
     }
-
-
-@register_renderer(compare.KIND)
-def render_compare(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
-    """Per fusion the Table II-shaped table and its bars; every run; MILES's parts."""
-    if "base" not in payload["config"]:
-        payload = _legacy_compare(payload)
-    rows, results = refresh_rows(payload["rows"], folder)
-    payload = {**payload, "rows": rows, "metric": _metric(payload, results)}
-    config = compare.CompareConfig.from_dict(dict(payload["config"]))
-    doc = compare.compare_document(payload)
-    summary = compare.summarize_compare(rows, config, payload["modalities"])
-    _add_bars(
-        doc,
-        summary,
-        payload["metric"],
-        files,
-        section_of=lambda a: f"{a['fusion']} fusion",
-        title=config.base.dataset,
-    )
-    _all_runs(doc, summary, payload["metric"])
-    _miles_parts(doc, summary.rows, results, files)
-    return doc
 
 
 def _all_runs(doc: Document, summary: Summary, metric: str) -> None:
@@ -366,39 +368,44 @@ def _all_runs(doc: Document, summary: Summary, metric: str) -> None:
         )
 
 
-@register_renderer(ablate.KIND)
-def render_ablate(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
-    """The Table IV/V-shaped table, its bars, the mu = 1 checks and MILES's parts."""
-    rows, results = refresh_rows(payload["rows"], folder)
-    payload = {**payload, "rows": rows}
-    config = ablate.AblateConfig.from_dict(dict(payload["config"]))
-    doc = ablate.ablate_document(payload)
-    summary = ablate.summarize_ablation(rows, config, payload["modalities"])
-    _add_bars(
-        doc,
-        summary,
-        payload["metric"],
-        files,
-        section_of=lambda a: f"{config.param} ablation",
-        title=config.base.dataset,
-    )
-    _all_runs(doc, summary, payload["metric"])
-    _miles_parts(doc, summary.rows, results, files)
-    return doc
+def _study_renderer(
+    study: type[Study[Any]],
+    section_of: Callable[[Any, Mapping[str, Any]], str],
+    *,
+    all_runs: bool = False,
+    upgrade: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+) -> Renderer:
+    """The renderer of a study whose rows point at their runs (compare, ablate, sweep): rows
+    recomputed from the runs, then :func:`_render_study`."""
 
-
-@register_renderer(sweep.KIND)
-def render_sweep(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
-    """The best trial, its re-runs (table and bars), every trial, MILES's parts of the re-runs."""
-    rows, results = refresh_rows(payload["rows"], folder)
-    payload = {**payload, "rows": rows}
-    doc = sweep.sweep_document(payload)
-    if rows:
-        summary = summarize(rows, payload["modalities"])
-        title = f"Best parameters over seeds {payload['rerun_seeds']}"
-        _add_bars(
-            doc, summary, payload["metric"], files, section_of=lambda a: title, title=doc.title
+    def render(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
+        payload = upgrade(payload) if upgrade is not None else payload
+        rows, results = refresh_rows(payload["rows"], folder)
+        return _render_study(
+            study,
+            {**payload, "rows": rows},
+            results,
+            files,
+            section_of=section_of,
+            all_runs=all_runs,
         )
-        _miles_parts(doc, summary.rows, results, files)
-    doc.sections.sort(key=lambda s: s.title == "Trials")  # every trial last
-    return doc
+
+    render.__doc__ = f"Render a {study.kind} study (see :func:`_render_study`)."
+    return render
+
+
+#: per fusion the Table II-shaped table and its bars; every run; MILES's parts
+render_compare = register_renderer(compare.KIND)(
+    _study_renderer(compare.Compare, _per_fusion, all_runs=True, upgrade=_legacy_compare)
+)
+#: the Table IV/V-shaped table, its bars, the mu = 1 checks, every run, MILES's parts
+render_ablate = register_renderer(ablate.KIND)(
+    _study_renderer(ablate.Ablation, lambda config, _r: f"{config.param} ablation", all_runs=True)
+)
+#: the best trial, its re-runs (table and bars), every trial, MILES's parts of the re-runs
+render_sweep = register_renderer(sweep.KIND)(
+    _study_renderer(
+        sweep.Sweep,
+        lambda config, _r: f"Best parameters over seeds {list(range(config.rerun_seeds))}",
+    )
+)

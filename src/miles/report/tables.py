@@ -16,12 +16,13 @@ from statistics import mean, stdev
 from typing import Any
 
 from miles.report.document import Table
-from miles.results import decisions
+from miles.results import GAP_RULE, decisions
 
 __all__ = [
     "COLUMNS",
     "Column",
     "aggregate",
+    "column_notes",
     "decision_table",
     "mean_std",
     "metric_columns",
@@ -146,6 +147,33 @@ COLUMNS = (
     "last",
     "n",
 )
+_LAST = (
+    "at last epoch = the same runs scored with the last epoch's weights (selection on "
+    "validation alone can hide or create a gap)"
+)
+#: what each column group means, for captions (``{dominant}``/``{weak}``: the order's ends)
+COLUMN_NOTES = {
+    "aux": "aux = trained with the auxiliary unimodal losses",
+    "gap": GAP_RULE,
+    "vs_unimodal": "heads vs unimodal = each head minus its own modality's unimodal model (the "
+    "unimodal row: each modality's encoder and head trained alone, same budget and seed), in "
+    "points: the imbalance diagnostic",
+    "chosen": "chosen epoch = the epoch chosen on validation, whose weights the test metrics use",
+    "acted": "MILES acted = epochs trained with a lowered learning rate (a factor below 1); the "
+    "decision after the last epoch applies to none",
+    "slowed": "slowed = such epochs per modality",
+    "fused_last": _LAST,
+    "last": _LAST,
+    "n": "n = runs averaged",
+}
+
+
+def column_notes(groups: Sequence[str], order: Sequence[str]) -> str:
+    """What the columns of ``groups`` mean, as sentences for a caption."""
+    notes = [COLUMN_NOTES.get(g, "").format(dominant=order[0], weak=order[-1]) for g in groups]
+    return " ".join(f"{n}." for n in dict.fromkeys(notes) if n)
+
+
 #: the values of a run row that the columns read (what :func:`aggregate` must average)
 VALUES = ("fused", "gap", "best_epoch", "acted", "fused_last")
 

@@ -17,8 +17,9 @@ Every name is imported on first use, so ``import miles.studies`` stays light.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from miles._lazy import lazy_attributes
 
 _LAZY = {
     "StudyConfig": "miles.studies.config",
@@ -68,11 +69,7 @@ if TYPE_CHECKING:
     from miles.studies.sweep import SweepConfig, run_sweep
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'miles.studies' has no attribute {name!r}")
-    return getattr(import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

@@ -28,8 +28,9 @@ from miles.report.document import Document
 from miles.studies.checks import check_seeds
 from miles.studies.config import StudyConfig, quiet_base
 from miles.studies.planning import PlanContext, comparison_runs
-from miles.studies.runner import Echo, PlannedRun, hardware_line, run_all, setting_line
-from miles.studies.summary import Summary, study_payload, summarize, summary_table, write_study
+from miles.studies.runner import PlannedRun, RunBatch
+from miles.studies.study import Study, run_study
+from miles.studies.summary import Summary, summarize, summary_table
 from miles.training.experiment import ExperimentConfig
 
 __all__ = [
@@ -37,8 +38,9 @@ __all__ = [
     "KIND",
     "PARAMS",
     "AblateConfig",
-    "ablate_document",
+    "Ablation",
     "compare_histories",
+    "mu_one_checks",
     "parse_fixed",
     "parse_values",
     "plan_runs",
@@ -272,100 +274,60 @@ def _verdict(check: Mapping[str, Any]) -> str:
     return f"NOT identical to joint+aux: {check['differences']}"
 
 
-def summarize_ablation(
-    rows: Sequence[Mapping[str, Any]], config: AblateConfig, modalities: Sequence[str]
-) -> Summary:
-    """Ablate's aggregate step: references first, then the swept values in the given order."""
-    rank = {"unimodal": 0, "joint": 1, "joint+aux": 2}
-    rank |= {config.setting_label(v): 3 + i for i, v in enumerate(config.values)}
-    return summarize(rows, modalities, rank=lambda a: rank.get(a["label"] or a["method"], 99))
+class Ablation(Study[AblateConfig]):
+    """The ablation: references and MILES at every swept value; the ``mu = 1`` checks."""
 
+    kind = KIND
+    config_type = AblateConfig
+    title_format = "miles ablate {config.param}: {config.base.dataset}, {config.base.fusion} fusion"
+    columns = (("method", "label", "value", "seed"), ("label", "method", "uses_aux_losses"))
 
-def ablate_document(payload: Mapping[str, Any]) -> Document:
-    """``<stem>.md``: the Table IV/V-shaped table and the ``mu = 1`` checks."""
-    config = AblateConfig.from_dict(dict(payload["config"]))
-    summary = summarize_ablation(payload["rows"], config, payload["modalities"])
-    order = summary.order
-    doc = Document(
-        KIND,
-        f"miles ablate {config.param}: {config.base.dataset}, {config.base.fusion} fusion",
-        [
-            f"MILES with {config.param} in {config.values} and {config.other} = "
-            f"{config.fixed[config.other]:g}. Test {payload['metric']} (%), mean ± std over seeds "
-            f"{config.seeds}. Dominant modality by {summary.rule}: {order[0]}. "
-            f"{summary.gap_rule}. Chosen epoch = best fused metric on validation; 'at last epoch'"
-            " = the same runs scored with the last epoch's weights. heads vs unimodal = each head "
-            "minus the same modality's unimodal model (same encoder, budget and seed): how far "
-            "joint training leaves that encoder behind (the imbalance diagnostic). MILES acted = "
-            f"epochs trained with a lowered rate (of {config.base.trainer.epochs}); slowed = such "
-            "epochs per modality.",
-        ],
-    )
-    section = doc.section(f"{config.param} ablation")
-    section.blocks.append(
-        summary_table(
-            f"MILES over {config.param}: test {payload['metric']} (%)",
-            summary.aggregate,
-            order,
+    @property
+    def stem(self) -> str:
+        return self.config.stem
+
+    def plan(self) -> list[PlannedRun]:
+        return plan_runs(self.config, self.data.modalities)
+
+    def rows(self, batch: RunBatch) -> list[dict[str, Any]]:
+        return [o.row(self.out) | {"fusion": self.config.base.fusion} for o in batch.outcomes]
+
+    @classmethod
+    def aggregate(
+        cls, rows: Sequence[Mapping[str, Any]], config: AblateConfig, modalities: Sequence[str]
+    ) -> Summary:
+        """References first, then the swept values in the given order."""
+        rank = {"unimodal": 0, "joint": 1, "joint+aux": 2}
+        rank |= {config.setting_label(v): 3 + i for i, v in enumerate(config.values)}
+        return summarize(rows, modalities, rank=lambda a: rank.get(a["label"] or a["method"], 99))
+
+    def extra(self, batch: RunBatch) -> dict[str, Any]:
+        results = {(o.run.ident["label"], o.run.ident["seed"]): o.result for o in batch.outcomes}
+        return {"mu_one_checks": mu_one_checks(self.config, results)}
+
+    @classmethod
+    def write_up(
+        cls, doc: Document, payload: Mapping[str, Any], config: AblateConfig, summary: Summary
+    ) -> None:
+        """The Table IV/V-shaped table and the ``mu = 1`` checks."""
+        section = doc.section(f"{config.param} ablation")
+        caption = f"MILES over {config.param}: test {payload['metric']} (%)"
+        section.blocks.append(summary_table(caption, summary.aggregate, summary.order))
+        section.paragraphs += [
+            f"Check, MILES with mu = 1 ({c['setting']}): {_verdict(c)}."
+            for c in payload.get("mu_one_checks", [])
+        ]
+        other = f"{config.other} = {config.fixed[config.other]:g}"
+        doc.intro.append(
+            f"MILES with {config.param} in {config.values} and {other}; "
+            f"{config.base.trainer.epochs} epochs. Test {payload['metric']} (%) at the chosen "
+            f"epoch, mean ± std over seeds {config.seeds}. {summary.explain()}"
         )
-    )
-    section.paragraphs += [
-        f"Check, MILES with mu = 1 ({c['setting']}): {_verdict(c)}."
-        for c in payload.get("mu_one_checks", [])
-    ]
-    if summary.failure_note:
-        section.paragraphs.append(summary.failure_note)
-    doc.intro.append(payload.get("meta", ""))
-    return doc
 
 
-def run_ablation(
-    config: AblateConfig,
-    *,
-    echo: Echo = print,
-    show: Echo | None = None,
-    data: Any = None,
-) -> dict[str, Any]:
-    """Run (or resume) the ablation and write its files.
-
-    Writes ``<stem>.md`` (the table), ``<stem>_table.csv`` (aggregated), ``<stem>_runs.csv`` (one
-    row per run) and ``<stem>.json`` (everything, ``kind: ablate``); ``<stem>`` is
-    :attr:`AblateConfig.stem`.
-
-    ``echo`` gets the progress lines, ``show`` the final report (default: ``echo``).
-    """
-    out = Path(config.out_dir)
-    config.check_folder("ablate_settings.json", f"ablation in {out}")
-    if data is None:
-        from miles.data import build_dataset
-
-        data = build_dataset(config.base.dataset, **config.base.dataset_params)
-    runs = plan_runs(config, data.modalities)
-    batch = run_all(runs, data, echo=echo)
-    rows = [o.row(out) | {"fusion": config.base.fusion} for o in batch.outcomes]
-    summary = summarize_ablation(rows, config, data.modalities)
-    results = {(o.run.ident["label"], o.run.ident["seed"]): o.result for o in batch.outcomes}
-    meta = (
-        setting_line(config.base)
-        + " "
-        + hardware_line(batch.wall_s, batch.trained, len(runs) - batch.trained)
-    )
-    payload = study_payload(
-        KIND,
-        config,
-        data,
-        summary,
-        meta,
-        wall_s=batch.wall_s,
-        trained=batch.trained,
-        mu_one_checks=mu_one_checks(config, results),
-    )
-    write_study(
-        out,
-        config.stem,
-        payload,
-        ablate_document(payload),
-        (["method", "label", "value", "seed"], ["label", "method", "uses_aux_losses"]),
-        show or echo,
-    )
-    return payload
+def run_ablation(config: AblateConfig, **options: Any) -> dict[str, Any]:
+    """Run (or resume) the ablation and write ``<stem>.md`` (the table), ``<stem>_table.csv``
+    (aggregated), ``<stem>_runs.csv`` (one row per run) and ``<stem>.json`` (everything,
+    ``kind: ablate``); ``<stem>`` is :attr:`AblateConfig.stem`; ``options`` as
+    :func:`~miles.studies.study.run_study`. Returns what ``<stem>.json`` holds."""
+    return run_study(Ablation, config, **options)

@@ -22,11 +22,19 @@ from miles.report.document import Document
 from miles.studies.checks import check_fusions, check_methods, check_seeds
 from miles.studies.config import StudyConfig, quiet_base
 from miles.studies.planning import PlanContext, comparison_runs, method_plan
-from miles.studies.runner import Echo, PlannedRun, hardware_line, run_all, setting_line
-from miles.studies.summary import Summary, study_payload, summarize, summary_table, write_study
+from miles.studies.runner import Echo, PlannedRun, RunBatch
+from miles.studies.study import Study, run_study
+from miles.studies.summary import Summary, summarize, summary_table
 from miles.training.experiment import ExperimentConfig
 
-__all__ = ["ALL_METHODS", "KIND", "CompareConfig", "compare_document", "plan_runs", "run_compare"]
+__all__ = [
+    "ALL_METHODS",
+    "KIND",
+    "Compare",
+    "CompareConfig",
+    "plan_runs",
+    "run_compare",
+]
 
 KIND = "compare"
 #: the paper's comparison: references, the seven baselines, MILES (in table order)
@@ -110,121 +118,84 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def summarize_compare(
-    rows: Sequence[Mapping[str, Any]], config: CompareConfig, modalities: Sequence[str]
-) -> Summary:
-    """Compare's aggregate step: per fusion and method, in the configured order."""
-    rank = {m: i for i, m in enumerate(config.methods)}
-    return summarize(
-        rows,
-        modalities,
-        rank=lambda a: (config.fusions.index(a["fusion"]), rank.get(a["method"], len(rank))),
-    )
+class Compare(Study[CompareConfig]):
+    """The comparison: planned through :mod:`miles.studies.planning`; the unimodal references
+    shown under every fusion; MSLR's unimodal LR sweep run on demand."""
 
+    kind = KIND
+    config_type = CompareConfig
+    title_format = "miles compare: {config.base.dataset}"
 
-def compare_document(payload: Mapping[str, Any]) -> Document:
-    """``compare.md``: one Table II-shaped table per fusion (also the start of its report)."""
-    config = CompareConfig.from_dict(dict(payload["config"]))
-    summary = summarize_compare(payload["rows"], config, payload["modalities"])
-    order = summary.order
-    doc = Document(
-        KIND,
-        f"miles compare: {config.base.dataset}",
-        [
-            f"Test {payload['metric']} (%) at the epoch chosen on validation, mean ± std over "
-            f"seeds {config.seeds}. Dominant modality by {summary.rule}: {order[0]}. "
-            f"{summary.gap_rule}. The unimodal row holds each modality's own model (its encoder "
-            "and head trained alone). aux = trained with the auxiliary unimodal losses. heads vs "
-            "unimodal = each head minus its own modality's unimodal model, in points (the "
-            "imbalance diagnostic). MILES acted = epochs trained with a lowered learning rate "
-            "(a factor below 1); slowed = such epochs per modality. heads at last epoch = the "
-            "same runs scored with the last epoch's weights (selection on validation alone can "
-            "hide or create a gap).",
-        ],
-    )
-    for fusion in config.fusions:
-        cells = [a for a in summary.aggregate if a["fusion"] == fusion]
-        doc.section(f"{fusion} fusion").blocks.append(
-            summary_table(
-                f"{fusion} fusion: test {payload['metric']} (%), mean ± std over seeds",
-                cells,
-                order,
+    def __init__(self, config: CompareConfig, data: Any, echo: Echo) -> None:
+        super().__init__(config, data, echo)
+        self.unimodal_lrs: dict[str, float] = {}
+
+    def _sweep(self) -> dict[str, float]:
+        from miles.studies.lr_sweep import sweep_unimodal_lrs
+
+        if not self.unimodal_lrs:
+            cfg = self.config
+            self.unimodal_lrs = sweep_unimodal_lrs(
+                cfg.run_config(seed=cfg.seeds[0]),
+                self.data,
+                lrs=cfg.sweep_lrs,
+                epochs=cfg.sweep_epochs,
+                cache_dir=cfg.sweep_cache or self.out / "sweep",
+                echo=self.echo,
             )
+        return dict(self.unimodal_lrs)
+
+    def plan(self) -> list[PlannedRun]:
+        return plan_runs(self.config, PlanContext(tuple(self.data.modalities), self._sweep))
+
+    def rows(self, batch: RunBatch) -> list[dict[str, Any]]:
+        rows = []
+        for outcome in batch.outcomes:
+            independent = method_plan(outcome.run.ident["method"]).fusion_independent
+            shown = self.config.fusions if independent else [outcome.run.ident["fusion"]]
+            rows += [outcome.row(self.out) | {"fusion": fusion} for fusion in shown]
+        return rows
+
+    @classmethod
+    def aggregate(
+        cls, rows: Sequence[Mapping[str, Any]], config: CompareConfig, modalities: Sequence[str]
+    ) -> Summary:
+        """Per fusion and method, in the configured order."""
+        rank = {m: i for i, m in enumerate(config.methods)}
+        return summarize(
+            rows,
+            modalities,
+            rank=lambda a: (config.fusions.index(a["fusion"]), rank.get(a["method"], len(rank))),
         )
-    if summary.failure_note:
-        doc.intro.append(summary.failure_note)
-    doc.intro.append(payload.get("meta", ""))
-    return doc
 
+    def extra(self, batch: RunBatch) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "unimodal_lrs": self.unimodal_lrs,
+            "meta": f"MSLR LRs from a {cfg.sweep_epochs}-epoch unimodal sweep over "
+            f"{cfg.sweep_lrs}: {self.unimodal_lrs or 'not run'}.",
+        }
 
-def run_compare(
-    config: CompareConfig,
-    *,
-    echo: Echo = print,
-    show: Echo | None = None,
-    data: Any = None,
-) -> dict[str, Any]:
-    """Run (or resume) the comparison and write its files.
-
-    Writes ``compare.md`` (the tables), ``compare_table.csv`` (the aggregated table),
-    ``compare_runs.csv`` (one row per run and seed) and ``compare.json`` (everything, with
-    ``kind: compare`` for ``miles report``). Returns what ``compare.json`` holds.
-
-    ``echo`` gets the progress lines, ``show`` the final report (default: ``echo``).
-    """
-    from miles.studies.lr_sweep import sweep_unimodal_lrs
-
-    out = Path(config.out_dir)
-    config.check_folder("compare_settings.json", f"compare in {out}")
-    if data is None:
-        from miles.data import build_dataset
-
-        data = build_dataset(config.base.dataset, **config.base.dataset_params)
-    sweep: dict[str, float] = {}
-
-    def unimodal_lrs() -> dict[str, float]:
-        if not sweep:
-            sweep.update(
-                sweep_unimodal_lrs(
-                    config.run_config(seed=config.seeds[0]),
-                    data,
-                    lrs=config.sweep_lrs,
-                    epochs=config.sweep_epochs,
-                    cache_dir=config.sweep_cache or out / "sweep",
-                    echo=echo,
-                )
+    @classmethod
+    def write_up(
+        cls, doc: Document, payload: Mapping[str, Any], config: CompareConfig, summary: Summary
+    ) -> None:
+        """One Table II-shaped table per fusion."""
+        for fusion in config.fusions:
+            cells = [a for a in summary.aggregate if a["fusion"] == fusion]
+            caption = f"{fusion} fusion: test {payload['metric']} (%), mean ± std over seeds"
+            doc.section(f"{fusion} fusion").blocks.append(
+                summary_table(caption, cells, summary.order)
             )
-        return dict(sweep)
+        doc.intro.append(
+            f"Test {payload['metric']} (%) at the chosen epoch, mean ± std over seeds "
+            f"{config.seeds}. {summary.explain()}"
+        )
 
-    runs = plan_runs(config, PlanContext(tuple(data.modalities), unimodal_lrs))
-    batch = run_all(runs, data, echo=echo)
-    rows = []
-    for outcome in batch.outcomes:
-        independent = method_plan(outcome.run.ident["method"]).fusion_independent
-        for fusion in config.fusions if independent else [outcome.run.ident["fusion"]]:
-            rows.append(outcome.row(out) | {"fusion": fusion})
-    summary = summarize_compare(rows, config, data.modalities)
-    meta = (
-        f"{setting_line(config.base)} MSLR LRs from a {config.sweep_epochs}-epoch unimodal sweep "
-        f"over {config.sweep_lrs}: {sweep or 'not run'}. "
-        + hardware_line(batch.wall_s, batch.trained, len(runs) - batch.trained)
-    )
-    payload = study_payload(
-        KIND,
-        config,
-        data,
-        summary,
-        meta,
-        wall_s=batch.wall_s,
-        trained=batch.trained,
-        unimodal_lrs=sweep,
-    )
-    write_study(
-        out,
-        KIND,
-        payload,
-        compare_document(payload),
-        (["fusion", "method", "label", "seed"], ["fusion", "method", "label", "uses_aux_losses"]),
-        show or echo,
-    )
-    return payload
+
+def run_compare(config: CompareConfig, **options: Any) -> dict[str, Any]:
+    """Run (or resume) the comparison and write ``compare.md`` (the tables),
+    ``compare_table.csv`` (aggregated), ``compare_runs.csv`` (one row per run and seed) and
+    ``compare.json`` (everything, ``kind: compare``); ``options`` as
+    :func:`~miles.studies.study.run_study`. Returns what ``compare.json`` holds."""
+    return run_study(Compare, config, **options)

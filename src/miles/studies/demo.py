@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from miles.extras import require
-from miles.report.document import Document, markdown_table
+from miles.report.document import Document
 from miles.report.tables import Column
-from miles.results import factors_in_force, idle_reasons, max_delta
+from miles.results import acted_epochs, factors_in_force, idle_reasons, max_delta
 from miles.studies.checks import check_fusions, check_methods
 from miles.studies.config import StudyConfig
-from miles.studies.runner import Echo, PlannedRun, hardware_line, run_all, setting_line
-from miles.studies.summary import study_payload, summarize, summary_table, write_study
+from miles.studies.runner import PlannedRun, RunBatch
+from miles.studies.study import Study, run_study
+from miles.studies.summary import Summary, display_name, summary_table
 from miles.training.experiment import ExperimentConfig
 from miles.training.trainer import TrainerConfig
 
@@ -28,8 +29,8 @@ __all__ = [
     "DEMO_EPOCHS",
     "DEMO_METHODS",
     "KIND",
+    "Demo",
     "DemoConfig",
-    "demo_document",
     "never_acted_warning",
     "plan_runs",
     "run_demo",
@@ -102,110 +103,84 @@ def never_acted_warning(key: str, result: Mapping[str, Any]) -> str:
     )
 
 
-def demo_document(payload: Mapping[str, Any]) -> Document:
-    """The demo's table (one row per fusion and method) with its caption and warnings."""
-    config = DemoConfig.from_dict(dict(payload["config"]))
-    summary = summarize(payload["rows"], payload["modalities"])
-    sizes = payload.get("dataset_info", {}).get("sizes")
-    t = config.base.trainer
-    doc = Document(
-        KIND,
-        f"miles demo: {config.base.dataset}",
-        [
+class Demo(Study[DemoConfig]):
+    """The demo: every method x fusion; warns about MILES runs that never acted; draws the
+    learning dynamics of the runs MILES decided in."""
+
+    kind = KIND
+    config_type = DemoConfig
+    title_format = "miles demo: {config.base.dataset}"
+    columns = (("fusion", "method", "seed"), ("fusion", "method"))
+
+    @property
+    def stem(self) -> str:
+        return "results"
+
+    def check(self) -> None:
+        require("matplotlib", what="miles demo's learning-dynamics plot")  # before any training
+        super().check()
+
+    def plan(self) -> list[PlannedRun]:
+        base, info = self.config.base, self.data.info
+        self.echo(
+            f"{base.dataset}: {info.get('sizes', {})} pairs, modalities "
+            f"{list(self.data.modalities)}; {base.trainer.epochs} epochs, seed {base.trainer.seed}"
+        )
+        return plan_runs(self.config)
+
+    def extra(self, batch: RunBatch) -> dict[str, Any]:
+        from miles.report.plots import plot_learning_dynamics
+
+        runs = {
+            f"{o.run.ident['fusion']}/{o.run.ident['method']}": o.result
+            for o in batch.outcomes
+            if o.result is not None
+        }
+        warnings = [  # MILES runs that never trained at a lowered rate
+            never_acted_warning(key, result)
+            for key, result in runs.items()
+            if acted_epochs(result) == []
+        ]
+        decided = {k: r for k, r in runs.items() if factors_in_force(r) is not None}
+        plot = plot_learning_dynamics(decided or runs, self.out / "learning_dynamics.png")
+        return {
+            "dataset_info": self.data.info,
+            "warnings": warnings,
+            "runs": runs,
+            "figures": [plot],
+        }
+
+    @classmethod
+    def write_up(
+        cls, doc: Document, payload: Mapping[str, Any], config: DemoConfig, summary: Summary
+    ) -> None:
+        """The demo's table (one row per fusion and method), its caption and warnings."""
+        sizes = payload.get("dataset_info", {}).get("sizes")
+        t = config.base.trainer
+        doc.intro += [
             f"{config.base.dataset}"
             + (f" ({sizes} pairs)" if sizes else "")
             + f", modalities {list(payload['modalities'])}: {t.epochs} epochs, seed {t.seed}, "
             f"lr {t.lr:g}; MILES settings: {config.miles_params or 'default'}.",
-            f"Test {payload['metric']} (%) at the epoch chosen on validation (one seed). Dominant "
-            f"modality by {summary.rule}: {summary.order[0]}. {summary.gap_rule}. MILES acted = "
-            "epochs trained with a lowered learning rate for some modality (a factor below 1).",
+            f"Test {payload['metric']} (%) at the chosen epoch (one seed). "
+            + summary.explain(DEMO_COLUMNS),
             *payload.get("warnings", []),
-        ],
-    )
-    doc.section("Results").blocks.append(
-        summary_table(
-            f"test {payload['metric']} (%)",
-            summary.aggregate,
-            summary.order,
-            first=[
-                Column("fusion", lambda r: str(r["fusion"])),
-                Column("method", lambda r: str(r["method"])),
-            ],
-            groups=DEMO_COLUMNS,
+        ]
+        first = [Column("fusion", lambda r: str(r["fusion"])), Column("method", display_name)]
+        doc.section("Results").blocks.append(
+            summary_table(
+                f"test {payload['metric']} (%)",
+                summary.aggregate,
+                summary.order,
+                first=first,
+                groups=DEMO_COLUMNS,
+            )
         )
-    )
-    doc.intro.append(payload.get("meta", ""))
-    return doc
 
 
-def run_demo(
-    config: DemoConfig,
-    *,
-    echo: Echo = print,
-    show: Echo | None = None,
-    data: Any = None,
-) -> dict[str, Any]:
-    """Run every method x fusion; write ``results.json`` (``kind: demo``), ``results.md``, the
-    CSVs and ``learning_dynamics.png``. matplotlib is checked before any training.
-
-    ``echo`` gets the progress lines, ``show`` the final report (default: ``echo``).
-    """
-    require("matplotlib", what="miles demo's learning-dynamics plot")
-    from miles.report.plots import plot_learning_dynamics
-
-    out = Path(config.out_dir)
-    config.check_folder("demo_settings.json", f"demo in {out}")
-    if data is None:
-        from miles.data import build_dataset
-
-        data = build_dataset(config.base.dataset, **config.base.dataset_params)
-    echo(
-        f"{config.base.dataset}: {data.info.get('sizes', {})} pairs, modalities "
-        f"{list(data.modalities)}; {config.base.trainer.epochs} epochs, seed "
-        f"{config.base.trainer.seed}"
-    )
-    batch = run_all(plan_runs(config), data, echo=echo)
-    rows = batch.rows(out)
-    summary = summarize(rows, data.modalities)
-    runs = {
-        f"{o.run.ident['fusion']}/{o.run.ident['method']}": o.result
-        for o in batch.outcomes
-        if o.result is not None
-    }
-    warnings = [
-        never_acted_warning(f"{r['fusion']}/{r['method']}", runs[f"{r['fusion']}/{r['method']}"])
-        for r in summary.rows
-        if r.get("acted") == 0
-    ]
-    # the dynamics of the runs MILES decided in (of every run when there are none)
-    decided = {k: r for k, r in runs.items() if factors_in_force(r) is not None}
-    plot_path = plot_learning_dynamics(decided or runs, out / "learning_dynamics.png")
-    meta = (
-        setting_line(config.base)
-        + " "
-        + hardware_line(batch.wall_s, batch.trained, len(batch.outcomes) - batch.trained)
-    )
-    payload = study_payload(
-        KIND,
-        config,
-        data,
-        summary,
-        meta,
-        wall_s=batch.wall_s,
-        trained=batch.trained,
-        dataset_info=data.info,
-        warnings=warnings,
-    )
-    doc = demo_document(payload)
-    payload["table_markdown"] = markdown_table(doc.tables[0], caption=False)
-    payload["runs"] = runs
-    write_study(
-        out,
-        "results",
-        payload,
-        doc,
-        (["fusion", "method", "seed"], ["fusion", "method"]),
-        show or echo,
-    )
-    (show or echo)(f"and {plot_path}")
-    return payload
+def run_demo(config: DemoConfig, **options: Any) -> dict[str, Any]:
+    """Run every method x fusion and write ``results.json`` (``kind: demo``), ``results.md``,
+    the CSVs and ``learning_dynamics.png`` (matplotlib is checked before any training);
+    ``options`` as :func:`~miles.studies.study.run_study`. Returns what ``results.json``
+    holds."""
+    return run_study(Demo, config, **options)

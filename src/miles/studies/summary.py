@@ -26,6 +26,7 @@ from miles.report.tables import (
     COLUMNS,
     Column,
     aggregate,
+    column_notes,
     metric_columns,
     metric_values,
     results_table,
@@ -68,6 +69,13 @@ class Summary:
     @property
     def gap_rule(self) -> str:
         return GAP_RULE.format(dominant=self.order[0], weak=self.order[-1])
+
+    def explain(self, groups: Sequence[str] = COLUMNS) -> str:
+        """The caption of a table with these column groups: the dominance rule, then what each
+        column means (one text for every study)."""
+        return f"Dominant modality by {self.rule}: {self.order[0]}. " + column_notes(
+            groups, self.order
+        )
 
     @property
     def failure_note(self) -> str | None:
@@ -189,10 +197,12 @@ def write_study(
     payload: Mapping[str, Any],
     doc: Document,
     first: tuple[Sequence[str], Sequence[str]],
-    echo: Callable[[str], None],
+    show: Callable[[str], None],
+    figures: Sequence[Path | str] = (),
 ) -> None:
     """The write step: ``<stem>.md``, ``.json``, ``_runs.csv`` and ``_table.csv`` (``first``:
-    their leading columns), then the markdown on the console."""
+    their leading columns); then the markdown and the files written (with ``figures``) are
+    shown."""
     files = write_study_files(
         out,
         stem,
@@ -200,6 +210,5 @@ def write_study(
         payload,
         {"runs": (payload["rows"], first[0]), "table": (payload["aggregate"], first[1])},
     )
-    echo("")
-    echo(files[0].read_text(encoding="utf-8"))
-    echo("wrote " + ", ".join(str(f) for f in files))
+    show("\n" + files[0].read_text(encoding="utf-8"))
+    show("wrote " + ", ".join(str(f) for f in [*files, *figures]))

@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from miles.report.document import Document, Table
 from miles.report.tables import pct
@@ -37,21 +37,23 @@ from miles.studies.optuna_study import (
     requeue_interrupted,
     trial_counts,
 )
-from miles.studies.runner import (
-    Echo,
-    PlannedRun,
-    Progress,
-    RunBatch,
-    hardware_line,
-    run_all,
-    run_one,
-    setting_line,
-)
+from miles.studies.runner import Echo, PlannedRun, Progress, RunBatch, run_one
 from miles.studies.search_space import run_settings, search_space, suggest
-from miles.studies.summary import study_payload, summarize, summary_table, write_study
+from miles.studies.study import Study, run_study
+from miles.studies.summary import Summary, summary_table
 from miles.training.experiment import ExperimentConfig
 
-__all__ = ["KIND", "SweepConfig", "run_sweep", "select_best", "study_slug", "sweep_document"]
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "KIND",
+    "Sweep",
+    "SweepConfig",
+    "run_sweep",
+    "select_best",
+    "study_slug",
+]
 
 KIND = "sweep"
 #: the columns of the re-runs' table
@@ -184,23 +186,6 @@ def _fmt_params(params: Mapping[str, Any]) -> str:
     )
 
 
-def _planned(
-    config: SweepConfig,
-    params: Mapping[str, Any],
-    modalities: Sequence[str],
-    *,
-    seed: int,
-    out: Path,
-    name: str,
-) -> PlannedRun:
-    """One run of the method with a trial's flat parameters."""
-    lr, strategy_params = run_settings(config.method, params, modalities)
-    exp = config.run_config(
-        strategy=config.method, strategy_params=strategy_params, lr=lr, seed=seed, out_dir=str(out)
-    )
-    return PlannedRun(exp, {"method": config.method, "label": "", "seed": seed}, name)
-
-
 def _trials_table(trials: Sequence[Mapping[str, Any]]) -> Table:
     rows = []
     for r in trials:
@@ -224,99 +209,50 @@ def _trials_table(trials: Sequence[Mapping[str, Any]]) -> Table:
     return Table("every trial", ["trial", "state", "params", "val", "test", "note"], rows)
 
 
-def sweep_document(payload: Mapping[str, Any]) -> Document:
-    """``sweep.md``: the best trial, the mean ± std of its re-runs, and every trial."""
-    config = SweepConfig.from_dict(dict(payload["config"]))
-    t = config.base.trainer
-    best = payload["best"]
-    doc = Document(
-        KIND,
-        f"miles sweep: {config.method} on {config.base.dataset} ({config.base.fusion} fusion)",
-        [
-            f"Study `{payload['study_name']}`: {payload['finished']} of {config.trials} trials "
-            f"finished, {config.sampler} sampler, seed {t.seed}, {t.epochs} epochs each. Metric: "
-            f"{payload['metric']} (%); val = the run's best validation fused metric (the "
-            "selection criterion), test = fused test metric at that epoch.",
-            "Search space: " + "; ".join(payload["search_space"]) + ".",
-            "No trial has completed yet."
-            if best is None
-            else f"**Best trial {best['number']}** (highest val; ties: lowest number): "
-            f"{_fmt_params(best['params'])}; val {pct(best['val'])}, test {pct(best['test'])}.",
-        ],
+class Sweep(Study[SweepConfig]):
+    """The sweep: its plan is the search itself (Optuna's trial loop, each trial through the
+    shared per-run runner), which yields the re-runs of the best trial, run by the shared loop."""
+
+    kind = KIND
+    config_type = SweepConfig
+    title_format = (
+        "miles sweep: {config.method} on {config.base.dataset} ({config.base.fusion} fusion)"
     )
-    if payload["rows"]:
-        summary = summarize(payload["rows"], payload["modalities"])
-        section = doc.section(f"Best parameters over seeds {payload['rerun_seeds']}")
-        section.paragraphs.append(
-            f"Test {payload['metric']} (%), mean ± std over the re-runs. Dominant modality by "
-            f"{summary.rule}: {summary.order[0]}. {summary.gap_rule}."
+    columns = (("seed",), ("method",))
+
+    def __init__(self, config: SweepConfig, data: Any, echo: Echo) -> None:
+        super().__init__(config, data, echo)
+        self.progress = Progress(0, echo)
+        self.trials: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.finished = self.running = 0
+
+    @property
+    def out(self) -> Path:
+        return self.config.study_dir
+
+    def check(self) -> None:
+        """The study's shared settings are checked by its Optuna storage (:meth:`plan`)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _planned(self, params: Mapping[str, Any], *, seed: int, out: Path, name: str) -> PlannedRun:
+        """One run of the method with a trial's flat parameters."""
+        cfg = self.config
+        lr, strategy_params = run_settings(cfg.method, params, self.data.modalities)
+        exp = cfg.run_config(
+            strategy=cfg.method, strategy_params=strategy_params, lr=lr, seed=seed, out_dir=str(out)
         )
-        section.blocks.append(
-            summary_table(
-                "the best parameters re-run",
-                summary.aggregate,
-                summary.order,
-                groups=RERUN_COLUMNS,
-            )
-        )
-        if summary.failure_note:
-            section.paragraphs.append(summary.failure_note)
-    elif payload.get("rerun_note"):
-        doc.intro.append(payload["rerun_note"])
-    doc.section("Trials").blocks.append(_trials_table(payload["trials"]))
-    doc.intro.append(payload["meta"])
-    return doc
+        return PlannedRun(exp, {"method": cfg.method, "label": "", "seed": seed}, name)
 
+    def _objective(self, trial: optuna.Trial) -> float:
+        import optuna
 
-def run_sweep(
-    config: SweepConfig,
-    *,
-    echo: Echo = print,
-    show: Echo | None = None,
-    data: Any = None,
-) -> dict[str, Any]:
-    """Run (or resume, or join) the sweep, re-run its best trial, write the reports.
-
-    Everything of the study goes to :attr:`SweepConfig.study_dir` (``OUT/<study slug>``).
-    ``data`` may be given to reuse an already-built dataset. Returns what ``sweep.json`` holds.
-    A sweep whose trials are still running elsewhere reports what has finished and skips the
-    re-runs; running the command again once they finish completes it.
-
-    ``echo`` gets the progress lines, ``show`` the final report (default: ``echo``).
-    """
-    import optuna
-
-    out = config.study_dir
-    out.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        from miles.data import build_dataset
-
-        data = build_dataset(config.base.dataset, **config.base.dataset_params)
-    modalities = list(data.modalities)
-    study = open_study(
-        config.storage_url,
-        config.name,
-        sampler=config.sampler,
-        seed=config.seed,
-        stale_after=config.stale_after,
-        settings=config.shared_settings(),
-    )
-    finished, running = trial_counts(study)
-    progress = Progress(max(config.trials - finished - running, 0), echo)
-
-    def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, config.method, modalities)
-        run_dir = out / "trials" / f"trial{trial.number:04d}"
+        params = suggest(trial, self.config.method, self.data.modalities)
+        run_dir = self.out / "trials" / f"trial{trial.number:04d}"
         trial.set_user_attr("run_dir", str(run_dir))
-        run = _planned(
-            config,
-            params,
-            modalities,
-            seed=config.seed,
-            out=run_dir,
-            name=f"trial {trial.number} ({_fmt_params(params)})",
-        )
-        outcome = run_one(run, data, progress=progress, label="sweep run")
+        name = f"trial {trial.number} ({_fmt_params(params)})"
+        run = self._planned(params, seed=self.config.seed, out=run_dir, name=name)
+        outcome = run_one(run, self.data, progress=self.progress, label="sweep run")
         if outcome.result is None:
             # a setting that diverges is a finished, bad trial: recorded, never re-run
             trial.set_user_attr("diverged", outcome.failed)
@@ -326,82 +262,122 @@ def run_sweep(
         # one attribute, one storage write: what the trial table shows besides the value
         trial.set_user_attr(
             "result",
-            {
-                "test": result["test"],
-                "best_epoch": result["best_epoch"],
-                "wall_time_s": result["wall_time_s"],
-            },
+            {k: result[k] for k in ("test", "best_epoch", "wall_time_s")},
         )
         if not math.isfinite(value):
             trial.set_user_attr("diverged", f"validation fused metric {value}")
             raise optuna.TrialPruned(f"validation fused metric {value}")
         return value
 
-    announced = False
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        requeued = requeue_interrupted(study)
-        if requeued:
-            echo(f"interrupted trials {requeued}: re-run with the same parameters")
-        finished, running = trial_counts(study)
-        if finished + running >= config.trials:
-            break
-        if not announced:
-            echo(
-                f"study {config.name!r}: {finished} of {config.trials} trials finished, "
-                f"{running} running elsewhere; storage {config.storage_url}"
-            )
-            announced = True
-        study.optimize(objective, n_trials=1)
+    def plan(self) -> list[PlannedRun]:
+        """Run (or resume, or join) the search; then the best trial's re-runs, once every
+        trial has finished (else none: the sweep says the re-runs wait)."""
+        import optuna
 
-    trials = _trial_rows(study)
-    best = select_best(trials)
-    finished, running = trial_counts(study)
-    seeds = list(range(config.rerun_seeds))
-    batch, rerun_note = RunBatch([], 0.0), None
-    if best is not None and finished >= config.trials and seeds:
-        echo(f"best trial {best['number']}: {_fmt_params(best['params'])}; re-runs {seeds}")
-        reruns = [
-            _planned(
-                config,
+        cfg = self.config
+        study = open_study(
+            cfg.storage_url,
+            cfg.name,
+            sampler=cfg.sampler,
+            seed=cfg.seed,
+            stale_after=cfg.stale_after,
+            settings=cfg.shared_settings(),
+        )
+        finished, running = trial_counts(study)
+        self.progress.to_train = max(cfg.trials - finished - running, 0)
+        announced = False
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            requeued = requeue_interrupted(study)
+            if requeued:
+                self.echo(f"interrupted trials {requeued}: re-run with the same parameters")
+            finished, running = trial_counts(study)
+            if finished + running >= cfg.trials:
+                break
+            if not announced:
+                self.echo(
+                    f"study {cfg.name!r}: {finished} of {cfg.trials} trials finished, "
+                    f"{running} running elsewhere; storage {cfg.storage_url}"
+                )
+                announced = True
+            study.optimize(self._objective, n_trials=1)
+        self.trials = _trial_rows(study)
+        self.best = select_best(self.trials)
+        self.finished, self.running = trial_counts(study)
+        if self.best is None or self.finished < cfg.trials:
+            return []
+        best = self.best
+        self.echo(f"best trial {best['number']}: {_fmt_params(best['params'])}")
+        return [
+            self._planned(
                 best["params"],
-                modalities,
                 seed=seed,
-                out=out / "rerun" / f"trial{best['number']:04d}" / f"seed{seed}",
+                out=self.out / "rerun" / f"trial{best['number']:04d}" / f"seed{seed}",
                 name=f"re-run of trial {best['number']}, seed {seed}",
             )
-            for seed in seeds
+            for seed in range(cfg.rerun_seeds)
         ]
-        batch = run_all(reruns, data, echo=echo, label="sweep run")
-    elif best is not None and seeds:
-        rerun_note = (
-            f"Re-runs wait until all {config.trials} trials have finished ({finished} finished, "
-            f"{running} running elsewhere or left by a killed process, which is re-run once "
-            f"silent for {config.stale_after} s): run the same command again."
+
+    def extra(self, batch: RunBatch) -> dict[str, Any]:
+        import optuna
+
+        cfg = self.config
+        waiting = self.best is not None and cfg.rerun_seeds and self.finished < cfg.trials
+        note = (
+            f"Re-runs wait until all {cfg.trials} trials have finished ({self.finished} "
+            f"finished, {self.running} running elsewhere or left by a killed process, which is "
+            f"re-run once silent for {cfg.stale_after} s): run the same command again."
         )
-    summary = summarize(batch.rows(out), modalities)
-    wall, trained = time.perf_counter() - progress.start, progress.trained + batch.trained
-    meta = f"{setting_line(config.base)} Optuna {optuna.__version__}. " + hardware_line(
-        wall, trained, len(batch.outcomes) - batch.trained
-    )
-    payload = study_payload(
-        KIND,
-        config,
-        data,
-        summary,
-        meta,
-        wall_s=wall,
-        trained=trained,
-        study_name=config.name,
-        storage=config.storage_url,
-        search_space=[p.describe() for p in search_space(config.method)],
-        finished=finished,
-        best=best,
-        rerun_seeds=seeds,
-        rerun_note=rerun_note,
-        trials=trials,
-    )
-    write_study(out, KIND, payload, sweep_document(payload), (["seed"], ["method"]), show or echo)
-    return payload
+        return {
+            "study_name": cfg.name,
+            "storage": cfg.storage_url,
+            "search_space": [p.describe() for p in search_space(cfg.method)],
+            "finished": self.finished,
+            "best": self.best,
+            "rerun_seeds": list(range(cfg.rerun_seeds)),
+            "rerun_note": note if waiting else None,
+            "trials": self.trials,
+            "meta": f"Optuna {optuna.__version__}.",
+            "wall_s": time.perf_counter() - self.progress.start,
+            "trained": self.progress.trained + batch.trained,
+        }
+
+    @classmethod
+    def write_up(
+        cls, doc: Document, payload: Mapping[str, Any], config: SweepConfig, summary: Summary
+    ) -> None:
+        """The best trial, the mean ± std of its re-runs, and every trial."""
+        t, best, metric = config.base.trainer, payload["best"], payload["metric"]
+        doc.intro += [
+            f"Study `{payload['study_name']}`: {payload['finished']} of {config.trials} trials "
+            f"finished, {config.sampler} sampler, seed {t.seed}, {t.epochs} epochs each. Metric: "
+            f"{metric} (%); val = the run's best validation fused metric (the selection "
+            "criterion), test = fused test metric at that epoch.",
+            "Search space: " + "; ".join(payload["search_space"]) + ".",
+            "No trial has completed yet."
+            if best is None
+            else f"**Best trial {best['number']}** (highest val; ties: lowest number): "
+            f"{_fmt_params(best['params'])}; val {pct(best['val'])}, test {pct(best['test'])}.",
+            payload.get("rerun_note") or "",
+        ]
+        if payload["rows"]:
+            section = doc.section(f"Best parameters over seeds {payload['rerun_seeds']}")
+            section.paragraphs.append(
+                f"Test {metric} (%), mean ± std over the re-runs. " + summary.explain(RERUN_COLUMNS)
+            )
+            table = summary_table(
+                "the best parameters re-run", summary.aggregate, summary.order, groups=RERUN_COLUMNS
+            )
+            section.blocks.append(table)
+        doc.section("Trials").blocks.append(_trials_table(payload["trials"]))
+
+
+def run_sweep(config: SweepConfig, **options: Any) -> dict[str, Any]:
+    """Run (or resume, or join) the sweep, re-run its best trial, write ``sweep.md`` and
+    ``sweep.json`` (``kind: sweep``) into :attr:`SweepConfig.study_dir`; ``options`` as
+    :func:`~miles.studies.study.run_study`. A sweep whose trials are still running elsewhere
+    reports what has finished and skips the re-runs; running the command again once they finish
+    completes it. Returns what ``sweep.json`` holds."""
+    return run_study(Sweep, config, **options)
