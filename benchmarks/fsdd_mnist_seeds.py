@@ -58,7 +58,9 @@ def main() -> None:
                 miles_params={"tau": tau},
                 out_dir=str(args.out / f"seed{seed}-tau{tau}"),
             )
-            rows.extend({**r, "label": f"miles tau={tau}"} for r in run_demo(extra, **quiet)["rows"])
+            rows.extend(
+                {**r, "label": f"miles tau={tau}"} for r in run_demo(extra, **quiet)["rows"]
+            )
         print(f"seed {seed} done ({time.perf_counter() - start:.0f} s)", flush=True)
     names = [*DEMO_METHODS, *(f"miles tau={t}" for t in args.extra_tau)]
     summary = summarize(
