@@ -29,7 +29,8 @@ h1 { font-size: 1.6em; border-bottom: 2px solid #d0d7de; padding-bottom: 6px; }
 h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #d0d7de; padding-bottom: 4px; }
 p { line-height: 1.45; max-width: 75em; }
 nav ul { padding-left: 1.2em; }
-table { border-collapse: collapse; margin: 12px 0 20px; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 12px 0 20px; font-size: 0.9em; display: block;
+        overflow-x: auto; max-width: 100%; }
 caption { caption-side: top; text-align: left; font-weight: 600; padding: 4px 0; }
 th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: right; white-space: nowrap; }
 th { background: #f0f3f6; }

@@ -19,7 +19,6 @@ from miles.report.page import Renderer, register_renderer
 from miles.report.tables import decision_table
 from miles.results import RunResult, factors_in_force, load_result, run_row
 from miles.studies import ablate, compare, demo, sweep
-from miles.studies.planning import method_plan
 from miles.studies.study import Study
 from miles.studies.summary import Summary, display_name, summarize, summary_table
 
@@ -320,12 +319,10 @@ def _legacy_compare(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     trainer = {k: old.pop(k) for k in ("epochs", "lr", "batch_size", "optimizer") if k in old}
     base = {k: old.pop(k) for k in ("dataset", "dataset_params", "latent_dim") if k in old}
     config = {**old, "base": {**base, "trainer": {**trainer, "progress": False}}}
-    rows = []
-    for r in payload["rows"]:
-        independent = method_plan(r["method"]).fusion_independent
-        name = compare._slug(f"{r['method']}-{r['label']}" if r.get("label") else r["method"])
-        where = "any-fusion" if independent else r["fusion"]
-        rows.append({"run_dir": f"runs/{where}/{name}/seed{r['seed']}", **r})
+    rows = [
+        {"run_dir": compare.run_folder(r["method"], r.get("label", ""), r["fusion"], r["seed"])} | r
+        for r in payload["rows"]
+    ]
     return {
         **payload,
         "kind": compare.KIND,

@@ -34,6 +34,7 @@ __all__ = [
     "CompareConfig",
     "plan_runs",
     "run_compare",
+    "run_folder",
 ]
 
 KIND = "compare"
@@ -86,7 +87,6 @@ class CompareConfig(StudyConfig):
 
 def plan_runs(config: CompareConfig, ctx: PlanContext) -> list[PlannedRun]:
     """Every run, seed-major so a partial compare already has complete seeds."""
-    root = Path(config.out_dir) / "runs"
     variants = {m: comparison_runs(m, ctx) for m in config.methods}
     runs: list[PlannedRun] = []
     for seed in config.seeds:
@@ -95,9 +95,8 @@ def plan_runs(config: CompareConfig, ctx: PlanContext) -> list[PlannedRun]:
                 independent = method_plan(method).fusion_independent
                 if independent and fusion != config.fusions[0]:
                     continue  # shown under every fusion from the single run
-                where = "any-fusion" if independent else fusion
                 for label, params in variants[method]:
-                    name = _slug(f"{method}-{label}" if label else method)
+                    where = run_folder(method, label, fusion, seed)
                     runs.append(
                         PlannedRun(
                             config.run_config(
@@ -105,17 +104,22 @@ def plan_runs(config: CompareConfig, ctx: PlanContext) -> list[PlannedRun]:
                                 strategy=method,
                                 strategy_params=dict(params),
                                 seed=seed,
-                                out_dir=str(root / where / name / f"seed{seed}"),
+                                out_dir=str(Path(config.out_dir) / where),
                             ),
                             {"method": method, "label": label, "fusion": fusion, "seed": seed},
-                            f"seed {seed} {where} {method} {label}".rstrip(),
+                            f"seed {seed} {where.split('/')[1]} {method} {label}".rstrip(),
                         )
                     )
     return runs
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+def run_folder(method: str, label: str, fusion: str, seed: int) -> str:
+    """Where a compare run lives, relative to the output folder:
+    ``runs/<fusion, or any-fusion for a fusion-independent method>/<method[-label]>/seed<k>``."""
+    where = "any-fusion" if method_plan(method).fusion_independent else fusion
+    name = f"{method}-{label}" if label else method
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    return f"runs/{where}/{slug}/seed{seed}"
 
 
 class Compare(Study[CompareConfig]):
