@@ -118,7 +118,7 @@ CONFIG_ERRORS = [
     ("", "config file {path} is empty"),
     ("dataset: fsdd-mnist\nepochs: 3\n", "unknown config keys ['epochs']"),
     ("dataset: fsdd-mnist\ndataset: mfeat\n", "{path}, line 2: duplicate key 'dataset'"),
-    ("trainer: {lr: -1}\n", "lr must be > 0, got -1"),  # a bad value
+    ("trainer: {lr: -1}\n", "lr must be a finite number > 0, got -1"),  # a bad value
     ("trainer: 3\n", "config key 'trainer' must be a mapping"),  # a bad type
     ("[1, 2]\n", "config file {path} must hold a mapping"),
 ]

@@ -144,7 +144,7 @@ def test_no_cache_dir_always_trains(small: Any, counted: list[Any]) -> None:
     ("kw", "match"),
     [
         ({"lrs": ()}, "at least one"),
-        ({"lrs": (1e-3, -1.0)}, "positive finite"),
+        ({"lrs": (1e-3, -1.0)}, "every lr must be a finite number > 0"),
         ({"lrs": (1e-3, 1e-3)}, "duplicates"),
     ],
 )

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from miles.cli.common import Parser
+from miles.registry import Registry
 
 __all__ = ["Command", "commands", "register_command"]
 
@@ -36,17 +37,14 @@ class Command:
     interrupted: str = "re-run the same command to resume (finished runs are kept)"
 
 
-_COMMANDS: dict[str, Command] = {}
+_COMMANDS: Registry[Command] = Registry("command")
 
 
 def register_command(command: Command) -> Command:
     """Add ``command`` to ``miles``; a second command of the same name is an error."""
-    if command.name in _COMMANDS:
-        raise ValueError(f"command {command.name!r} is already registered")
-    _COMMANDS[command.name] = command
-    return command
+    return _COMMANDS.register(command.name)(command)
 
 
 def commands() -> dict[str, Command]:
-    """The registered commands, in registration order."""
-    return dict(_COMMANDS)
+    """The registered commands, by name."""
+    return {name: _COMMANDS.get(name) for name in _COMMANDS.names()}

@@ -139,9 +139,11 @@ class MILESCallback(TrainerCallback, ExportableState):
     """Step MILES after every evaluation of an HF ``Trainer.train``; see the module docstring.
 
     Args:
-        tau, mu, reset_other, mode, scale, sync: as for :class:`miles.MILES`.
+        tau: as for :class:`miles.MILES`, and so are ``mu``, ``reset_other``, ``mode``,
+            ``scale`` and ``sync``.
         estimator: ``"heads"`` reads ``head_key`` per modality, ``"ablation"`` ``without_key``.
-        fused_key, head_key, without_key: evaluation metric names; ``{modality}`` is filled in.
+        fused_key: the evaluation metric name of the fused head; ``head_key`` and
+            ``without_key`` those of each head and each ablation (``{modality}`` is filled in).
         log: a function given each decision's scalars, e.g. ``trainer.log``.
         log_prefix: prefix of the decision scalars.
         miles_state: a MILES state dict to start from (HF sets it when it restores callbacks).

@@ -74,10 +74,12 @@ class MILESCallback(Callback):
     """Step MILES after every validation of a Lightning ``fit``; see the module docstring.
 
     Args:
-        tau, mu, reset_other, mode, scale, sync: as for :class:`miles.MILES`.
+        tau: as for :class:`miles.MILES`, and so are ``mu``, ``reset_other``, ``mode``,
+            ``scale`` and ``sync``.
         estimator: ``"heads"`` reads ``head_key`` per modality; ``"ablation"`` reads
             ``without_key`` (the fused metric with that modality ablated).
-        fused_key, head_key, without_key: the logged metric names; ``{modality}`` is filled in.
+        fused_key: the logged metric name of the fused head; ``head_key`` and ``without_key``
+            those of each head and each ablation (``{modality}`` is filled in).
         optimizer_index: which of the trainer's optimizers MILES schedules.
         log_prefix: prefix of the logged decision scalars; ``None`` logs nothing.
     """

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from miles.registry import Registry
 from miles.report.document import Document, Section, render_markdown
 from miles.report.html import render_html
 
@@ -45,24 +46,18 @@ LEGACY_FILES = (("compare.json", "compare"), ("results.json", "demo"), ("result.
 #: ``renderer(payload, folder, files) -> Document``: ``payload`` is the study's JSON, ``folder``
 #: the folder it lies in (run paths are relative to it), ``files`` where figures go
 Renderer = Callable[[Mapping[str, Any], Path, Path], Document]
-_RENDERERS: dict[str, Renderer] = {}
+_RENDERERS: Registry[Renderer] = Registry("report kind")
 
 
 def register_renderer(kind: str) -> Callable[[Renderer], Renderer]:
     """Decorator: render the study files whose ``kind`` is ``kind``."""
-
-    def decorate(fn: Renderer) -> Renderer:
-        if kind in _RENDERERS:
-            raise ValueError(f"a renderer for kind {kind!r} is already registered")
-        _RENDERERS[kind] = fn
-        return fn
-
-    return decorate
+    return _RENDERERS.register(kind)
 
 
 def available_kinds() -> list[str]:
+    """The study kinds ``miles report`` can render."""
     _load_builtin()
-    return sorted(_RENDERERS)
+    return _RENDERERS.names()
 
 
 def _load_builtin() -> None:
@@ -83,7 +78,7 @@ def _kind_of(path: Path) -> str | None:
     except ValueError:
         return None
     kind = data.get("kind") if isinstance(data, dict) else None
-    return kind if kind in _RENDERERS else None
+    return kind if isinstance(kind, str) and kind in _RENDERERS else None
 
 
 def find_studies(path: str | Path) -> list[tuple[Path, str]]:
@@ -155,7 +150,7 @@ def build_report(path: str | Path, out_dir: str | Path | None = None) -> Documen
         sub.mkdir(parents=True, exist_ok=True)
         for old in sub.glob("*.png"):
             old.unlink()
-        docs.append(_RENDERERS[kind](_read(study), study.parent, sub))
+        docs.append(_RENDERERS.get(kind)(_read(study), study.parent, sub))
     report = _merge(docs, f"miles report: {folder}")
     report.html_path = out / REPORT_HTML
     report.md_path = out / REPORT_MD

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from miles.training.experiment import ExperimentConfig
+from miles.validation import check_non_negative_int
 
 __all__ = [
     "available_fusions",
@@ -22,10 +23,10 @@ __all__ = [
 
 
 def available_fusions() -> list[str]:
-    """The fusion names a study or a command may use."""
-    from miles.models import FUSIONS
+    """The fusion names a study or a command may use (the fusion registry's)."""
+    from miles.models.fusions import available_fusions as registered
 
-    return list(FUSIONS)
+    return registered()
 
 
 def check_base(base: Any) -> ExperimentConfig:
@@ -65,12 +66,7 @@ def check_seeds(seeds: Any) -> list[int]:
     """Distinct non-negative integer seeds (at least one)."""
     if isinstance(seeds, str) or not isinstance(seeds, Sequence):
         raise TypeError(f"seeds must be a list of integers, got {seeds!r}")
-    items = list(seeds)
+    items = [check_non_negative_int("seed", seed) for seed in seeds]
     if not items or len(set(items)) != len(items):
         raise ValueError(f"seeds must be distinct and non-empty, got {items}")
-    for seed in items:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seeds must be integers, got {seed!r}")
-        if seed < 0:
-            raise ValueError(f"seeds must be >= 0, got {seed}")
     return items

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from miles.report.document import write_json
 from miles.studies.runner import Echo, PlannedRun, RunOutcome, describe_test, run_all
 from miles.training.experiment import ExperimentConfig
+from miles.validation import check_positive
 
 if TYPE_CHECKING:
     from miles.data import DatasetSplits
@@ -45,15 +46,7 @@ def _check_lrs(lrs: Iterable[float]) -> tuple[float, ...]:
     values = tuple(lrs)
     if not values:
         raise ValueError("lrs must hold at least one learning rate")
-    for lr in values:
-        if (
-            isinstance(lr, bool)
-            or not isinstance(lr, (int, float))
-            or not math.isfinite(lr)
-            or lr <= 0
-        ):
-            raise ValueError(f"every lr must be a positive finite number, got {lr!r}")
-    out = tuple(sorted(float(v) for v in values))
+    out = tuple(sorted(check_positive("every lr", lr) for lr in values))
     if len(set(out)) != len(out):
         raise ValueError(f"lrs has duplicates: {values!r}")
     return out
