@@ -46,9 +46,8 @@ def epoch_line(row: Mapping[str, Any], epochs: int) -> str:
     slowed = [m for m, f in factors.items() if f < 1.0]
     if not slowed:
         return line + str(decision["reason"])
-    lrs = ", ".join(
-        f"{group} {lr:.3g}" for group, lr in zip(record.lrs, decision["lrs"], strict=False)
-    )
+    names = decision.get("lr_names") or list(record.lrs)  # param groups, optimizer order
+    lrs = ", ".join(f"{group} {lr:.3g}" for group, lr in zip(names, decision["lrs"], strict=False))
     return line + f"slowed {', '.join(slowed)}: next epoch lr {lrs}"
 
 
