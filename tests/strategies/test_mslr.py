@@ -13,7 +13,6 @@ import torch
 from miles.data import collate_multimodal
 from miles.models import JointFusionModel
 from miles.strategies import EvalResult, Strategy, StrategyContext, build_strategy
-from miles.strategies.base import ComparisonSetup
 from miles.strategies.mslr import (  # importing registers mslr-k, mslr-s, mslr-d
     MSLRDynamic,
     MSLRKeep,
@@ -141,13 +140,6 @@ def test_heads_can_stay_at_base_rate() -> None:
     assert strategy.describe()["head_follows_encoder"] is False
     with pytest.raises(TypeError, match="head_follows_encoder"):
         MSLRKeep({"a": 1e-4}, head_follows_encoder=1)  # type: ignore[arg-type]
-
-
-def test_comparison_runs_use_the_swept_rates() -> None:
-    swept = {"a": 1e-4, "b": 1e-2}
-    setup = ComparisonSetup(("a", "b"), 1e-3, lambda: dict(swept))
-    for cls in (MSLRKeep, MSLRSmooth, MSLRDynamic):
-        assert cls.comparison_runs(setup) == [("", {"unimodal_lrs": swept})]
 
 
 # -- Smooth --------------------------------------------------------------------------------------

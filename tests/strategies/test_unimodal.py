@@ -12,7 +12,6 @@ import miles.strategies.unimodal  # noqa: F401  (registers "unimodal")
 from miles.data import collate_multimodal
 from miles.models import JointFusionModel
 from miles.strategies import build_strategy
-from miles.strategies.base import ComparisonSetup
 from miles.strategies.unimodal import Unimodal
 from miles.training import Trainer, TrainerConfig
 
@@ -88,11 +87,6 @@ def test_bad_modality_and_description(toy: Any) -> None:
         Unimodal(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="bad parameters"):
         build_strategy("unimodal")
-    setup = ComparisonSetup(("strong", "weak"), 1e-3, dict)
-    assert Unimodal.comparison_runs(setup) == [
-        ("strong", {"modality": "strong"}),
-        ("weak", {"modality": "weak"}),
-    ]
     strategy = build_strategy("unimodal", modality="strong")
     info = strategy.describe()
     assert info["name"] == "unimodal" and info["modality"] == "strong"

@@ -7,7 +7,6 @@ methods the others extend.
 """
 
 from miles.strategies.base import (
-    ComparisonSetup,
     EvalResult,
     StepOutput,
     Strategy,
@@ -27,7 +26,6 @@ __all__ = [
     "MSES",
     "OGM",
     "OGMGE",
-    "ComparisonSetup",
     "EvalResult",
     "GBlend",
     "Joint",

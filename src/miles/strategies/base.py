@@ -244,32 +244,3 @@ class Strategy:
         if not self.head_follows_encoder:
             info["head_follows_encoder"] = False
         return info
-
-    # -- transitional: comparison planning ---------------------------------------------------------
-    # Not hooks. ``miles compare`` reads these until comparison planning moves into the study
-    # layer (miles.studies); they will then be removed from the strategies.
-
-    #: results do not depend on the fusion (unimodal references): ``miles compare`` runs it once
-    fusion_independent: ClassVar[bool] = False
-
-    @classmethod
-    def comparison_runs(cls, setup: ComparisonSetup) -> list[tuple[str, dict[str, Any]]]:
-        """``(label, constructor params)`` of each run ``miles compare`` makes of this method.
-
-        One run with default parameters unless a method needs more (one per modality for the
-        unimodal references) or extra inputs (the swept unimodal learning rates for MSLR).
-        """
-        return [("", {})]
-
-
-@dataclass
-class ComparisonSetup:
-    """Transitional (moves to the study layer): what ``miles compare`` tells a method.
-
-    ``unimodal_lrs()`` runs (or reads from cache) the per-modality learning-rate sweep, only when a
-    method asks for it.
-    """
-
-    modalities: tuple[str, ...]
-    base_lr: float
-    unimodal_lrs: Callable[[], dict[str, float]]

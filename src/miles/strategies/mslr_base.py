@@ -7,7 +7,7 @@ The paper's point: the best unimodal models of different modalities often need l
 that differ by orders of magnitude, so one global rate for the fused model leaves some encoders
 barely trained ("vanishing gradient for some modalities"). MSLR gives each modality's encoder its
 own rate, starting from the rate that was best for that modality's unimodal model (see
-:func:`miles.training.lr_sweep.sweep_unimodal_lrs`). The paper studies three ways to assign them:
+:func:`miles.studies.lr_sweep.sweep_unimodal_lrs`). The paper studies three ways to assign them:
 
 * **Keep** (``mslr-k``): each encoder keeps its best unimodal rate for the whole run.
 * **Smooth** (``mslr-s``): the unimodal rates are pulled towards their common mean by a smoothing
@@ -41,7 +41,7 @@ import torch
 
 from miles.models.fusion import JointFusionModel
 from miles.models.param_groups import modality_param_groups
-from miles.strategies.base import ComparisonSetup, EvalResult, StrategyContext
+from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.joint import JointAux
 from miles.validation import check_bool, check_mapping, check_positive
 
@@ -164,11 +164,6 @@ class _MSLRBase(JointAux):
 
     def state_dict(self) -> dict[str, Any]:
         return {}
-
-    @classmethod
-    def comparison_runs(cls, setup: ComparisonSetup) -> list[tuple[str, dict[str, Any]]]:
-        """One run, started from the swept best unimodal rates (the paper's starting point)."""
-        return [("", {"unimodal_lrs": setup.unimodal_lrs()})]
 
     def describe(self) -> dict[str, Any]:
         return {

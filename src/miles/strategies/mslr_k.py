@@ -11,7 +11,7 @@ class MSLRKeep(_MSLRBase):
     """MSLR-Keep (Yao and Mihalcea, Findings of ACL 2022): each encoder keeps its unimodal rate.
 
     Modality ``m``'s encoder and auxiliary head train at ``unimodal_lrs[m]`` (the rate that was
-    best for ``m``'s unimodal model, e.g. from :func:`miles.training.lr_sweep.sweep_unimodal_lrs`)
+    best for ``m``'s unimodal model, e.g. from :func:`miles.studies.lr_sweep.sweep_unimodal_lrs`)
     for the whole run; the fused head trains at the trainer's base rate. Loss: fused + every
     unimodal loss (``uses_aux_losses = True``), so with every ``unimodal_lrs[m]`` equal to the base
     rate this is ``joint+aux`` exactly.

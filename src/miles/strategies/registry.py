@@ -27,7 +27,7 @@ def build_strategy(name: str, **params: Any) -> Strategy:
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    """The registered class, for class-level facts (``uses_aux_losses``, ``comparison_runs``)."""
+    """The registered class, for class-level facts (``uses_aux_losses``, ``name``)."""
     return _STRATEGIES.get(name)
 
 

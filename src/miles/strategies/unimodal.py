@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from miles.models.fusion import FusionOutput, JointFusionModel
-from miles.strategies.base import ComparisonSetup, EvalResult, Strategy
+from miles.strategies.base import EvalResult, Strategy
 from miles.strategies.registry import register_strategy
 from miles.validation import check_str
 
@@ -35,7 +35,6 @@ class Unimodal(Strategy):
     """
 
     name = "unimodal"
-    fusion_independent = True  # the fused head is never trained
     uses_aux_losses = False
 
     def __init__(self, modality: str) -> None:
@@ -62,11 +61,6 @@ class Unimodal(Strategy):
     def selection_score(self, val: EvalResult) -> float:
         """The best epoch is the one where ``m``'s own head is best on validation."""
         return val.unimodal[self.modality]
-
-    @classmethod
-    def comparison_runs(cls, setup: ComparisonSetup) -> list[tuple[str, dict[str, Any]]]:
-        """One reference run per modality, labelled by the modality's name."""
-        return [(m, {"modality": m}) for m in setup.modalities]
 
     def describe(self) -> dict[str, Any]:
         return {
