@@ -146,9 +146,10 @@ class AGM(Joint):
         cap: upper bound of ``rbar_m - r_m`` inside the exponential: 10 on CREMA-D
             (``run/CREMAD_main.py``), 7 on UR-Funny, none on AV-MNIST, AVE and MOSEI; default 10.
             ``None``: no bound.
-        modulation_starts, modulation_ends: epochs (1-based, inclusive) in which the coefficients
-            apply. The authors' default window is epochs 0 to 20 of a loop counting from 1
-            (``--modulation_starts 0 --modulation_ends 20``), our 1 to 20.
+        modulation_starts: first epoch (1-based) in which the coefficients apply. The authors'
+            default window is epochs 0 to 20 of a loop counting from 1 (``--modulation_starts 0
+            --modulation_ends 20``), our 1 to 20.
+        modulation_ends: last epoch (1-based, inclusive) in which the coefficients apply.
         clip: the conditional gradient clipping threshold (1.0 in the authors' CREMA-D and
             AV-MNIST code, 5.0 on UR-Funny); ``None``: off.
 

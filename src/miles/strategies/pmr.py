@@ -125,9 +125,9 @@ class PMR(Joint):
             every run in ``bash.sh`` uses 0.0 (BalanceBenchmark 0.5). Default 0.0.
         subset: share of the training set the prototypes are computed on; 1/10 (paper Sec. 5.2;
             the code takes the first tenth of the shuffled batches).
-        modulation_starts, modulation_ends: epochs (1-based, inclusive) with the rebalancing loss;
-            ``bash.sh`` runs ``--modulation_starts 0 --modulation_ends 70`` on 0-based epochs, our
-            1 to 71.
+        modulation_starts: first epoch (1-based) with the rebalancing loss; ``bash.sh`` runs
+            ``--modulation_starts 0 --modulation_ends 70`` on 0-based epochs, our 1 to 71.
+        modulation_ends: last epoch (1-based, inclusive) with the rebalancing loss.
         per_weight: ``mu`` of Eq. 13 (the paper's 1e-2 or 1e-3); default 0 (off): the released
             code has no PER (``bash.sh`` calls ``main_Proto_PER.py``, which the repository lacks).
         per_epochs: PER acts in epochs ``1..per_epochs`` (the paper's ``E_r``, "the first few

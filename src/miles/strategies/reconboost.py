@@ -98,8 +98,9 @@ class ReconBoost(Strategy):
     ``M * (boost_epochs + rectify_epochs)`` epochs (16 with the defaults and two modalities).
 
     Args:
-        weight1, weight2: the loss weights; the authors' argparse 5.0 and 1.0 (``train.py``; 4.0
-            and 1.0 on AVE and ModelNet40).
+        weight1: the loss weight of every example, the authors' argparse 5.0 (``train.py``;
+            4.0 on AVE and ModelNet40).
+        weight2: the weight of the ensemble's confidence ``q_y`` subtracted from it, 1.0.
         boost_epochs: epochs of boosting per stage (``--epochs_per_stage`` 4).
         rectify_epochs: epochs of global rectification per stage (``--correct_epoch`` 4).
         boost_rate: the initial ``boost_rate`` (``--boost_rate`` 1.0).
