@@ -19,6 +19,7 @@ from miles.strategies.agm import (
     mono_modal_responses,
     standing,
 )
+from tests.strategies.stepping import step_context
 
 
 class Scalar(nn.Module):
@@ -48,17 +49,8 @@ def _batch() -> dict[str, Any]:
     }
 
 
-def _ctx(model: JointFusionModel, lr: float = 0.0) -> StrategyContext:
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    return StrategyContext(
-        model=model,
-        optimizer=opt,
-        device=torch.device("cpu"),
-        epochs=1,
-        multilabel=False,
-        metric="accuracy",
-        evaluate=lambda loader: None,  # type: ignore[arg-type,return-value]
-    )
+def _ctx(model: JointFusionModel) -> StrategyContext:
+    return step_context(model, lr=0.0)  # lr 0: the gradients stay readable after the step
 
 
 def test_coefficients_by_hand() -> None:

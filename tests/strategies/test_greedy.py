@@ -14,6 +14,7 @@ from miles.models.encoders import MLPEncoder
 from miles.models.fusions import MMTMFusion
 from miles.strategies import StrategyContext, build_strategy
 from miles.strategies.greedy import Greedy, learning_speed_gap, speed_ratio
+from tests.strategies.stepping import random_batch, small_model, step_context
 
 
 def test_learning_speed_gap_by_hand() -> None:
@@ -31,26 +32,10 @@ def test_speed_ratio_sums_squares_over_the_group() -> None:
 
 
 def _setup(**params: Any) -> tuple[Greedy, StrategyContext, dict[str, Any]]:
-    torch.manual_seed(0)
-    model = JointFusionModel({m: MLPEncoder(3, 2, hidden=(4,)) for m in ("a", "v")}, 3)
+    model = small_model()
     strategy = Greedy(**params)
     strategy.configure_model(model)
-    ctx = StrategyContext(
-        model=model,
-        optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1),
-        device=torch.device("cpu"),
-        epochs=3,
-        multilabel=False,
-        metric="accuracy",
-        evaluate=lambda loader: None,  # type: ignore[arg-type,return-value]
-    )
-    torch.manual_seed(1)
-    batch = {
-        "inputs": {m: torch.randn(6, 3) for m in ("a", "v")},
-        "lengths": {},
-        "target": torch.randint(0, 3, (6,)),
-    }
-    return strategy, ctx, batch
+    return strategy, step_context(model), random_batch()
 
 
 def test_a_gap_over_epsilon_starts_a_window_of_rebalancing_steps() -> None:

@@ -16,6 +16,7 @@ from miles.models.encoders import MLPEncoder
 from miles.models.fusions import UncertaintyFusion
 from miles.strategies import StrategyContext, build_strategy
 from miles.strategies.mla import MLA, projection_update, rls_alpha
+from tests.strategies.stepping import context_fields, random_batch, small_model
 
 
 def test_projection_by_hand() -> None:
@@ -54,29 +55,13 @@ class RecordingContext(StrategyContext):
 
 
 def _setup(lr: float, **params: Any) -> tuple[MLA, RecordingContext, dict[str, Any]]:
-    torch.manual_seed(0)
-    model = JointFusionModel({m: MLPEncoder(3, 2, hidden=(4,)) for m in ("a", "v")}, 3)
+    model = small_model()
     strategy = MLA(**params)
     strategy.configure_model(model)
-    ctx = RecordingContext(
-        model=model,
-        optimizer=torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr),
-        device=torch.device("cpu"),
-        epochs=1,
-        multilabel=False,
-        metric="accuracy",
-        evaluate=lambda loader: None,  # type: ignore[arg-type,return-value]
-        train_loader=[None] * 4,
-    )
+    ctx = RecordingContext(**context_fields(model, lr=lr, train_loader=[None] * 4))
     strategy.on_fit_start(ctx)
     strategy.on_epoch_start(ctx, 1)
-    torch.manual_seed(1)
-    batch = {
-        "inputs": {m: torch.randn(6, 3) for m in ("a", "v")},
-        "lengths": {},
-        "target": torch.randint(0, 3, (6,)),
-    }
-    return strategy, ctx, batch
+    return strategy, ctx, random_batch()
 
 
 def test_one_batch_is_one_step_per_modality_each_moving_its_encoder_and_the_head() -> None:
@@ -134,5 +119,5 @@ def test_settings_and_requirements() -> None:
     model = JointFusionModel({"a": MLPEncoder(3, 2), "v": MLPEncoder(3, 3)}, 2)
     with pytest.raises(ValueError, match="latent sizes must be equal"):
         MLA().configure_model(model)
-    with pytest.raises(RuntimeError, match="configure_model was not called"):
+    with pytest.raises(RuntimeError, match="no .uncertainty. fusion"):
         MLA._head(JointFusionModel({"a": MLPEncoder(3, 2), "v": MLPEncoder(3, 2)}, 2))

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import pytest
 import torch
 
-from miles.models import JointFusionModel
-from miles.models.encoders import MLPEncoder
 from miles.models.losses import head_losses
-from miles.strategies import StrategyContext, build_strategy
+from miles.strategies import build_strategy
 from miles.strategies.mmpareto import MMPareto, cosine, integrate, pareto_weights
+from tests.strategies.stepping import random_batch, small_model, step_context
 
 T = torch.tensor
 
@@ -50,32 +48,13 @@ def test_solver_edges_and_dot_products_over_tensors() -> None:
     torch.testing.assert_close(integrate(T([1.0]), T([0.0]), T([0.0]), (0.3, 0.7), 1.5), T([0.0]))
 
 
-def _model() -> JointFusionModel:
-    torch.manual_seed(3)
-    encoders = {m: MLPEncoder(3, 2, hidden=(4,)) for m in ("a", "b")}
-    return JointFusionModel(encoders, 3)
-
-
 def test_the_step_replaces_each_encoders_gradient_and_leaves_the_heads() -> None:
-    model = _model()
+    model = small_model(("a", "b"), seed=3)
     reference = copy.deepcopy(model)
-    torch.manual_seed(4)
-    batch: dict[str, Any] = {
-        "inputs": {m: torch.randn(8, 3) for m in ("a", "b")},
-        "lengths": {},
-        "target": torch.randint(0, 3, (8,)),
-    }
+    batch = random_batch(("a", "b"), n=8, seed=4)
     strategy = MMPareto(gamma=1.5)
     strategy.configure_model(model)
-    ctx = StrategyContext(
-        model=model,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),  # keeps the gradients readable
-        device=torch.device("cpu"),
-        epochs=1,
-        multilabel=False,
-        metric="accuracy",
-        evaluate=lambda loader: None,  # type: ignore[arg-type,return-value]
-    )
+    ctx = step_context(model, lr=0.0)  # lr 0 keeps the gradients readable
     strategy.training_step(ctx, batch)
     # the same gradients, computed independently on a copy
     out = reference(batch["inputs"])

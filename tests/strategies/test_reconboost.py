@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 import torch
 
-from miles.models import JointFusionModel
-from miles.models.encoders import MLPEncoder
 from miles.models.fusions import BoostedSumFusion
 from miles.strategies import StrategyContext, build_strategy
 from miles.strategies.reconboost import (
@@ -21,6 +19,7 @@ from miles.strategies.reconboost import (
     ensemble_members,
     schedule,
 )
+from tests.strategies.stepping import random_batch, small_model, step_context
 
 LN3 = math.log(3.0)
 
@@ -57,27 +56,10 @@ def test_learners_join_the_ensemble_after_their_first_boosting_phase() -> None:
 
 
 def _setup() -> tuple[ReconBoost, StrategyContext, dict[str, Any]]:
-    torch.manual_seed(0)
-    model = JointFusionModel({m: MLPEncoder(3, 2, hidden=(4,)) for m in ("a", "v")}, 3)
+    model = small_model()
     strategy = ReconBoost(boost_epochs=1, rectify_epochs=1)
     strategy.configure_model(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    ctx = StrategyContext(
-        model=model,
-        optimizer=torch.optim.SGD(params, lr=0.1, momentum=0.9),
-        device=torch.device("cpu"),
-        epochs=4,
-        multilabel=False,
-        metric="accuracy",
-        evaluate=lambda loader: None,  # type: ignore[arg-type,return-value]
-    )
-    torch.manual_seed(1)
-    batch = {
-        "inputs": {m: torch.randn(6, 3) for m in ("a", "v")},
-        "lengths": {},
-        "target": torch.randint(0, 3, (6,)),
-    }
-    return strategy, ctx, batch
+    return strategy, step_context(model, momentum=0.9), random_batch()
 
 
 def _has_grad(module: torch.nn.Module) -> bool:

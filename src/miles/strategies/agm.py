@@ -263,11 +263,7 @@ class AGM(Joint):
         self.clip_gradients(model)
         ctx.optimizer_step()
         self._record(coeffs, scores, responses, target)
-        return StepOutput(
-            loss=loss.detach(),
-            losses={name: value.detach() for name, value in losses.items()},
-            batch_size=int(target.shape[0]),
-        )
+        return StepOutput.of(loss, losses, batch)
 
     def clip_gradients(self, model: JointFusionModel) -> bool:
         """The authors' conditional clip; True when it clipped."""

@@ -21,7 +21,7 @@ from miles.models.fusion import JointFusionModel
 from miles.models.fusions import MMTMFusion
 from miles.strategies.base import EvalResult, StepOutput, Strategy, StrategyContext
 from miles.strategies.registry import register_strategy
-from miles.strategies.requirements import require_modalities
+from miles.strategies.requirements import installed_fusion, require_modalities
 from miles.validation import check_number, check_positive, check_positive_int
 
 
@@ -129,9 +129,7 @@ class Greedy(Strategy):
 
     @staticmethod
     def _fusion(model: JointFusionModel) -> MMTMFusion:
-        if not isinstance(model.fusion, MMTMFusion):
-            raise RuntimeError("Greedy.configure_model was not called: the model has no MMTM")
-        return model.fusion
+        return installed_fusion("Greedy", model, MMTMFusion)
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         self._epoch = epoch
@@ -154,11 +152,7 @@ class Greedy(Strategy):
         ctx.backward(loss)
         self.rebalance(model)
         ctx.optimizer_step()
-        return StepOutput(
-            loss=loss.detach(),
-            losses={name: value.detach() for name, value in losses.items()},
-            batch_size=int(batch["target"].shape[0]),
-        )
+        return StepOutput.of(loss, losses, batch)
 
     def rebalance(self, model: JointFusionModel) -> None:
         """Count this step, then decide the next (the authors' ``on_backward_end``)."""

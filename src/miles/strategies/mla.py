@@ -19,7 +19,11 @@ from miles.models.fusions import UncertaintyFusion
 from miles.models.losses import FUSED, task_loss
 from miles.strategies.base import EvalResult, StepOutput, Strategy, StrategyContext
 from miles.strategies.registry import register_strategy
-from miles.strategies.requirements import require_modalities, require_single_label
+from miles.strategies.requirements import (
+    installed_fusion,
+    require_modalities,
+    require_single_label,
+)
 from miles.validation import check_bool
 
 
@@ -131,9 +135,8 @@ class MLA(Strategy):
 
     @staticmethod
     def _head(model: JointFusionModel) -> torch.nn.Linear:
-        if not isinstance(model.fusion, UncertaintyFusion):
-            raise RuntimeError("MLA.configure_model was not called: the model has no shared head")
-        return model.fusion.head
+        """The shared head ``g``: the head of the installed ``uncertainty`` fusion."""
+        return installed_fusion("MLA", model, UncertaintyFusion).head
 
     def training_step(self, ctx: StrategyContext, batch: Mapping[str, Any]) -> StepOutput:
         model, target = ctx.model, batch["target"]

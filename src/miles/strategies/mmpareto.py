@@ -168,11 +168,7 @@ class MMPareto(JointAux):
                 self._integrate(m, group, [fused[id(p)] for p in group], separate[m])
         ctx.optimizer_step()
         self._batches += 1
-        return StepOutput(
-            loss=loss.detach(),
-            losses={name: value.detach() for name, value in losses.items()},
-            batch_size=int(batch["target"].shape[0]),
-        )
+        return StepOutput.of(loss, losses, batch)
 
     def _integrate(
         self, modality: str, params: Sequence[nn.Parameter], multimodal: Grads, unimodal: Grads

@@ -17,8 +17,8 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Subset
 
 from miles.batch import move_batch
-from miles.models.fusion import JointFusionModel
-from miles.strategies.base import EvalResult, StepOutput, StrategyContext
+from miles.models.fusion import FusionOutput, JointFusionModel
+from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.joint import Joint
 from miles.strategies.ogm import discrepancy_ratios
 from miles.strategies.registry import register_strategy
@@ -282,27 +282,19 @@ class PMR(Joint):
     def _per_active(self) -> bool:
         return self.per_weight > 0 and (self.per_epochs is None or self._epoch <= self.per_epochs)
 
-    def training_step(self, ctx: StrategyContext, batch: Mapping[str, Any]) -> StepOutput:
+    def loss(
+        self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
+    ) -> Tensor:
+        """``joint``'s loss, plus (inside the window) the rebalancing terms."""
+        loss = super().loss(losses, output, batch)
+        if self._epoch not in self.window:
+            return loss
         if not self.prototypes:
             raise RuntimeError("PMR.on_epoch_start was not called: there are no prototypes")
         target = batch["target"]
-        output = ctx.forward(batch)
-        losses = ctx.head_losses(output, batch)
-        loss = self.loss(losses, output, batch)
-        if self._epoch in self.window:
-            extra, coeffs, scores = self.rebalancing_loss(output.latents, target)
-            if extra is not None:
-                loss = loss + extra
-            self._record(coeffs, scores, int(target.shape[0]))
-        ctx.zero_grad()
-        ctx.backward(loss)
-        self.on_after_backward(ctx, output, batch)
-        ctx.optimizer_step()
-        return StepOutput(
-            loss=loss.detach(),
-            losses={name: value.detach() for name, value in losses.items()},
-            batch_size=int(target.shape[0]),
-        )
+        extra, coeffs, scores = self.rebalancing_loss(output.latents, target)
+        self._record(coeffs, scores, int(target.shape[0]))
+        return loss if extra is None else loss + extra
 
     def _record(self, coeffs: Mapping[str, float], scores: Mapping[str, float], n: int) -> None:
         self._batches += 1

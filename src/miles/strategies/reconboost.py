@@ -20,7 +20,11 @@ from miles.models.fusions import BoostedSumFusion
 from miles.models.losses import FUSED
 from miles.strategies.base import EvalResult, StepOutput, Strategy, StrategyContext
 from miles.strategies.registry import register_strategy
-from miles.strategies.requirements import require_modalities, require_single_label
+from miles.strategies.requirements import (
+    installed_fusion,
+    require_modalities,
+    require_single_label,
+)
 from miles.validation import check_finite, check_non_negative, check_positive_int
 
 BOOST, RECTIFY = "boost", "rectify"
@@ -159,9 +163,7 @@ class ReconBoost(Strategy):
 
     @staticmethod
     def _fusion(model: JointFusionModel) -> BoostedSumFusion:
-        if not isinstance(model.fusion, BoostedSumFusion):
-            raise RuntimeError("ReconBoost.configure_model was not called: no boosted-sum fusion")
-        return model.fusion
+        return installed_fusion("ReconBoost", model, BoostedSumFusion)
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         model = ctx.model
@@ -188,11 +190,7 @@ class ReconBoost(Strategy):
         ctx.zero_grad()
         ctx.backward(loss)
         ctx.optimizer_step()
-        return StepOutput(
-            loss=loss.detach(),
-            losses={name: value.detach() for name, value in losses.items()},
-            batch_size=int(batch["target"].shape[0]),
-        )
+        return StepOutput.of(loss, losses, batch)
 
     def on_epoch_end(
         self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None

@@ -1,5 +1,6 @@
 """Small checks and settings several balancing methods share: their modulation window and what
-they require of the task and the model (single-label targets, a number of modalities).
+they require of the task and the model (single-label targets, a number of modalities, the fusion
+they installed).
 
 Kept in one place so every method words its errors, and decides whether an epoch is modulated,
 the same way.
@@ -8,9 +9,10 @@ the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from miles.models.fusion import JointFusionModel
+from miles.models.fusions import Fusion
 from miles.validation import check_positive_int
 
 
@@ -62,3 +64,16 @@ def require_modalities(
         raise ValueError(
             f"{method} needs at least {minimum} modalities, got {list(model.modalities)}"
         )
+
+
+F = TypeVar("F", bound=Fusion)
+
+
+def installed_fusion(method: str, model: JointFusionModel, kind: type[F]) -> F:
+    """The model's fusion, which ``method`` installed in ``configure_model``, or a clear error."""
+    if not isinstance(model.fusion, kind):
+        raise RuntimeError(
+            f"{method}: the model has no {kind.name or kind.__name__!r} fusion (was "
+            "configure_model called?)"
+        )
+    return model.fusion
