@@ -119,5 +119,5 @@ def test_settings_and_requirements() -> None:
     model = JointFusionModel({"a": MLPEncoder(3, 2), "v": MLPEncoder(3, 3)}, 2)
     with pytest.raises(ValueError, match="latent sizes must be equal"):
         MLA().configure_model(model)
-    with pytest.raises(RuntimeError, match="no .uncertainty. fusion"):
+    with pytest.raises(RuntimeError, match="no 'uncertainty' fusion"):
         MLA._head(JointFusionModel({"a": MLPEncoder(3, 2), "v": MLPEncoder(3, 2)}, 2))
