@@ -237,3 +237,18 @@ def test_a_password_in_the_storage_url_is_never_written(tmp_path: Path) -> None:
     assert "s3cret" not in shown(url) and shown(url).startswith("postgresql://miles:***@db")
     cfg = SweepConfig(base=quiet_base(epochs=1), storage=url, out_dir=str(tmp_path))
     assert "s3cret" not in str(cfg.to_dict()) and cfg.storage_url == url
+
+
+def test_without_a_postgres_server_the_fixture_skips_or_fails_in_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tests.postgres as pg
+
+    monkeypatch.setattr(pg, "server_binaries", lambda: None)
+    for name in ("CI", "MILES_REQUIRE_POSTGRES"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install postgresql"):
+        pg.postgres_server().__enter__()
+    monkeypatch.setenv("MILES_REQUIRE_POSTGRES", "1")
+    with pytest.raises(pytest.fail.Exception, match="required in CI"):
+        pg.postgres_server().__enter__()
