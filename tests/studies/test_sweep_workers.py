@@ -252,3 +252,34 @@ def test_without_a_postgres_server_the_fixture_skips_or_fails_in_ci(
     monkeypatch.setenv("MILES_REQUIRE_POSTGRES", "1")
     with pytest.raises(pytest.fail.Exception, match="required in CI"):
         pg.postgres_server().__enter__()
+
+
+def test_a_trial_failed_meanwhile_by_another_worker_keeps_that_state(tmp_path: Path) -> None:
+    """This worker was silent past the grace period (paused, say): another worker failed its
+    trial and re-queued it. Finishing here must not overwrite that: a warning, no error."""
+    shared = optuna_study.open_study(
+        f"sqlite:///{tmp_path / 'sweep.db'}",
+        "s",
+        sampler="random",
+        seed=0,
+        stale_after=30,
+        settings={"test": 1},
+    )
+    claim = shared.claim(trials=2)
+    assert claim.trial is not None
+
+    def objective(trial: optuna.Trial) -> float:
+        search_space.suggest(trial, "miles", MODALITIES)
+        trial_id = shared.storage.get_trial_id_from_study_id_trial_number(
+            shared.storage.get_study_id_from_name("s"), trial.number
+        )
+        shared.storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)  # "them"
+        return 0.5
+
+    with pytest.warns(RuntimeWarning, match="declared dead by another worker"):
+        shared.run(claim.trial, objective)
+    assert [t.state.name for t in shared.study.trials] == ["FAIL"]
+    again = shared.claim(trials=2)  # the next claim re-queues it with its parameters
+    assert again.requeued == [0] and again.trial is not None
+    rerun = search_space.suggest(again.trial, "miles", MODALITIES)  # the enqueued parameters
+    assert rerun == shared.study.trials[0].params

@@ -206,22 +206,20 @@ class SharedStudy:
         from optuna.trial import TrialState
 
         state, value = TrialState.COMPLETE, None
-        with _heartbeat(self.storage, self._trial_id(trial), self.heartbeat_interval):
+        trial_id = self._trial_id(trial)
+        with _heartbeat(self.storage, trial_id, self.heartbeat_interval):
             try:
                 value = objective(trial)
             except optuna.TrialPruned:
                 state = TrialState.PRUNED
             except (Exception, KeyboardInterrupt):
-                self._tell(trial, TrialState.FAIL, None)
+                self._tell(trial, trial_id, TrialState.FAIL, None)
                 raise
-        self._tell(trial, state, value)
+        self._tell(trial, trial_id, state, value)
 
-    def _tell(self, trial: optuna.Trial, state: Any, value: float | None) -> None:
-        import optuna
-
-        try:
-            self.study.tell(trial, value, state=state)
-        except optuna.exceptions.UpdateFinishedTrialError:
+    def _tell(self, trial: optuna.Trial, trial_id: int, state: Any, value: float | None) -> None:
+        stored = self.storage.get_trial(trial_id).state
+        if stored.is_finished():
             warnings.warn(
                 f"trial {trial.number} was declared dead by another worker while it ran here "
                 f"(silent for longer than the grace period) and is re-run; this run's outcome "
@@ -229,6 +227,9 @@ class SharedStudy:
                 RuntimeWarning,
                 stacklevel=3,
             )
+            return
+        # skip_if_finished: the same can still happen between the check and this write
+        self.study.tell(trial, value, state=state, skip_if_finished=True)
 
 
 @contextlib.contextmanager
