@@ -42,7 +42,18 @@ DYNAMICS_NOTE = (
     "epoch; middle, each modality's learning rate; bottom, validation metric of the fused and "
     "unimodal heads per epoch, with the epoch chosen on validation."
 )
-RUN_COLUMNS = ("fused", "heads", "gap", "chosen", "acted", "slowed", "fused_last", "last")
+RUN_COLUMNS = (
+    "fused",
+    "heads",
+    "gap",
+    "probe",
+    "slice",
+    "chosen",
+    "acted",
+    "slowed",
+    "fused_last",
+    "last",
+)
 
 
 def _slug(text: str) -> str:
@@ -355,7 +366,7 @@ def _all_runs(doc: Document, summary: Summary, metric: str) -> None:
             per_run,
             summary.order,
             first=first,
-            groups=("fused", "heads", "gap", "chosen", "acted"),
+            groups=("fused", "heads", "gap", "probe", "slice", "chosen", "acted"),
         )
     )
     failed = [r for r in summary.rows if r.get("failed")]

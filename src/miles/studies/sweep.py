@@ -57,7 +57,7 @@ __all__ = [
 
 KIND = "sweep"
 #: the columns of the re-runs' table
-RERUN_COLUMNS = ("fused", "heads", "gap", "chosen", "acted", "n")
+RERUN_COLUMNS = ("fused", "heads", "gap", "probe", "slice", "chosen", "acted", "n")
 
 
 def _sweep_base() -> ExperimentConfig:
