@@ -55,7 +55,7 @@ EXAMPLES: dict[str, Example] = {
     "mslr-d": Example({"unimodal_lrs": LRS, "window": 2, "update_every": 1}),
     "ogm": Example({"alpha": 1.0}, optimizer="sgd"),
     "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
-    "gblend": Example({"super_epoch": 1}),
+    "gblend": Example({"warmup_epochs": 1, "super_epoch": 1}),  # copies at every epoch start
     "miles": Example({"tau": 0.0}),
 }
 
@@ -77,11 +77,11 @@ class Neutral:
 NEUTRAL = [
     Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),
     Neutral(
-        "gblend",  # no estimate within the run: uniform weights, 1 per head
-        {"super_epoch": 10, "normalize": "sum-to-heads"},
+        "gblend",  # uniform weights (1 per head) although the copies estimate at every epoch
+        {"uniform_floor": 1.0, "normalize": "sum-to-heads", "warmup_epochs": 1, "super_epoch": 1},
         "joint+aux",
-        {"super_epoch": 1, "normalize": "sum-to-heads"},
-        parent_attributes={"holdout_fraction": 0.1},
+        {"normalize": "sum-to-heads", "warmup_epochs": 1, "super_epoch": 1},
+        parent_attributes={"holdout_fraction": 0.08},
     ),
     Neutral("mslr-k", {"unimodal_lrs": BASE_LRS}, "joint+aux", {"unimodal_lrs": LRS}),
     Neutral(

@@ -109,6 +109,9 @@ class StrategyContext:
     #: builds an optimizer with the run's settings (kind, momentum, weight decay) over the given
     #: param groups, e.g. for copies of the model a method trains on the side
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    #: the run's seed, from which methods derive the seeds of what they draw on the side (e.g.
+    #: the shuffling of copies), so two seeds of one study differ there too
+    seed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
     # -- step primitives -------------------------------------------------------------------------
