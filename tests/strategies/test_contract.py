@@ -52,7 +52,7 @@ EXAMPLES: dict[str, Example] = {
     ),
     "mslr-k": Example({"unimodal_lrs": LRS}),
     "mslr-s": Example({"unimodal_lrs": LRS, "smoothing": 0.5}),
-    "mslr-d": Example({"unimodal_lrs": LRS, "window": 2, "update_every": 1}),
+    "mslr-d": Example({"unimodal_lrs": LRS, "window": 2}),  # Eq. 2: a new rate every epoch
     "ogm": Example({"alpha": 1.0}, optimizer="sgd"),
     "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
     "gblend": Example({"warmup_epochs": 1, "super_epoch": 1}),  # copies at every epoch start
@@ -83,9 +83,23 @@ NEUTRAL = [
         {"normalize": "sum-to-heads", "warmup_epochs": 1, "super_epoch": 1},
         parent_attributes={"holdout_fraction": 0.08},
     ),
-    Neutral("mslr-k", {"unimodal_lrs": BASE_LRS}, "joint+aux", {"unimodal_lrs": LRS}),
+    # MSLR without auxiliary losses (the paper) is joint at equal rates; with them, joint+aux
+    Neutral("mslr-k", {"unimodal_lrs": BASE_LRS}, "joint", {"unimodal_lrs": LRS}),
     Neutral(
-        "mslr-s", {"unimodal_lrs": BASE_LRS, "smoothing": 0.5}, "joint+aux", {"unimodal_lrs": LRS}
+        "mslr-k",
+        {"unimodal_lrs": BASE_LRS, "aux_losses": True},
+        "joint+aux",
+        {"unimodal_lrs": LRS, "aux_losses": True},
+    ),
+    Neutral("mslr-s", {"unimodal_lrs": BASE_LRS, "smoothing": 0.5}, "joint", {"unimodal_lrs": LRS}),
+    Neutral(
+        "mslr-s",
+        {"unimodal_lrs": BASE_LRS, "target": "joint"},  # already at the joint (base) rate
+        "joint",
+        {"unimodal_lrs": LRS, "target": "joint"},
+    ),
+    Neutral(
+        "mslr-d", {"unimodal_lrs": BASE_LRS, "strength": 0.0}, "joint", {"unimodal_lrs": BASE_LRS}
     ),
     Neutral("mses", {"patience": 10}, "joint+aux", {"patience": 1, "min_delta": 1.0}),
     Neutral("miles", {"mu": 1.0, "tau": 0.0}, "joint+aux", {"mu": 0.5, "tau": 0.0}),

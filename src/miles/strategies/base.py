@@ -144,8 +144,9 @@ class Strategy:
     """Base strategy: no-op event hooks and the plain multimodal objective (fused loss only)."""
 
     name: ClassVar[str] = "strategy"
-    #: the loss includes the unimodal losses (reported in comparison tables)
-    uses_aux_losses: ClassVar[bool] = False
+    #: the loss includes the unimodal losses (reported in comparison tables); a class default a
+    #: method may set per instance when an option adds them (e.g. MSLR's ``aux_losses``)
+    uses_aux_losses: bool = False
     #: fraction of the training set the trainer holds out for this strategy (e.g. G-Blend)
     holdout_fraction: float = 0.0
     #: keep the validation latents in ``EvalResult`` (ablation estimators need them)
