@@ -38,7 +38,7 @@ class Example:
     """Constructor parameters that make a strategy act on the toy task within 4 epochs."""
 
     params: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "adam"  #: OGM's authors use SGD (Adam largely cancels its rescaling)
+    optimizer: str = "adam"  #: OGM's authors use SGD (its gradient mode; Adam: step mode)
 
 
 EXAMPLES: dict[str, Example] = {
@@ -53,8 +53,8 @@ EXAMPLES: dict[str, Example] = {
     "mslr-k": Example({"unimodal_lrs": LRS}),
     "mslr-s": Example({"unimodal_lrs": LRS, "smoothing": 0.5}),
     "mslr-d": Example({"unimodal_lrs": LRS, "window": 2}),  # Eq. 2: a new rate every epoch
-    "ogm": Example({"alpha": 1.0}, optimizer="sgd"),
-    "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
+    "ogm": Example({"alpha": 1.0}),  # Adam: step mode
+    "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),  # SGD: the authors' gradient mode
     "gblend": Example({"warmup_epochs": 1, "super_epoch": 1}),  # copies at every epoch start
     "miles": Example({"tau": 0.0}),
 }
@@ -75,7 +75,8 @@ class Neutral:
 
 
 NEUTRAL = [
-    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),
+    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),  # gradient mode
+    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}),  # Adam: step mode
     Neutral(
         "gblend",  # uniform weights (1 per head) although the copies estimate at every epoch
         {"uniform_floor": 1.0, "normalize": "sum-to-heads", "warmup_epochs": 1, "super_epoch": 1},
