@@ -47,9 +47,7 @@ EXAMPLES: dict[str, Example] = {
     "unimodal": Example({"modality": "weak"}),
     # frozen after epoch 2 with the best weights reloaded at the start of epoch 3: the cut at
     # epoch 2 falls between the freeze and the reload
-    "mses": Example(
-        {"patience": 1, "min_delta": 1.0, "restore_best": True, "stop_when_all_frozen": False}
-    ),
+    "mses": Example({"patience": 1, "min_delta": 1.0, "stop_when_converged": False}),
     "mslr-k": Example({"unimodal_lrs": LRS}),
     "mslr-s": Example({"unimodal_lrs": LRS, "smoothing": 0.5}),
     "mslr-d": Example({"unimodal_lrs": LRS, "window": 2}),  # Eq. 2: a new rate every epoch
