@@ -99,9 +99,10 @@ def test_probe_learns_separable_features_is_seeded_and_leaves_the_rng_alone() ->
 
 
 def test_probe_recipe_defaults_and_validation() -> None:
-    assert ProbeRecipe(
-        epochs=100, lr=1e-2, batch_size=256, weight_decay=0.0, standardize=True
-    ) == DEFAULT_RECIPE
+    assert (
+        ProbeRecipe(epochs=100, lr=1e-2, batch_size=256, weight_decay=0.0, standardize=True)
+        == DEFAULT_RECIPE
+    )
     for bad in ({"epochs": -1}, {"lr": 0.0}, {"batch_size": 0}, {"weight_decay": -1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ProbeRecipe(**bad)  # type: ignore[arg-type]

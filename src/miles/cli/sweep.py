@@ -7,11 +7,13 @@ import argparse
 from miles.cli.common import (
     data_options,
     fusion_option,
+    method_optimizer_option,
     non_negative_int,
     output_options,
     positive_int,
     run_study_command,
     training_options,
+    unimodal_sweep_options,
 )
 from miles.cli.registry import Command, register_command
 
@@ -40,6 +42,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
         default=120,
         help="seconds without heartbeat after which a running trial counts as killed",
     )
+    unimodal_sweep_options(p)
+    method_optimizer_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +52,19 @@ def run(args: argparse.Namespace) -> int:
     from miles.studies.sweep import Sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
-    copied = ("method", "trials", "sampler", "rerun_seeds", "storage", "study_name", "stale_after")
+    copied = (
+        "method",
+        "trials",
+        "sampler",
+        "rerun_seeds",
+        "storage",
+        "study_name",
+        "stale_after",
+        "sweep_lrs",
+        "sweep_epochs",
+        "sweep_cache",
+        "method_optimizers",
+    )
     return run_study_command(args, Sweep, copy=copied)
 
 

@@ -153,6 +153,10 @@ class Strategy:
     needs_latents: bool = False
     #: put each unimodal head in its modality's param group (else in the shared group)
     head_follows_encoder: bool = True
+    #: the optimizer settings the method's authors train with, where a study may want them
+    #: (``TrainerConfig`` fields, e.g. OGM's SGD; ``None``: no preference); studies apply them
+    #: on request (``miles compare --method-optimizer ogm=authors``), never silently
+    authors_optimizer: ClassVar[dict[str, Any] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

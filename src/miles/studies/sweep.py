@@ -5,7 +5,9 @@ own hyper-parameters (``tau``/``mu`` for MILES, ``alpha`` for OGM, ...) at rando
 with the best validation fused metric, reports that trial's test result, and re-runs it over
 several seeds for mean ± std. This study does exactly that:
 
-- the search spaces are a table keyed by method name (:mod:`miles.studies.search_space`);
+- the search spaces are a table keyed by method name (:mod:`miles.studies.search_space`); what a
+  method takes from the study rather than the search (MSLR's per-modality rates, from the
+  unimodal tuning as the paper does) comes from :func:`miles.studies.planning.method_inputs`;
 - the trial loop is Optuna's, with seeded per-trial samplers and a resumable storage
   (:mod:`miles.studies.optuna_study`), and every trial trains through the shared per-run runner
   (:func:`miles.studies.runner.run_one`: settings checked, divergence recorded, progress with ETA);
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from miles.report.document import Document, Table
 from miles.report.tables import pct
 from miles.studies.config import StudyConfig, quiet_base
+from miles.studies.optimizers import check_method_optimizers
 from miles.studies.optuna_study import (
     RETRY_OF,
     SAMPLERS,
@@ -37,6 +40,7 @@ from miles.studies.optuna_study import (
     requeue_interrupted,
     trial_counts,
 )
+from miles.studies.planning import PlanContext, method_inputs
 from miles.studies.runner import Echo, PlannedRun, Progress, RunBatch, run_one
 from miles.studies.search_space import run_settings, search_space, suggest
 from miles.studies.study import Study, run_study
@@ -69,7 +73,10 @@ class SweepConfig(StudyConfig):
     """One sweep: ``method`` from ``base`` (dataset, fusion, budget; its trainer seed seeds the
     sampler and every trial; its learning rate is searched), ``trials`` sampled settings, then
     ``rerun_seeds`` re-runs of the best one. ``storage`` defaults to ``sqlite:///OUT/sweep.db``
-    and ``study_name`` to ``dataset-method-fusion``."""
+    and ``study_name`` to ``dataset-method-fusion``. ``sweep_lrs``/``sweep_epochs``/``sweep_cache``
+    configure the unimodal LR sweep MSLR takes its rates from (default cache: the study folder's
+    ``lr-sweep``); ``method_optimizers`` may give the method its own optimizer settings (as in
+    ``miles compare``; its learning rate is searched, so it may not set ``lr``)."""
 
     base: ExperimentConfig = field(default_factory=_sweep_base)
     method: str = "miles"
@@ -79,6 +86,10 @@ class SweepConfig(StudyConfig):
     storage: str | None = None
     study_name: str | None = None
     stale_after: int = 120
+    sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    sweep_epochs: int = 5
+    sweep_cache: str | None = None
+    method_optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: str = "sweep-out"
 
     #: may differ between the workers of one study: they do not change what a trial measures
@@ -102,6 +113,9 @@ class SweepConfig(StudyConfig):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        self.method_optimizers = check_method_optimizers(self.method_optimizers, [self.method])
+        if "lr" in self.method_optimizers.get(self.method, {}):
+            raise ValueError("method_optimizers may not set lr in a sweep: the sweep searches it")
         self.run_config(strategy=self.method)  # validates the method with the base
 
     @property
@@ -137,6 +151,8 @@ class SweepConfig(StudyConfig):
             "sampler": self.sampler,
             "search_space": [p.__dict__ for p in search_space(self.method)],
         }
+        if self.method_optimizers:  # only when set, so older studies still open
+            settings["method_optimizer"] = self.method_optimizers[self.method]
         return dict(json.loads(json.dumps(settings)))
 
 
@@ -226,6 +242,8 @@ class Sweep(Study[SweepConfig]):
         self.trials: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.finished = self.running = 0
+        #: the strategy params every trial takes from the study (:meth:`inputs`)
+        self.fixed: dict[str, Any] | None = None
 
     @property
     def out(self) -> Path:
@@ -235,12 +253,42 @@ class Sweep(Study[SweepConfig]):
         """The study's shared settings are checked by its Optuna storage (:meth:`plan`)."""
         self.out.mkdir(parents=True, exist_ok=True)
 
+    def inputs(self) -> dict[str, Any]:
+        """What every trial of the method takes from the study, not from the search
+        (:func:`~miles.studies.planning.method_inputs`; e.g. MSLR's unimodal rates, tuned on each
+        modality's own validation metric as the paper does), less what the search samples."""
+        if self.fixed is None:
+            from miles.studies.lr_sweep import sweep_unimodal_lrs
+
+            cfg = self.config
+
+            def unimodal_lrs() -> dict[str, float]:
+                return sweep_unimodal_lrs(
+                    cfg.run_config(),
+                    self.data,
+                    lrs=cfg.sweep_lrs,
+                    epochs=cfg.sweep_epochs,
+                    cache_dir=cfg.sweep_cache or self.out / "lr-sweep",
+                    echo=self.echo,
+                )
+
+            ctx = PlanContext(tuple(self.data.modalities), unimodal_lrs, cfg.base.dataset)
+            searched = {p.name for p in search_space(cfg.method)}
+            found = method_inputs(cfg.method, ctx)
+            self.fixed = {k: v for k, v in found.items() if k not in searched}
+        return dict(self.fixed)
+
     def _planned(self, params: Mapping[str, Any], *, seed: int, out: Path, name: str) -> PlannedRun:
-        """One run of the method with a trial's flat parameters."""
+        """One run of the method with a trial's flat parameters (and the study's inputs)."""
         cfg = self.config
         lr, strategy_params = run_settings(cfg.method, params, self.data.modalities)
         exp = cfg.run_config(
-            strategy=cfg.method, strategy_params=strategy_params, lr=lr, seed=seed, out_dir=str(out)
+            strategy=cfg.method,
+            strategy_params={**self.inputs(), **strategy_params},
+            lr=lr,
+            seed=seed,
+            out_dir=str(out),
+            **cfg.method_optimizers.get(cfg.method, {}),
         )
         return PlannedRun(exp, {"method": cfg.method, "label": "", "seed": seed}, name)
 
@@ -275,13 +323,14 @@ class Sweep(Study[SweepConfig]):
         import optuna
 
         cfg = self.config
+        fixed = self.inputs()  # e.g. MSLR's unimodal rates: every trial shares them
         study = open_study(
             cfg.storage_url,
             cfg.name,
             sampler=cfg.sampler,
             seed=cfg.seed,
             stale_after=cfg.stale_after,
-            settings=cfg.shared_settings(),
+            settings={**cfg.shared_settings(), **({"inputs": fixed} if fixed else {})},
         )
         finished, running = trial_counts(study)
         self.progress.to_train = max(cfg.trials - finished - running, 0)
@@ -334,6 +383,7 @@ class Sweep(Study[SweepConfig]):
             "study_name": cfg.name,
             "storage": cfg.storage_url,
             "search_space": [p.describe() for p in search_space(cfg.method)],
+            "inputs": self.fixed or {},
             "finished": self.finished,
             "best": self.best,
             "rerun_seeds": list(range(cfg.rerun_seeds)),
@@ -356,6 +406,13 @@ class Sweep(Study[SweepConfig]):
             f"{metric} (%); val = the run's best validation fused metric (the selection "
             "criterion), test = fused test metric at that epoch.",
             "Search space: " + "; ".join(payload["search_space"]) + ".",
+            (
+                "Fixed for every trial (from the study, not searched): "
+                + _fmt_params(payload["inputs"])
+                + "."
+            )
+            if payload.get("inputs")
+            else "",
             "No trial has completed yet."
             if best is None
             else f"**Best trial {best['number']}** (highest val; ties: lowest number): "
