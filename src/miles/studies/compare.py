@@ -116,7 +116,13 @@ def plan_runs(config: CompareConfig, ctx: PlanContext) -> list[PlannedRun]:
                                 out_dir=str(Path(config.out_dir) / where),
                                 **config.method_optimizers.get(method, {}),
                             ),
-                            {"method": method, "label": label, "fusion": fusion, "seed": seed},
+                            {
+                                "method": method,
+                                "label": label,
+                                "name": method_name({"method": method, "label": label}),
+                                "fusion": fusion,
+                                "seed": seed,
+                            },
                             f"seed {seed} {where.split('/')[1]} {method} {label}".rstrip(),
                         )
                     )

@@ -50,8 +50,9 @@ KEYS = ("fusion", "method", "label", "uses_aux_losses")
 
 
 def display_name(row: Mapping[str, Any]) -> str:
-    """How a table row is called: its label (``tau=0.2``, a variant) or else its method."""
-    return str(row.get("label") or row["method"])
+    """How a run is called: the name its study gave it, else its label (``tau=0.2``, a
+    variant), else its method."""
+    return str(row.get("name") or row.get("label") or row["method"])
 
 
 @dataclass
