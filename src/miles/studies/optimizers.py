@@ -20,6 +20,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from miles.studies.checks import number_pairs
+
 __all__ = [
     "AUTHORS",
     "OVERRIDABLE",
@@ -79,14 +81,7 @@ def resolve_method_optimizer(method: str, spec: str | Mapping[str, Any]) -> dict
     else:
         strategy_class(method)  # an unknown method fails here, naming the known ones
         settings = {"optimizer": kind}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"{method}: expected KEY=VALUE after ':', got {item!r}")
-        try:
-            settings[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"{method}: {key.strip()} must be a number, got {value!r}") from None
+    settings.update(number_pairs(overrides, f"{method}: ':'"))
     return _check_settings(method, settings)
 
 
