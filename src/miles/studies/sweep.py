@@ -23,7 +23,6 @@ import json
 import math
 import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,16 +32,11 @@ from miles.report.document import Document, Table
 from miles.report.tables import pct
 from miles.studies.config import StudyConfig, quiet_base
 from miles.studies.optimizers import check_method_optimizers
-from miles.studies.optuna_study import (
-    RETRY_OF,
-    SAMPLERS,
-    open_study,
-    requeue_interrupted,
-    trial_counts,
-)
+from miles.studies.optuna_study import RETRY_OF, SAMPLERS, open_study, trial_counts
 from miles.studies.planning import PlanContext, method_inputs
 from miles.studies.runner import Echo, PlannedRun, Progress, RunBatch, run_one
 from miles.studies.search_space import run_settings, search_space, suggest
+from miles.studies.storage import shown
 from miles.studies.study import Study, run_study
 from miles.studies.summary import Summary, summary_table
 from miles.training.experiment import ExperimentConfig
@@ -73,8 +67,10 @@ class SweepConfig(StudyConfig):
     """One sweep: ``method`` from ``base`` (dataset, fusion, budget; its trainer seed seeds the
     sampler and every trial; its learning rate is searched), ``trials`` sampled settings, then
     ``rerun_seeds`` re-runs of the best one. ``storage`` defaults to ``sqlite:///OUT/sweep.db``
-    and ``study_name`` to ``dataset-method-fusion``. ``sweep_lrs``/``sweep_epochs``/``sweep_cache``
-    configure the unimodal LR sweep MSLR takes its rates from (default cache: the study folder's
+    and ``study_name`` to ``dataset-method-fusion``. ``wait``: when no trial is left to start
+    but some run elsewhere, keep polling (re-running those whose worker died) until all have
+    finished, instead of stopping. ``sweep_lrs``/``sweep_epochs``/``sweep_cache`` configure the
+    unimodal LR sweep MSLR takes its rates from (default cache: the study folder's
     ``lr-sweep``); ``method_optimizers`` may give the method its own optimizer settings (as in
     ``miles compare``; its learning rate is searched, so it may not set ``lr``)."""
 
@@ -86,6 +82,7 @@ class SweepConfig(StudyConfig):
     storage: str | None = None
     study_name: str | None = None
     stale_after: int = 120
+    wait: bool = False
     sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     sweep_epochs: int = 5
     sweep_cache: str | None = None
@@ -99,6 +96,7 @@ class SweepConfig(StudyConfig):
         "storage",
         "study_name",
         "stale_after",
+        "wait",
         "out_dir",
     )
 
@@ -113,6 +111,8 @@ class SweepConfig(StudyConfig):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        if not isinstance(self.wait, bool):
+            raise TypeError(f"wait must be a bool, got {self.wait!r}")
         self.method_optimizers = check_method_optimizers(self.method_optimizers, [self.method])
         if "lr" in self.method_optimizers.get(self.method, {}):
             raise ValueError("method_optimizers may not set lr in a sweep: the sweep searches it")
@@ -136,6 +136,13 @@ class SweepConfig(StudyConfig):
     def study_dir(self) -> Path:
         """``OUT/<slug of the study name>``: the run folders and reports of this study only."""
         return Path(self.out_dir) / study_slug(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored in ``sweep.json``: a password in ``storage`` is masked."""
+        raw = super().to_dict()
+        if raw["storage"]:
+            raw["storage"] = shown(raw["storage"])
+        return raw
 
     def shared_settings(self) -> dict[str, Any]:
         """What every process working on one study must agree on: the base experiment (but the
@@ -320,11 +327,9 @@ class Sweep(Study[SweepConfig]):
     def plan(self) -> list[PlannedRun]:
         """Run (or resume, or join) the search; then the best trial's re-runs, once every
         trial has finished (else none: the sweep says the re-runs wait)."""
-        import optuna
-
         cfg = self.config
         fixed = self.inputs()  # e.g. MSLR's unimodal rates: every trial shares them
-        study = open_study(
+        shared = open_study(
             cfg.storage_url,
             cfg.name,
             sampler=cfg.sampler,
@@ -332,26 +337,32 @@ class Sweep(Study[SweepConfig]):
             stale_after=cfg.stale_after,
             settings={**cfg.shared_settings(), **({"inputs": fixed} if fixed else {})},
         )
+        study = shared.study
         finished, running = trial_counts(study)
         self.progress.to_train = max(cfg.trials - finished - running, 0)
-        announced = False
+        announced = waiting = False
         while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            requeued = requeue_interrupted(study)
-            if requeued:
-                self.echo(f"interrupted trials {requeued}: re-run with the same parameters")
-            finished, running = trial_counts(study)
-            if finished + running >= cfg.trials:
-                break
+            claim = shared.claim(cfg.trials)
+            if claim.requeued:
+                self.echo(f"interrupted trials {claim.requeued}: re-run with the same parameters")
+            if claim.trial is None:
+                if not (cfg.wait and claim.running and claim.finished < cfg.trials):
+                    break
+                if not waiting:
+                    self.echo(
+                        f"waiting for {claim.running} trials running elsewhere (one silent for "
+                        f"{cfg.stale_after} s is re-run here)"
+                    )
+                    waiting = True
+                time.sleep(shared.heartbeat_interval)
+                continue
             if not announced:
                 self.echo(
-                    f"study {cfg.name!r}: {finished} of {cfg.trials} trials finished, "
-                    f"{running} running elsewhere; storage {cfg.storage_url}"
+                    f"study {cfg.name!r}: {claim.finished} of {cfg.trials} trials finished, "
+                    f"{claim.running} running elsewhere; storage {shown(cfg.storage_url)}"
                 )
                 announced = True
-            study.optimize(self._objective, n_trials=1)
+            shared.run(claim.trial, self._objective)
         self.trials = _trial_rows(study)
         self.best = select_best(self.trials)
         self.finished, self.running = trial_counts(study)
@@ -377,11 +388,12 @@ class Sweep(Study[SweepConfig]):
         note = (
             f"Re-runs wait until all {cfg.trials} trials have finished ({self.finished} "
             f"finished, {self.running} running elsewhere or left by a killed process, which is "
-            f"re-run once silent for {cfg.stale_after} s): run the same command again."
+            f"re-run once silent for {cfg.stale_after} s): run the same command again, or with "
+            "--wait to poll until they finish."
         )
         return {
             "study_name": cfg.name,
-            "storage": cfg.storage_url,
+            "storage": shown(cfg.storage_url),
             "search_space": [p.describe() for p in search_space(cfg.method)],
             "inputs": self.fixed or {},
             "finished": self.finished,
