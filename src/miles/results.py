@@ -18,6 +18,9 @@ with one name has one meaning everywhere:
   validation; the test metrics are measured with its weights.
 - **heads at last epoch** (:func:`heads_at_last_epoch`): the test metric of every head with the
   last epoch's weights (selection on validation alone can hide or create a gap).
+- **probe / slice readouts** (:func:`readout_scores`): the same two unimodal readouts for every
+  method, measured once per run at the chosen epoch (:mod:`miles.readouts`): a post-hoc linear
+  probe on each frozen encoder, and the fused head's share of each modality.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ __all__ = [
     "idle_reasons",
     "load_result",
     "max_delta",
+    "readout_scores",
     "run_row",
     "signed_gap",
     "slowed_epochs",
@@ -300,6 +304,16 @@ def heads_at_last_epoch(result: RunResult | Mapping[str, Any]) -> dict[str, floa
     return dict(last["unimodal"]) if last else None
 
 
+def readout_scores(result: RunResult | Mapping[str, Any], kind: str) -> dict[str, float] | None:
+    """A run's ``"probe"`` or ``"slice"`` readout per modality (``None``: not measured, e.g. a run
+    made before readouts existed, or a slice of a fusion that is not additive)."""
+    if kind not in ("probe", "slice"):
+        raise ValueError(f"kind must be 'probe' or 'slice', got {kind!r}")
+    found = (_as_dict(result).get("extra") or {}).get("readouts") or {}
+    scores = found.get(kind)
+    return {str(m): float(v) for m, v in scores.items()} if scores else None
+
+
 def signed_gap(heads: Mapping[str, Any], order: Sequence[str]) -> float:
     """The dominant modality's head minus the weakest one's (``order``: dominant first)."""
     if len(order) < 2:
@@ -356,6 +370,7 @@ def run_row(result: RunResult | Mapping[str, Any]) -> dict[str, Any]:
     acted = acted_epochs(data)
     slowed = slowed_epochs(data)
     last = data.get("test_last")
+    probe, sliced = readout_scores(data, "probe") or {}, readout_scores(data, "slice") or {}
     row: dict[str, Any] = {
         "method": data["strategy"]["name"],
         "fusion": data.get("extra", {}).get("fusion", ""),
@@ -370,6 +385,8 @@ def run_row(result: RunResult | Mapping[str, Any]) -> dict[str, Any]:
         "fused_last": last["fused"] if last else None,
         **{f"{m}_last": (last["unimodal"][m] if last else None) for m in modalities},
         "max_delta": max_delta(data),
+        **{f"probe_{m}": probe.get(m) for m in modalities},
+        **{f"slice_{m}": sliced.get(m) for m in modalities},
         "uses_aux_losses": data["strategy"].get("uses_aux_losses"),
     }
     return row

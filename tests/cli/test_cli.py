@@ -337,7 +337,8 @@ def test_demo_one_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     order = results["dominant_order"]
     header = (
         f"| fusion | method | fused | {order[0]} head (dominant) | {order[1]} head | gap | "
-        "chosen epoch | MILES acted |"
+        f"probe {order[0]} / {order[1]} | slice {order[0]} / {order[1]} | chosen epoch | "
+        "MILES acted |"
     )
     assert header in printed and (tmp_path / "results.md").read_text() in printed
     assert "runs planned" not in printed  # --quiet: the results only

@@ -217,17 +217,18 @@ def _decision_tables(report: Report) -> list[Any]:
 def test_compare_report(compare_dir: Path, compare_report: Report) -> None:
     assert compare_report.kind == "compare"
     assert compare_report.html_path == compare_dir / "report" / "report.html"
-    # one Table II per fusion, the all-runs table, a decision table per MILES run
-    assert len(_decision_tables(compare_report)) == len(FUSIONS) * len(SEEDS)
-    assert len(compare_report.tables) == len(FUSIONS) + 1 + len(FUSIONS) * len(SEEDS)
+    # one Table II per fusion, the all-runs table, a decision table per MILES run (MILES runs
+    # with both reset_other readings)
+    assert len(_decision_tables(compare_report)) == len(FUSIONS) * len(SEEDS) * 2
+    assert len(compare_report.tables) == len(FUSIONS) + 1 + len(FUSIONS) * len(SEEDS) * 2
     # per fusion: the bar chart, and MILES' learning dynamics (all seeds in one figure)
     names = sorted(f.path.name for f in compare_report.figures)
-    assert names == sorted(
-        [f"bars_{f}_fusion.png" for f in FUSIONS] + [f"dynamics_{f}_miles.png" for f in FUSIONS]
-    )
+    dynamics = [f"dynamics_{f}_{m}.png" for f in FUSIONS for m in ("miles", "miles_reset_other")]
+    assert names == sorted([f"bars_{f}_fusion.png" for f in FUSIONS] + dynamics)
     page = _check_page(compare_report)
+    rows = ["joint", "joint+aux", "miles", "miles (reset_other)", "unimodal"]
     for table in compare_report.tables[: len(FUSIONS)]:  # a row per method, in the asked order
-        assert [row[0] for row in table.rows] == METHODS
+        assert [row[0] for row in table.rows] == rows
     assert set(METHODS) <= set(page.cells)
     assert "audio head (dominant)" in page.cells or "image head (dominant)" in page.cells
     assert any("±" in c for c in page.cells)

@@ -38,7 +38,7 @@ class Example:
     """Constructor parameters that make a strategy act on the toy task within 4 epochs."""
 
     params: dict[str, Any] = field(default_factory=dict)
-    optimizer: str = "adam"  #: OGM's authors use SGD (Adam largely cancels its rescaling)
+    optimizer: str = "adam"  #: OGM's authors use SGD (its gradient mode; Adam: step mode)
 
 
 EXAMPLES: dict[str, Example] = {
@@ -47,15 +47,13 @@ EXAMPLES: dict[str, Example] = {
     "unimodal": Example({"modality": "weak"}),
     # frozen after epoch 2 with the best weights reloaded at the start of epoch 3: the cut at
     # epoch 2 falls between the freeze and the reload
-    "mses": Example(
-        {"patience": 1, "min_delta": 1.0, "restore_best": True, "stop_when_all_frozen": False}
-    ),
+    "mses": Example({"patience": 1, "min_delta": 1.0, "stop_when_converged": False}),
     "mslr-k": Example({"unimodal_lrs": LRS}),
     "mslr-s": Example({"unimodal_lrs": LRS, "smoothing": 0.5}),
-    "mslr-d": Example({"unimodal_lrs": LRS, "window": 2, "update_every": 1}),
-    "ogm": Example({"alpha": 1.0}, optimizer="sgd"),
-    "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
-    "gblend": Example({"super_epoch": 1}),
+    "mslr-d": Example({"unimodal_lrs": LRS, "window": 2}),  # Eq. 2: a new rate every epoch
+    "ogm": Example({"alpha": 1.0}),  # Adam: step mode
+    "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),  # SGD: the authors' gradient mode
+    "gblend": Example({"warmup_epochs": 1, "super_epoch": 1}),  # copies at every epoch start
     "miles": Example({"tau": 0.0}),
     # newer methods (issue 13): the authors' SGD
     "agm": Example({"alpha": 1.0}, optimizer="sgd"),
@@ -84,17 +82,32 @@ class Neutral:
 
 
 NEUTRAL = [
-    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),
+    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),  # gradient mode
+    Neutral("ogm", {"alpha": 0.0}, "joint", {"alpha": 1.0}),  # Adam: step mode
     Neutral(
-        "gblend",  # no estimate within the run: uniform weights, 1 per head
-        {"super_epoch": 10, "normalize": "sum-to-heads"},
+        "gblend",  # uniform weights (1 per head) although the copies estimate at every epoch
+        {"uniform_floor": 1.0, "normalize": "sum-to-heads", "warmup_epochs": 1, "super_epoch": 1},
         "joint+aux",
-        {"super_epoch": 1, "normalize": "sum-to-heads"},
-        parent_attributes={"holdout_fraction": 0.1},
+        {"normalize": "sum-to-heads", "warmup_epochs": 1, "super_epoch": 1},
+        parent_attributes={"holdout_fraction": 0.08},
     ),
-    Neutral("mslr-k", {"unimodal_lrs": BASE_LRS}, "joint+aux", {"unimodal_lrs": LRS}),
+    # MSLR without auxiliary losses (the paper) is joint at equal rates; with them, joint+aux
+    Neutral("mslr-k", {"unimodal_lrs": BASE_LRS}, "joint", {"unimodal_lrs": LRS}),
     Neutral(
-        "mslr-s", {"unimodal_lrs": BASE_LRS, "smoothing": 0.5}, "joint+aux", {"unimodal_lrs": LRS}
+        "mslr-k",
+        {"unimodal_lrs": BASE_LRS, "aux_losses": True},
+        "joint+aux",
+        {"unimodal_lrs": LRS, "aux_losses": True},
+    ),
+    Neutral("mslr-s", {"unimodal_lrs": BASE_LRS, "smoothing": 0.5}, "joint", {"unimodal_lrs": LRS}),
+    Neutral(
+        "mslr-s",
+        {"unimodal_lrs": BASE_LRS, "target": "joint"},  # already at the joint (base) rate
+        "joint",
+        {"unimodal_lrs": LRS, "target": "joint"},
+    ),
+    Neutral(
+        "mslr-d", {"unimodal_lrs": BASE_LRS, "strength": 0.0}, "joint", {"unimodal_lrs": BASE_LRS}
     ),
     Neutral("mses", {"patience": 10}, "joint+aux", {"patience": 1, "min_delta": 1.0}),
     Neutral("miles", {"mu": 1.0, "tau": 0.0}, "joint+aux", {"mu": 0.5, "tau": 0.0}),
@@ -102,6 +115,12 @@ NEUTRAL = [
     Neutral("pmr", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),
     Neutral(
         "mmpareto", {"gamma": 1.0, "resolve_conflicts": False}, "joint+aux", {}, optimizer="sgd"
+    ),
+    Neutral(  # Table VI: the training-set pass leaves the run as it is
+        "miles",
+        {"mu": 1.0, "tau": 0.0, "metrics": "training"},
+        "joint+aux",
+        {"mu": 0.5, "tau": 0.0, "metrics": "training"},
     ),
 ]
 

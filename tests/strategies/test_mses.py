@@ -1,4 +1,5 @@
-"""MSES: per-modality early stopping freezes exactly the converged encoder, at the right epoch."""
+"""MSES: per-modality early stopping freezes exactly the converged encoder, at the right epoch,
+restores its best weights bit for bit, and the fused head trains on until it converges too."""
 
 from __future__ import annotations
 
@@ -101,7 +102,17 @@ def test_hand_made_sequences_freeze_the_converged_encoder(bn_toy: Any) -> None:
     assert records[5]["best_epoch"] == {"strong": 2, "weak": 4}  # NaN is no improvement
     assert strategy.frozen_at == {"strong": 4, "weak": 6}
     assert model.frozen_modalities == {"strong", "weak"}
-    assert strategy.should_stop()
+    # every encoder frozen: the fused head trains on until it too has gone 2 epochs without
+    # improving, counted from epoch 7 (the first with both encoders frozen)
+    assert not strategy.should_stop()
+    fused = [0.70, 0.72, 0.725, 0.71]  # best 0.72 at epoch 8; +0.005 <= min_delta at 9
+    for epoch, value in enumerate(fused, start=7):
+        strategy.on_epoch_start(ctx, epoch)
+        record = strategy.on_epoch_end(
+            ctx, epoch, EvalResult(value, {"strong": 0, "weak": 0}, 1), None
+        )
+        assert record["fused_wait"] == {7: 0, 8: 0, 9: 1, 10: 2}[epoch]
+        assert strategy.should_stop() is (epoch == 10)
 
 
 def test_frozen_encoder_keeps_weights_and_batchnorm_stats(bn_toy: Any) -> None:
@@ -130,12 +141,49 @@ def test_frozen_encoder_keeps_weights_and_batchnorm_stats(bn_toy: Any) -> None:
         assert not torch.equal(before["weak"][key], weak_after[key]), key
 
 
-def test_stops_when_all_encoders_converged(bn_toy: Any) -> None:
-    # min_delta 1.0: no accuracy can improve after epoch 1, so both freeze at the end of epoch 2
-    result, model = _fit(bn_toy, MSES(patience=1, min_delta=1.0), 5)
-    assert result.epochs_run == 2
-    assert result.history[-1]["strategy"]["newly_frozen"] == ["strong", "weak"]
+def test_stops_when_every_part_converged(bn_toy: Any) -> None:
+    # min_delta 1.0: no accuracy can improve after epoch 1, so both freeze at the end of epoch 2,
+    # are restored at the start of 3; the fused head: best at 3, no improvement at 4: stop
+    result, model = _fit(bn_toy, MSES(patience=1, min_delta=1.0), 6)
+    assert result.epochs_run == 4
+    assert result.history[1]["strategy"]["newly_frozen"] == ["strong", "weak"]
+    assert result.history[2]["strategy"]["restored"] == ["strong", "weak"]
+    assert [r["strategy"].get("fused_wait") for r in result.history] == [None, None, 0, 1]
     assert model.frozen_modalities == {"strong", "weak"}
+
+
+class _Spy(MSES):
+    """Records every branch's weights and buffers at the end of every epoch."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.states: dict[int, dict[str, dict[str, torch.Tensor]]] = {}
+
+    def on_epoch_end(
+        self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
+    ) -> dict[str, Any]:
+        self.states[epoch] = {
+            f"{part}.{m}": _state(getattr(ctx.model, part)[m])
+            for part in ("encoders", "heads")
+            for m in ctx.model.modalities
+        }
+        return super().on_epoch_end(ctx, epoch, val, holdout)
+
+
+def test_restores_the_best_weights_and_batchnorm_buffers_bit_for_bit(
+    tmp_path: Path, bn_toy: Any
+) -> None:
+    """Best at epoch 1 (min_delta 1.0), frozen after epoch 3 (patience 2), reloaded at the start
+    of 4: the branches end exactly as they were after epoch 1, BatchNorm statistics included."""
+    spy = _Spy(patience=2, min_delta=1.0, stop_when_converged=False)
+    _fit(bn_toy, spy, 5, out_dir=tmp_path)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    for name, best in spy.states[1].items():
+        assert any(k.endswith("running_var") for k in best) or name.startswith("heads.")
+        final = {k: last[f"{name}.{k}"] for k in best}
+        assert _equal(final, best), name
+        assert _equal(spy.states[4][name], best), name  # validated with them from epoch 4 on
+        assert not _equal(spy.states[3][name], best), name  # they had moved on before the reload
 
 
 @pytest.mark.parametrize("restore_best", [True, False])
@@ -144,9 +192,7 @@ def test_restore_best_reloads_the_best_epoch_weights(
 ) -> None:
     """Both encoders converge (best at epoch 1, frozen after epoch 2); training goes on for the
     fused head. With restore_best their branches end as joint+aux after 1 epoch, else 2."""
-    strategy = MSES(
-        patience=1, min_delta=1.0, restore_best=restore_best, stop_when_all_frozen=False
-    )
+    strategy = MSES(patience=1, min_delta=1.0, restore_best=restore_best, stop_when_converged=False)
     mses, _ = _fit(bn_toy, strategy, 4, out_dir=tmp_path / "mses")
     ref_epochs = 1 if restore_best else 2
     _fit(bn_toy, build_strategy("joint+aux"), ref_epochs, out_dir=tmp_path / "ref")
@@ -165,16 +211,18 @@ def test_restore_best_reloads_the_best_epoch_weights(
             assert mses.history[2][f"val_{m}"] == mses.history[0][f"val_{m}"]
 
 
-@pytest.mark.parametrize("cut", [2, 3])
+@pytest.mark.parametrize("cut", [3, 5])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, bn_toy: Any, cut: int) -> None:
-    """Freezing happens after epoch 3 and the reload at the start of epoch 4: cut on both sides."""
+    """Freezing after epoch 3, the reload at the start of 4, the fused head's wait from 5: cut
+    between the freeze and the reload, and while the fused head's wait runs."""
 
     def strategy() -> MSES:
-        return MSES(patience=2, min_delta=1.0, stop_when_all_frozen=False)
+        return MSES(patience=2, min_delta=1.0)  # frozen after 3, reloaded at 4, stops after 6
 
-    full, m_full = _fit(bn_toy, strategy(), 5, out_dir=tmp_path / "full")
+    full, m_full = _fit(bn_toy, strategy(), 8, out_dir=tmp_path / "full")
+    assert full.epochs_run == 6
     _fit(bn_toy, strategy(), cut, out_dir=tmp_path / "part")
-    res, m_res = _fit(bn_toy, strategy(), 5, out_dir=tmp_path / "part", resume=True)
+    res, m_res = _fit(bn_toy, strategy(), 8, out_dir=tmp_path / "part", resume=True)
     assert full.history[2]["strategy"]["newly_frozen"] == ["strong", "weak"]
     assert _no_times(res.history) == _no_times(full.history)
     assert res.test == full.test and res.best_epoch == full.best_epoch
@@ -215,6 +263,6 @@ def test_constructor_validation() -> None:
         "uses_aux_losses": True,
         "patience": 5,
         "min_delta": 0.0,
-        "restore_best": False,
-        "stop_when_all_frozen": True,
+        "restore_best": True,
+        "stop_when_converged": True,
     }

@@ -1,4 +1,5 @@
-"""OGM and OGM-GE: hand-computed modulation, neutral setting, noise scale, window, errors."""
+"""OGM and OGM-GE: hand-computed modulation, both modes (gradient for SGD, step for Adam),
+neutral setting, noise scale, window, multilabel scores, errors."""
 
 from __future__ import annotations
 
@@ -131,13 +132,20 @@ def _run_fixed(
 
 
 def _fit(
-    data: Any, strategy: str, *, epochs: int = 3, out_dir: Path | None = None, **params: Any
+    data: Any,
+    strategy: str,
+    *,
+    epochs: int = 3,
+    out_dir: Path | None = None,
+    optimizer: str = "sgd",
+    **params: Any,
 ) -> tuple[Any, JointFusionModel]:
     strat = build_strategy(strategy, **params)
     torch.manual_seed(0)
     model = JointFusionModel(data.build_encoders(8), data.num_classes, "concat")
+    lr = 5e-2 if optimizer == "sgd" else 1e-2
     cfg = TrainerConfig(
-        epochs=epochs, lr=5e-2, batch_size=32, seed=0, optimizer="sgd", progress=False
+        epochs=epochs, lr=lr, batch_size=32, seed=0, optimizer=optimizer, progress=False
     )
     trainer = Trainer(model, strat, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
     return trainer.fit(data.train, data.val, data.test, resume=out_dir is not None), model
@@ -208,18 +216,32 @@ def test_ratio_and_coefficient_rules() -> None:
     assert discrepancy_ratios({"a": 0.0, "b": 0.0}) == {"a": 1.0, "b": 1.0}
     assert modulation_coefficient(math.inf, 0.5) == 0.0
     assert modulation_coefficient(math.inf, 0.0) == 1.0
-    # Eq. 10 and its continuous variant; no modulation at or below 1
+    # Eq. 10 (CVPR) and Eq. 11 (journal); no modulation at or below 1
     assert modulation_coefficient(1.8, 0.5) == pytest.approx(1 - math.tanh(0.9))
-    assert modulation_coefficient(1.8, 0.5, continuous=True) == pytest.approx(1 - math.tanh(0.4))
+    journal = modulation_coefficient(1.8, 0.5, coefficient="journal")
+    assert journal == pytest.approx(1 - 0.5 * math.tanh(0.8))
     assert modulation_coefficient(1.0, 0.5) == 1.0
     assert modulation_coefficient(0.3, 0.5) == 1.0
+    assert modulation_coefficient(math.inf, 2.0, coefficient="journal") == 0.0  # floored at 0
+    # the research note's table: rho_a = 2.49985 (two samples, three classes)
+    rho = 2.49985
+    for alpha, cvpr, jour in (
+        (0.1, 0.75510, 0.90949),
+        (0.3, 0.36488, 0.72846),
+        (0.5, 0.15174, 0.54744),
+        (0.8, 0.03598, 0.27590),
+    ):
+        assert modulation_coefficient(rho, alpha) == pytest.approx(cvpr, abs=1e-5)
+        assert modulation_coefficient(rho, alpha, coefficient="journal") == pytest.approx(
+            jour, abs=1e-5
+        )
 
 
 # -- the gradients after on_after_backward ---------------------------------------------------------
 @pytest.mark.parametrize("fusion", ["concat", "sum"])
 @pytest.mark.parametrize("dominant", ["a", "b"])
 def test_dominant_encoder_gradients_are_scaled_by_k(fusion: str, dominant: str) -> None:
-    model, before, record = _run_fixed(OGM(alpha=ALPHA), fusion, dominant)
+    model, before, record = _run_fixed(OGM(alpha=ALPHA, params="all"), fusion, dominant)
     other = "b" if dominant == "a" else "a"
     after = _grads(model)
     assert before.keys() == after.keys()
@@ -236,11 +258,31 @@ def test_dominant_encoder_gradients_are_scaled_by_k(fusion: str, dominant: str) 
     assert record["coeff_mean"][other] == 1.0
     assert record["score_mean"][dominant] == pytest.approx(S_DOM / 2, rel=1e-6)
     assert record["modulated_fraction"] == 1.0 and record["modulation_active"] is True
+    assert record["mode"] == "gradient"  # SGD: the authors' mode
 
 
-def test_continuous_variant_scales_by_shifted_coefficient() -> None:
-    model, before, record = _run_fixed(OGM(alpha=ALPHA, continuous=True), "concat", "a")
-    k = 1 - math.tanh(ALPHA * (RHO - 1))
+def test_default_params_are_weights_and_kernels_not_biases() -> None:
+    model, before, _ = _run_fixed(OGM(alpha=ALPHA), "concat", "a")
+    after = _grads(model)
+    for name, g in before.items():
+        if name.startswith("encoders.a.") and g.dim() > 1:
+            assert torch.allclose(after[name], g * K, rtol=1e-6, atol=0), name
+        else:  # biases of a, everything else
+            assert torch.equal(after[name], g), name
+
+
+def test_conv_kernels_only_and_an_encoder_without_any_is_an_error() -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten())
+    assert [p.dim() for p in miles.strategies.ogm.modulated_parameters(conv, "conv_kernels")] == [3]
+    assert len(miles.strategies.ogm.modulated_parameters(conv, "all")) == 2
+    model = _model("concat")  # MLP encoders: no kernel
+    with pytest.raises(ValueError, match="selects no parameter"):
+        OGM(params="conv_kernels").on_fit_start(_ctx(model))
+
+
+def test_journal_coefficient_scales_by_its_k() -> None:
+    model, before, record = _run_fixed(OGM(alpha=ALPHA, coefficient="journal"), "concat", "a")
+    k = 1 - ALPHA * math.tanh(RHO - 1)
     after = _grads(model)
     w = "encoders.a.net.0.weight"
     assert torch.allclose(after[w], before[w] * k, rtol=1e-6, atol=0)
@@ -249,7 +291,7 @@ def test_continuous_variant_scales_by_shifted_coefficient() -> None:
 
 def test_three_modalities_generalise_with_mean_of_the_others() -> None:
     mods = ("a", "b", "c")
-    model, before, record = _run_fixed(OGM(alpha=ALPHA), "sum", "a", mods)
+    model, before, record = _run_fixed(OGM(alpha=ALPHA, params="all"), "sum", "a", mods)
     # shares of b and c are 0 -> s = 2/3 each; rho_a = (6/5) / mean(2/3, 2/3) = 1.8 -> same k
     after = _grads(model)
     for name, g in before.items():
@@ -304,6 +346,107 @@ def test_alpha_zero_equals_joint_bit_for_bit() -> None:
     assert any(r["strategy"]["modulated_fraction"] > 0 for r in acting.history)
     assert not _same_weights(m_joint, m_acting)
     assert acting.strategy["name"] == "ogm" and acting.strategy["uses_aux_losses"] is False
+    # under Adam too (step mode): alpha 0 is joint, alpha > 0 is not
+    _, m_joint_a = _fit(data, "joint", optimizer="adam")
+    _, m_zero_a = _fit(data, "ogm", alpha=0.0, optimizer="adam")
+    assert _same_weights(m_joint_a, m_zero_a)
+
+
+def _one_step(strategy: Strategy, model: JointFusionModel, opt: torch.optim.Optimizer) -> Any:
+    """One training step of ``strategy`` on a fixed batch, from the model's current state."""
+    ctx = StrategyContext(
+        model, opt, torch.device("cpu"), 1, False, "accuracy", evaluate=lambda _: None
+    )  # type: ignore[arg-type,return-value]
+    strategy.on_fit_start(ctx)
+    strategy.on_epoch_start(ctx, 1)
+    g = torch.Generator().manual_seed(3)
+    batch = {
+        "inputs": {m: torch.randn(8, 3, generator=g) for m in model.modalities},
+        "target": torch.randint(0, 3, (8,), generator=g),
+        "lengths": {},
+    }
+    strategy.training_step(ctx, batch)
+    return strategy.on_epoch_end(ctx, 1, EvalResult(0.0, {}, 0.0), None)
+
+
+def _adam_after_a_warm_up_step() -> tuple[JointFusionModel, torch.optim.Optimizer]:
+    """A model and an Adam optimizer with non-zero moments (one plain step already taken)."""
+    model = _model("concat")
+    Joint = build_strategy("joint")
+    Joint.configure_model(model)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    _one_step(Joint, model, opt)
+    return model, opt
+
+
+def _clone(model: JointFusionModel, opt: torch.optim.Optimizer) -> Any:
+    import copy
+
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.Adam(twin.parameters(), lr=0.05)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    return twin, twin_opt
+
+
+def test_step_mode_scales_the_dominant_update_by_exactly_k_under_adam() -> None:
+    model, opt = _adam_after_a_warm_up_step()
+    plain, plain_opt = _clone(model, opt)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _one_step(build_strategy("joint"), plain, plain_opt)  # unmodulated, from the same state
+    record = _one_step(OGM(alpha=1.0), model, opt)  # mode auto -> step (Adam)
+    assert record["mode"] == "step"
+    coeffs = record["coeff_mean"]  # one batch: the k applied
+    dominant = min(coeffs, key=coeffs.get)  # type: ignore[arg-type]
+    k = coeffs[dominant]
+    assert k < 1.0 and max(coeffs.values()) == 1.0
+    got, ref = dict(model.named_parameters()), dict(plain.named_parameters())
+    for name, p0 in start.items():
+        if name.startswith(f"encoders.{dominant}.") and p0.dim() > 1:
+            assert torch.allclose(got[name] - p0, k * (ref[name] - p0), rtol=1e-5, atol=1e-9)
+            assert not torch.allclose(got[name], ref[name])
+        else:
+            assert torch.equal(got[name], ref[name]), name
+    # the optimizer state is exactly that of the unmodulated step (moments, step count)
+    for a, b in zip(opt.state.values(), plain_opt.state.values(), strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_gradient_mode_is_cancelled_by_adam_which_is_why_step_mode_exists() -> None:
+    """Adam's first step is ``lr * g / (|g| + eps)``: a gradient scaled by ``k`` gives the same
+    step (up to eps), so the authors' gradient mode leaves Adam's update as joint's."""
+    model = _model("concat")
+    build_strategy("joint").configure_model(model)
+    plain = __import__("copy").deepcopy(model)
+    _one_step(build_strategy("joint"), plain, torch.optim.Adam(plain.parameters(), lr=0.05))
+    with pytest.warns(UserWarning, match="second-moment"):
+        record = _one_step(
+            OGM(alpha=1.0, mode="gradient"), model, torch.optim.Adam(model.parameters(), lr=0.05)
+        )
+    assert min(record["coeff_mean"].values()) < 0.5  # a strong modulation ...
+    got, ref = dict(model.named_parameters()), dict(plain.named_parameters())
+    for name in got:  # ... that changes nothing
+        assert torch.allclose(got[name], ref[name], rtol=0, atol=1e-5), name
+
+
+def test_step_mode_trains_heads_unlike_joint_under_adam() -> None:
+    data = make_toy_splits(n=(128, 40, 40))
+    joint, m_joint = _fit(data, "joint", optimizer="adam")
+    ogm, m_ogm = _fit(data, "ogm", alpha=1.0, optimizer="adam")
+    assert all(r["strategy"]["mode"] == "step" for r in ogm.history)
+    assert any(r["strategy"]["modulated_fraction"] > 0 for r in ogm.history)
+    for m in ("strong", "weak"):
+        heads_j, heads_o = m_joint.heads[m].state_dict(), m_ogm.heads[m].state_dict()
+        assert not all(torch.equal(heads_j[k], heads_o[k]) for k in heads_j), m
+    assert [r["val_strong"] for r in joint.history] != [r["val_strong"] for r in ogm.history]
+
+
+def test_step_mode_resumes_exactly(tmp_path: Path) -> None:
+    data = make_toy_splits(n=(96, 40, 40))
+    for name in ("ogm", "ogm-ge"):
+        _, m_full = _fit(data, name, epochs=3, alpha=0.5, optimizer="adam")
+        _fit(data, name, epochs=2, alpha=0.5, optimizer="adam", out_dir=tmp_path / name)
+        _, m_res = _fit(data, name, epochs=3, alpha=0.5, optimizer="adam", out_dir=tmp_path / name)
+        assert _same_weights(m_full, m_res), name
 
 
 def test_ogm_ge_is_resumable_and_seeded(tmp_path: Path) -> None:
@@ -328,7 +471,7 @@ def _ge_grads(seed: int) -> tuple[JointFusionModel, dict[str, Tensor], dict[str,
     model = JointFusionModel(encoders, 3, "concat")
     ref = _model("concat")
     model.fused_head.load_state_dict(ref.fused_head.state_dict())
-    strategy = OGMGE(alpha=ALPHA)
+    strategy = OGMGE(alpha=ALPHA, params="all")
     ctx = _ctx(model)
     out, target = _backward(strategy, model)
     with torch.no_grad():  # a known, large gradient for the statistical check
@@ -379,6 +522,34 @@ def test_ogm_ge_noise_is_reproducible_with_the_seed() -> None:
     assert not torch.equal(a1["encoders.a.net.0.weight"], a3["encoders.a.net.0.weight"])
 
 
+def test_ge_step_mode_is_the_authors_noise_under_plain_sgd() -> None:
+    """Plain SGD: step mode's ``theta_0 + k D - std(D) r`` with ``D = -eta g`` is the authors'
+    ``theta_0 - eta (k g + (std(g) + 1e-8) r)``, draw for draw."""
+    results = {}
+    for mode in ("gradient", "step"):
+        model = _model("concat")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(11)
+        _one_step(OGMGE(alpha=1.0, mode=mode), model, opt)
+        results[mode] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for name, value in results["gradient"].items():
+        assert torch.allclose(results["step"][name], value, rtol=1e-5, atol=1e-8), name
+
+
+def test_ge_step_mode_keeps_the_noise_out_of_adams_moments() -> None:
+    model, opt = _adam_after_a_warm_up_step()
+    plain, plain_opt = _clone(model, opt)
+    _one_step(build_strategy("joint"), plain, plain_opt)
+    record = _one_step(OGMGE(alpha=1.0), model, opt)
+    assert record["mode"] == "step"
+    for a, b in zip(opt.state.values(), plain_opt.state.values(), strict=True):
+        assert all(torch.equal(a[key], b[key]) for key in a)
+    got, ref = dict(model.named_parameters()), dict(plain.named_parameters())
+    for name in got:  # noise on the weights of both encoders, nothing else changed
+        moved = not torch.equal(got[name], ref[name])
+        assert moved is (name.startswith("encoders.") and got[name].dim() > 1), name
+
+
 def test_ogm_ge_no_noise_outside_the_window() -> None:
     model, before, record = _run_fixed(OGMGE(alpha=ALPHA, modulation_starts=3), "sum", "a")
     after = _grads(model)
@@ -386,12 +557,46 @@ def test_ogm_ge_no_noise_outside_the_window() -> None:
     assert record["modulation_active"] is False
 
 
+# -- multilabel ------------------------------------------------------------------------------------
+def test_multilabel_scores_by_hand() -> None:
+    """The research note's example: 2 samples x 3 labels, audio slice o_a, visual slice 0."""
+    shares = {"a": torch.tensor([[2.0, -2.0, 0.0], [-1.0, 1.0, 3.0]]), "v": torch.zeros(2, 3)}
+    y = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
+    s = miles.strategies.ogm.batch_scores
+    assert s(shares, y, multilabel="geometric") == pytest.approx({"a": 1.52779, "v": 1.0}, abs=1e-5)
+    assert s(shares, y, multilabel="arithmetic") == pytest.approx(
+        {"a": 1.55876, "v": 1.0}, abs=1e-5
+    )
+    assert s(shares, y, multilabel="positives") == pytest.approx({"a": 1.72261, "v": 1.0}, abs=1e-5)
+    # the single-label score is the true class's probability, exp(-CE), summed over the batch
+    target = torch.tensor([0, 2])
+    ce = torch.nn.functional.cross_entropy(shares["a"], target, reduction="none")
+    assert s({"a": shares["a"]}, target)["a"] == pytest.approx(float(torch.exp(-ce).sum()))
+
+
+def test_multilabel_end_to_end() -> None:
+    data = make_toy_splits(n=(96, 30, 30))
+
+    def onehot(ds: Any) -> Any:
+        from miles.data import MultimodalDataset
+
+        items = [ds[i] for i in range(len(ds))]
+        inputs = {m: torch.stack([it["inputs"][m] for it in items]) for m in data.modalities}
+        y = torch.stack([it["target"] for it in items])
+        return MultimodalDataset(inputs, torch.nn.functional.one_hot(y, 4).float())
+
+    strategy = OGMGE(alpha=1.0)
+    torch.manual_seed(0)
+    model = JointFusionModel(data.build_encoders(8), 4, "sum")
+    cfg = TrainerConfig(epochs=2, lr=1e-2, batch_size=32, seed=0, progress=False)
+    trainer = Trainer(
+        model, strategy, cfg, multilabel=True, metric="f1_micro", collate_fn=collate_multimodal
+    )
+    res = trainer.fit(onehot(data.train), onehot(data.val))
+    assert any(r["strategy"]["modulated_fraction"] > 0 for r in res.history)
+
+
 # -- settings it refuses ---------------------------------------------------------------------------
-@pytest.mark.parametrize("cls", [OGM, OGMGE])
-def test_multilabel_is_refused(cls: type[OGM]) -> None:
-    model = _model("concat")
-    with pytest.raises(ValueError, match="multilabel"):
-        cls().on_fit_start(_ctx(model, multilabel=True))
 
 
 def test_single_modality_is_refused() -> None:
@@ -409,7 +614,10 @@ def test_single_modality_is_refused() -> None:
         ({"modulation_starts": 0}, "modulation_starts", ValueError),
         ({"modulation_ends": 1.5}, "modulation_ends", TypeError),
         ({"modulation_starts": 5, "modulation_ends": 4}, "modulation_ends", ValueError),
-        ({"continuous": "yes"}, "continuous", TypeError),
+        ({"mode": "adam"}, "mode", ValueError),
+        ({"params": "weights"}, "params", ValueError),
+        ({"coefficient": "tpami"}, "coefficient", ValueError),
+        ({"multilabel_score": "mean"}, "multilabel_score", ValueError),
     ],
 )
 def test_bad_arguments(params: dict[str, Any], match: str, error: type[Exception]) -> None:
@@ -420,11 +628,12 @@ def test_bad_arguments(params: dict[str, Any], match: str, error: type[Exception
 def test_adam_warning_only_when_it_matters() -> None:
     model = _model("concat")
     with pytest.warns(UserWarning, match="second-moment"):
-        OGM(alpha=0.3).on_fit_start(_ctx(model, adam=True))
+        OGM(alpha=0.3, mode="gradient").on_fit_start(_ctx(model, adam=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        OGM(alpha=0.3).on_fit_start(_ctx(model, adam=True))  # auto: step mode under Adam
         OGM(alpha=0.3).on_fit_start(_ctx(model))  # SGD
-        OGM(alpha=0.0).on_fit_start(_ctx(model, adam=True))  # does nothing anyway
+        OGM(alpha=0.0, mode="gradient").on_fit_start(_ctx(model, adam=True))  # does nothing
 
 
 def test_float_targets_are_refused() -> None:
@@ -444,8 +653,13 @@ def test_registry_and_describe() -> None:
         "alpha": 0.8,
         "modulation_starts": 1,
         "modulation_ends": 51,
-        "continuous": False,
+        "mode": "auto",
+        "params": "non_1d",
+        "coefficient": "cvpr",
+        "multilabel_score": "geometric",
         "gaussian_noise": False,
     }
+    assert OGM.authors_optimizer == {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4}
+    assert miles.strategies.ogm.AUTHORS_ALPHA == {"cremad": 0.8, "vggsound": 0.1}
     assert ge.describe()["name"] == "ogm-ge" and ge.describe()["gaussian_noise"] is True
     assert ogm.state_dict() == {}

@@ -50,11 +50,13 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "unimodal/concat/1",
         "unimodal/concat/1",
     ]
-    assert len(calls) == 4 + 4 + 2 * 2 * 3
+    # joint, mslr-k and MILES with both reset_other readings, per fusion and seed
+    assert len(calls) == 4 + 4 + 2 * 2 * 4
+    assert calls.count("miles/concat/0") == 2
     # progress: one line per planned run with the time left, then the table
     assert lines[0] == "4 runs planned, 0 already done, 4 to train"  # the LR sweep first
-    assert "16 runs planned, 0 already done, 16 to train" in lines
-    assert any(line.startswith("[1/16] seed 0 concat joint: test fused") for line in lines)
+    assert "20 runs planned, 0 already done, 20 to train" in lines
+    assert any(line.startswith("[1/20] seed 0 concat joint: test fused") for line in lines)
     assert any("s left)" in line for line in lines)
     rows = first["rows"]
     uni = [r for r in rows if r["method"] == "unimodal"]
@@ -84,10 +86,17 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "## concat fusion" in md and "## sum fusion" in md
     assert f"| {order[0]} head (dominant) |" in md and "| aux |" in md
     assert f"gap = {order[0]} head - {order[1]} head (signed" in md
+    # the readouts next to the method's own heads, and what each column is
+    assert f"| probe {order[0]} / {order[1]} | slice {order[0]} / {order[1]} |" in md
+    assert "probe = a linear classifier trained afterwards" in md and "slice = the fused head" in md
+    assert "| miles | yes |" in md and "| miles (reset_other) | yes |" in md
+    for row in rows:
+        if row["method"] != "unimodal":
+            assert 0.0 <= row[f"probe_{order[0]}"] <= 1.0 and 0.0 <= row[f"slice_{order[1]}"] <= 1.0
     assert (tmp_path / "compare_runs.csv").read_text().count("\n") == len(rows) + 1
     table_csv = (tmp_path / "compare_table.csv").read_text().splitlines()
     assert table_csv[0].startswith("fusion,method,label,uses_aux_losses,")
-    assert len(table_csv) == 1 + 2 * 4  # 4 methods x 2 fusions
+    assert len(table_csv) == 1 + 2 * 5  # 4 methods (MILES twice) x 2 fusions
     for row in rows:  # one signed gap: dominant head minus the other; none for a reference
         if row["method"] == "unimodal":
             assert row["gap"] is None and row["fused"] is None
@@ -138,12 +147,12 @@ def test_diverged_run_is_recorded_not_fatal(
     cfg = _config(tmp_path, methods=["joint", "miles"], fusions=["concat"], seeds=[0])
     payload = run_compare(cfg, echo=lambda _m: None)
     failed = [r for r in payload["rows"] if r.get("failed")]
-    assert [r["method"] for r in failed] == ["miles"]
+    assert [(r["method"], r["label"]) for r in failed] == [("miles", ""), ("miles", "reset_other")]
     assert "concat miles, seed 0: training loss became nan" in (tmp_path / "compare.md").read_text()
     # recorded as done: a re-run does not retry it
     monkeypatch.setattr(experiment, "run_experiment", lambda *a, **k: pytest.fail("re-ran"))
     again = run_compare(cfg, echo=lambda _m: None)
-    assert [r["method"] for r in again["rows"] if r.get("failed")] == ["miles"]
+    assert [r["method"] for r in again["rows"] if r.get("failed")] == ["miles", "miles"]
 
 
 def test_bad_compare_configs(tmp_path: Path) -> None:

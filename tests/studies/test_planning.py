@@ -14,6 +14,7 @@ from miles.studies.planning import (
     MethodPlan,
     PlanContext,
     comparison_runs,
+    method_inputs,
     method_plan,
     register_plan,
 )
@@ -37,7 +38,15 @@ def test_built_in_plans() -> None:
     assert calls == []  # the LR sweep runs only for a method that needs it
     for mslr in ("mslr-k", "mslr-s", "mslr-d"):
         assert comparison_runs(mslr, ctx) == [("", {"unimodal_lrs": {"a": 1e-3, "b": 3e-3}})]
-    assert len(calls) == 3
+        assert method_inputs(mslr, ctx) == {"unimodal_lrs": {"a": 1e-3, "b": 3e-3}}
+    assert len(calls) == 6
+    # MILES with both readings of Alg. 1
+    assert comparison_runs("miles", ctx) == [("", {}), ("reset_other", {"reset_other": True})]
+    # OGM: the authors' alpha on the datasets they give one for
+    assert comparison_runs("ogm", ctx) == [("", {})]
+    cremad = PlanContext(("audio", "visual"), dict, "cremad")
+    assert comparison_runs("ogm-ge", cremad) == [("", {"alpha": 0.8})]
+    assert method_inputs("joint", cremad) == {}
 
 
 def test_studies_do_not_ask_the_strategies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,6 +65,7 @@ def test_studies_do_not_ask_the_strategies(tmp_path: Path, monkeypatch: pytest.M
     runs = plan_runs(config, _ctx(calls))
     # per seed: joint and mslr-k under each fusion, unimodal once per modality for both
     assert len(runs) == 2 * (2 * 2 + 2)
+    assert {r.config.trainer.optimizer for r in runs} == {"adam"}
     uni = [r for r in runs if r.config.strategy == "unimodal"]
     assert {Path(str(r.run_dir)).parts[-3] for r in uni} == {"any-fusion"}
     assert [r.config.strategy_params for r in uni[:2]] == [{"modality": "a"}, {"modality": "b"}]
@@ -90,3 +100,30 @@ def test_methods_with_their_own_fusion_run_once_for_every_fusion(tmp_path: Path)
     runs = plan_runs(config, _ctx([]))
     count = {m: sum(r.config.strategy == m for r in runs) for m in methods}
     assert count == {"mla": 1, "reconboost": 1, "greedy": 1, "agm": 2, "pmr": 2, "mmpareto": 2}
+def test_per_method_optimizer(tmp_path: Path) -> None:
+    config = CompareConfig(
+        methods=["joint", "ogm", "ogm-ge"],
+        fusions=["concat"],
+        seeds=[0],
+        method_optimizers={"ogm": "authors", "ogm-ge": "sgd:weight_decay=1e-3"},
+        out_dir=str(tmp_path),
+    )
+    assert config.method_optimizers == {
+        "ogm": {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 1e-4},
+        "ogm-ge": {"optimizer": "sgd", "weight_decay": 1e-3},
+    }
+    trainers = {r.config.strategy: r.config.trainer for r in plan_runs(config, _ctx([]))}
+    assert (trainers["joint"].optimizer, trainers["joint"].weight_decay) == ("adam", 0.0)
+    ogm = trainers["ogm"]
+    assert (ogm.optimizer, ogm.momentum, ogm.weight_decay, ogm.lr) == ("sgd", 0.9, 1e-4, 1e-3)
+    assert (trainers["ogm-ge"].optimizer, trainers["ogm-ge"].weight_decay) == ("sgd", 1e-3)
+    for bad, match in (
+        ({"miles": "authors"}, "not compared|does not train"),
+        ({"joint": "authors"}, "declares no authors"),
+        ({"ogm": "rmsprop"}, "optimizer must be one of"),
+        ({"ogm": "sgd:beta=0.9"}, "unknown keys"),
+        ({"ogm": "sgd:lr=-1"}, "lr"),
+        ({"ogm": "sgd:momentum"}, "KEY=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            CompareConfig(methods=["joint", "ogm"], method_optimizers=bad, out_dir=str(tmp_path))

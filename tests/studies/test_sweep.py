@@ -102,16 +102,22 @@ def test_search_space_to_run_settings() -> None:
     study = optuna.create_study(sampler=optuna_study.make_sampler("random", 0))
     trial = study.ask()
     params = search_space.suggest(trial, "mslr-s", ["audio", "image"])
-    assert list(params) == ["lr", "unimodal_lrs.audio", "unimodal_lrs.image", "smoothing"]
+    assert list(params) == ["lr", "smoothing"]  # the per-modality rates are not searched
     lr, strategy_params = search_space.run_settings("mslr-s", params, ["audio", "image"])
     assert lr == params["lr"] and 1e-4 <= lr <= 1e-2
-    assert strategy_params == {
-        "unimodal_lrs": {
-            "audio": params["unimodal_lrs.audio"],
-            "image": params["unimodal_lrs.image"],
-        },
-        "smoothing": params["smoothing"],
-    }
+    assert strategy_params == {"smoothing": params["smoothing"]}
+    per_modality = search_space.Param("w", 0.1, 1.0, per_modality=True)
+    monkeypatched = {"x": (search_space.LR, per_modality)}
+    old = dict(search_space.SEARCH_SPACES)
+    search_space.SEARCH_SPACES.update(monkeypatched)
+    try:
+        flat = search_space.suggest(study.ask(), "x", ["audio", "image"])
+        assert list(flat) == ["lr", "w.audio", "w.image"]
+        _, grouped = search_space.run_settings("x", flat, ["audio", "image"])
+        assert grouped == {"w": {"audio": flat["w.audio"], "image": flat["w.image"]}}
+    finally:
+        search_space.SEARCH_SPACES.clear()
+        search_space.SEARCH_SPACES.update(old)
     gblend = search_space.suggest(study.ask(), "gblend", ["audio", "image"])
     assert isinstance(gblend["super_epoch"], int) and 2 <= gblend["super_epoch"] <= 10
 
@@ -404,3 +410,50 @@ def test_study_slug() -> None:
     assert plus.startswith("fsdd-mnist-joint_aux-sum-") and "/" not in plus
     assert study_slug("a b") != study_slug("a_b")
     assert study_slug("..") not in ("..", ".", "")
+
+
+def test_mslr_trials_take_their_rates_from_the_unimodal_tuning(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The paper tunes each modality's rate on its unimodal model first; every trial (and
+    re-run) of an MSLR sweep gets those rates, and the search samples only the rest."""
+    import miles.studies.lr_sweep as lr_sweep
+
+    tuned: list[Any] = []
+
+    def fake_sweep(base: Any, data: Any, **kw: Any) -> dict[str, float]:
+        tuned.append(kw)
+        return {"audio": 3e-3, "image": 3e-4}
+
+    monkeypatch.setattr(lr_sweep, "sweep_unimodal_lrs", fake_sweep)
+    fake = FakeRuns()
+    monkeypatch.setattr(experiment, "run_experiment", fake)
+    cfg = _config(tmp_path, method="mslr-d", rerun_seeds=1, sweep_lrs=[1e-3, 3e-3], sweep_epochs=2)
+    payload = run_sweep(cfg, data=data, **quiet)
+    assert len(tuned) == 1 and tuned[0]["lrs"] == [1e-3, 3e-3] and tuned[0]["epochs"] == 2
+    assert len(fake.calls) == 3 + 1
+    assert all(c["unimodal_lrs"] == {"audio": 3e-3, "image": 3e-4} for c in fake.calls)
+    assert all(set(c) == {"lr", "unimodal_lrs", "window"} for c in fake.calls)
+    assert payload["inputs"] == {"unimodal_lrs": {"audio": 3e-3, "image": 3e-4}}
+    assert (
+        "Fixed for every trial (from the study, not searched)"
+        in (cfg.study_dir / "sweep.md").read_text()
+    )
+
+
+def test_sweep_method_optimizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeRuns()
+    trainers: list[Any] = []
+
+    def record(config: Any, **kw: Any) -> RunResult:
+        trainers.append(config.trainer)
+        return fake(config, **kw)
+
+    monkeypatch.setattr(experiment, "run_experiment", record)
+    cfg = _config(tmp_path, method="ogm", trials=1, method_optimizers={"ogm": "authors"})
+    run_sweep(cfg, data=build_dataset("fsdd-mnist", **SMALL), **quiet)
+    assert [(t.optimizer, t.momentum, t.weight_decay) for t in trainers] == [("sgd", 0.9, 1e-4)]
+    with pytest.raises(ValueError, match="does not train"):
+        _config(tmp_path, method="miles", method_optimizers={"ogm": "authors"})
+    with pytest.raises(ValueError, match="searches it"):
+        _config(tmp_path, method="ogm", method_optimizers={"ogm": "sgd:lr=0.1"})

@@ -30,6 +30,8 @@ __all__ = [
     "global_options",
     "key_value",
     "key_values",
+    "method_optimizer_option",
+    "method_optimizers",
     "methods",
     "non_negative_int",
     "output_options",
@@ -38,6 +40,7 @@ __all__ = [
     "seeds_option",
     "show",
     "training_options",
+    "unimodal_sweep_options",
 ]
 
 
@@ -148,6 +151,45 @@ def fusion(text: str) -> str:
     from miles.studies.checks import check_fusions
 
     return _checked(check_fusions)([text])[0]
+
+
+def method_optimizers(text: str) -> dict[str, dict[str, Any]]:
+    """``ogm=authors,ogm-ge=sgd:weight_decay=1e-4`` -> per-method optimizer settings."""
+    from miles.studies.optimizers import parse_method_optimizers
+
+    return _checked(parse_method_optimizers)(text)
+
+
+def unimodal_sweep_options(p: argparse.ArgumentParser) -> None:
+    """``--sweep-lrs``, ``--sweep-epochs``, ``--sweep-cache``: the unimodal LR tuning MSLR's
+    per-modality rates come from (compare, sweep)."""
+    p.add_argument(
+        "--sweep-lrs",
+        type=floats,
+        default="3e-4,1e-3,3e-3",
+        help="unimodal learning rates tried for MSLR's per-modality rates",
+    )
+    p.add_argument(
+        "--sweep-epochs", type=positive_int, default=5, help="epochs of each unimodal LR trial"
+    )
+    p.add_argument(
+        "--sweep-cache", help="folder caching the unimodal LR sweep (default: in the output folder)"
+    )
+
+
+def method_optimizer_option(p: argparse.ArgumentParser) -> None:
+    """``--method-optimizer``: per-method optimizer settings (compare, sweep)."""
+    p.add_argument(
+        "--method-optimizer",
+        dest="method_optimizers",
+        type=method_optimizers,
+        default={},
+        metavar="METHOD=SPEC,...",
+        help="train some methods with other optimizer settings: SPEC is 'authors' (the settings "
+        "the method's authors use, e.g. OGM's SGD with momentum 0.9 and weight decay 1e-4), "
+        "'sgd' or 'adam', optionally followed by ':lr=X', ':momentum=X', ':weight_decay=X'; "
+        "e.g. ogm=authors,ogm-ge=authors",
+    )
 
 
 def methods(text: str) -> list[str]:

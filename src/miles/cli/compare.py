@@ -6,14 +6,14 @@ import argparse
 
 from miles.cli.common import (
     data_options,
-    floats,
     fusion_option,
+    method_optimizer_option,
     methods,
     output_options,
-    positive_int,
     run_study_command,
     seeds_option,
     training_options,
+    unimodal_sweep_options,
 )
 from miles.cli.registry import Command, register_command
 
@@ -22,23 +22,23 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--methods", type=methods, default="all", help="comma-separated, or 'all' (every method)"
     )
-    p.add_argument(
-        "--sweep-lrs",
-        type=floats,
-        default="3e-4,1e-3,3e-3",
-        help="unimodal learning rates tried for MSLR's starting rates",
-    )
-    p.add_argument(
-        "--sweep-epochs", type=positive_int, default=5, help="epochs of each unimodal LR trial"
-    )
-    p.add_argument("--sweep-cache", help="folder caching the unimodal LR sweep (default OUT/sweep)")
+    unimodal_sweep_options(p)
+    method_optimizer_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
     from miles.studies.compare import Compare
 
     return run_study_command(
-        args, Compare, copy=("methods", "sweep_lrs", "sweep_epochs", "sweep_cache")
+        args,
+        Compare,
+        copy=(
+            "methods",
+            "sweep_lrs",
+            "sweep_epochs",
+            "sweep_cache",
+            "method_optimizers",
+        ),
     )
 
 

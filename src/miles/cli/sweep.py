@@ -7,11 +7,13 @@ import argparse
 from miles.cli.common import (
     data_options,
     fusion_option,
+    method_optimizer_option,
     non_negative_int,
     output_options,
     positive_int,
     run_study_command,
     training_options,
+    unimodal_sweep_options,
 )
 from miles.cli.registry import Command, register_command
 
@@ -46,6 +48,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
         help="when no trial is left to start, wait for the trials running elsewhere (re-running "
         "those whose worker died) instead of stopping",
     )
+    unimodal_sweep_options(p)
+    method_optimizer_option(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         "study_name",
         "stale_after",
         "wait",
+        "sweep_lrs",
+        "sweep_epochs",
+        "sweep_cache",
+        "method_optimizers",
     )
     return run_study_command(args, Sweep, copy=copied)
 

@@ -58,6 +58,7 @@ def _printer(epochs: int) -> Callable[[dict[str, Any]], None]:
 def run(args: argparse.Namespace) -> int:
     from miles.cli.yamlio import apply_overrides, load_config_file
     from miles.report.document import markdown_table
+    from miles.report.tables import column_notes
     from miles.results import run_row
     from miles.studies.summary import summarize, summary_table
     from miles.training.experiment import ExperimentConfig, run_experiment
@@ -81,14 +82,18 @@ def run(args: argparse.Namespace) -> int:
         f"{result['config']['metric']} (%)",
         summary.aggregate,
         summary.order,
-        groups=("fused", "heads", "gap", "chosen", "acted", "slowed"),
+        groups=TRAIN_COLUMNS,
     )
     show(markdown_table(table, caption=False))
     show(f"Modalities ranked by {summary.rule}; {summary.gap_rule}.")
+    show(column_notes(("heads", "probe", "slice"), summary.order))
     if config.out_dir:
         show(f"wrote {config.out_dir}/result.json, history.json, history.csv")
     return 0
 
+
+#: the columns of the table ``miles train`` prints
+TRAIN_COLUMNS = ("fused", "heads", "gap", "probe", "slice", "chosen", "acted", "slowed")
 
 COMMAND = register_command(
     Command(

@@ -16,7 +16,7 @@ from typing import Any
 
 from miles.report.document import Document, Figure
 from miles.report.page import Renderer, register_renderer
-from miles.report.tables import decision_table
+from miles.report.tables import column_notes, decision_table
 from miles.results import RunResult, factors_in_force, load_result, run_row
 from miles.studies import ablate, compare, demo, sweep
 from miles.studies.study import Study
@@ -42,7 +42,18 @@ DYNAMICS_NOTE = (
     "epoch; middle, each modality's learning rate; bottom, validation metric of the fused and "
     "unimodal heads per epoch, with the epoch chosen on validation."
 )
-RUN_COLUMNS = ("fused", "heads", "gap", "chosen", "acted", "slowed", "fused_last", "last")
+RUN_COLUMNS = (
+    "fused",
+    "heads",
+    "gap",
+    "probe",
+    "slice",
+    "chosen",
+    "acted",
+    "slowed",
+    "fused_last",
+    "last",
+)
 
 
 def _slug(text: str) -> str:
@@ -208,7 +219,8 @@ def render_run(payload: Mapping[str, Any], folder: Path, files: Path) -> Documen
             f"fusion {fusion}, seed {row['seed']}; {row['epochs']} epochs run in "
             f"{result.get('wall_time_s', float('nan')):.1f} s.",
             f"{which.capitalize()} {metric} (%) at epoch {row['best_epoch']}, chosen on "
-            f"validation. Modalities ranked by {summary.rule}. {summary.gap_rule}.",
+            f"validation. Modalities ranked by {summary.rule}. {summary.gap_rule}. "
+            + column_notes(("heads", "probe", "slice"), summary.order),
         ],
     )
     section = doc.section(f"{name}, {fusion} fusion")
@@ -355,7 +367,7 @@ def _all_runs(doc: Document, summary: Summary, metric: str) -> None:
             per_run,
             summary.order,
             first=first,
-            groups=("fused", "heads", "gap", "chosen", "acted"),
+            groups=("fused", "heads", "gap", "probe", "slice", "chosen", "acted"),
         )
     )
     failed = [r for r in summary.rows if r.get("failed")]

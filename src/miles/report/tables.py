@@ -121,6 +121,8 @@ def _columns(order: Sequence[str]) -> dict[str, list[Column]]:
             *(Column(f"{m} head", lambda r, m=m: pm(r, m)) for m in rest),  # type: ignore[misc]
         ],
         "gap": [Column("gap", lambda r: pm(r, "gap"))],
+        "probe": [Column(f"probe {' / '.join(order)}", _joined([f"probe_{m}" for m in order]))],
+        "slice": [Column(f"slice {' / '.join(order)}", _joined([f"slice_{m}" for m in order]))],
         "vs_unimodal": [Column("heads vs unimodal (pp)", _vs_unimodal(order))],
         "chosen": [Column("chosen epoch", lambda r: pm(r, "best_epoch", percent=False))],
         "acted": [Column("MILES acted", lambda r: pm(r, "acted", percent=False))],
@@ -139,6 +141,8 @@ COLUMNS = (
     "fused",
     "heads",
     "gap",
+    "probe",
+    "slice",
     "vs_unimodal",
     "chosen",
     "acted",
@@ -154,7 +158,14 @@ _LAST = (
 #: what each column group means, for captions (``{dominant}``/``{weak}``: the order's ends)
 COLUMN_NOTES = {
     "aux": "aux = trained with the auxiliary unimodal losses",
+    "heads": "head = the method's own unimodal head (a classifier co-trained by the method's "
+    "loss for methods marked aux, an online probe on detached latents otherwise)",
     "gap": GAP_RULE,
+    "probe": "probe = a linear classifier trained afterwards on each frozen encoder at the chosen "
+    "epoch (training set, one seeded recipe for every method: miles.readouts.ProbeRecipe), "
+    "scored on test: the same readout for every method",
+    "slice": "slice = the fused head read one modality at a time (its additive share "
+    "W[:, m] z_m + b/N), scored on test; - for fusions that are not additive",
     "vs_unimodal": "heads vs unimodal = each head minus its own modality's unimodal model (the "
     "unimodal row: each modality's encoder and head trained alone, same budget and seed), in "
     "points: the imbalance diagnostic",
@@ -194,6 +205,8 @@ def metric_values(order: Sequence[str]) -> list[str]:
         *order,
         *(f"slowed_{m}" for m in order),
         *(f"{m}_last" for m in order),
+        *(f"probe_{m}" for m in order),
+        *(f"slice_{m}" for m in order),
     ]
 
 

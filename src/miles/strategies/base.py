@@ -119,6 +119,9 @@ class StrategyContext:
     #: builds an optimizer with the run's settings (kind, momentum, weight decay) over the given
     #: param groups, e.g. for copies of the model a method trains on the side
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    #: the run's seed, from which methods derive the seeds of what they draw on the side (e.g.
+    #: the shuffling of copies), so two seeds of one study differ there too
+    seed: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
 
     # -- step primitives -------------------------------------------------------------------------
@@ -151,14 +154,19 @@ class Strategy:
     """Base strategy: no-op event hooks and the plain multimodal objective (fused loss only)."""
 
     name: ClassVar[str] = "strategy"
-    #: the loss includes the unimodal losses (reported in comparison tables)
-    uses_aux_losses: ClassVar[bool] = False
+    #: the loss includes the unimodal losses (reported in comparison tables); a class default a
+    #: method may set per instance when an option adds them (e.g. MSLR's ``aux_losses``)
+    uses_aux_losses: bool = False
     #: fraction of the training set the trainer holds out for this strategy (e.g. G-Blend)
     holdout_fraction: float = 0.0
     #: keep the validation latents in ``EvalResult`` (ablation estimators need them)
     needs_latents: bool = False
     #: put each unimodal head in its modality's param group (else in the shared group)
     head_follows_encoder: bool = True
+    #: the optimizer settings the method's authors train with, where a study may want them
+    #: (``TrainerConfig`` fields, e.g. OGM's SGD; ``None``: no preference); studies apply them
+    #: on request (``miles compare --method-optimizer ogm=authors``), never silently
+    authors_optimizer: ClassVar[dict[str, Any] | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -1,7 +1,9 @@
-"""Gradient-Blending (G-Blend, online variant) as a trainer strategy.
+"""Gradient-Blending (G-Blend) as a trainer strategy: online (Alg. 3), offline (Alg. 2), and our
+earlier trajectory estimator as a named option.
 
 Wang, Tran & Feiszli, "What Makes Training Multi-Modal Classification Networks Hard?", CVPR 2020
-(arXiv 1905.12681). One of the baselines of the MILES paper.
+(arXiv 1905.12681). One of the baselines of the MILES paper. Equations and algorithm steps are
+mapped to the functions below in ``docs/baselines.md``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from miles.models.fusion import FusionOutput
@@ -18,9 +19,30 @@ from miles.models.losses import FUSED
 from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.joint import JointAux
 from miles.strategies.registry import register_strategy
-from miles.validation import check_choice, check_fraction, check_positive, check_positive_int
+from miles.validation import (
+    check_choice,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+)
 
 NORMALIZATIONS = ("sum-to-one", "sum-to-heads")
+#: how an estimate is made: per-head copies, at epoch 0 and then every super-epoch (the paper's
+#: online G-Blend, Alg. 3); once at epoch 0 with copies trained for the whole run (Alg. 2); or
+#: read off the blended model's own trajectory (ours, before copies existed; not the paper)
+MODES = ("online", "offline", "trajectory")
+#: what a negative generalisation ``G`` (held-out loss went up) gives: weight 0 (ours), the
+#: signed ratio of Prop. 1 (the paper: "w_k in R"), or ``|G|`` (BalanceBenchmark)
+NEGATIVE = ("clamp", "signed", "abs")
+
+__all__ = [
+    "MODES",
+    "NEGATIVE",
+    "NORMALIZATIONS",
+    "GBlend",
+    "estimate_with_copies",
+    "gblend_weights",
+]
 
 
 def _check_losses(name: str, losses: Mapping[str, float], heads: list[str]) -> None:
@@ -31,34 +53,16 @@ def _check_losses(name: str, losses: Mapping[str, float], heads: list[str]) -> N
             raise ValueError(f"{name}[{head!r}] must be finite, got {value!r}")
 
 
-def gblend_weights(
+def ogr_terms(
     train_prev: Mapping[str, float],
     train_now: Mapping[str, float],
     holdout_prev: Mapping[str, float],
     holdout_now: Mapping[str, float],
-    *,
-    eps: float = 1e-8,
-    total: float = 1.0,
-    uniform_floor: float = 0.0,
-) -> dict[str, float]:
-    """G-Blend weights of every head from its losses at two checkpoints ``prev`` -> ``now``.
+) -> dict[str, dict[str, float]]:
+    """``{"G": {head: G}, "dO": {head: dO}}`` over one window ``N -> N + n`` (Sec. 2.2, Eq. 3).
 
-    Per head ``h`` (the paper's Sec. 3.3-3.4, with ``L*`` estimated on the held-out set ``V``)::
-
-        O     = L_holdout - L_train                 overfitting at a checkpoint
-        dG    = L_holdout(prev) - L_holdout(now)    generalisation gained (> 0 is good)
-        dO    = O(now) - O(prev)                    overfitting gained
-        w_h  ~ max(dG, 0) / max(dO ** 2, eps)       "w* = dG / (Z dO^2)", i.e. OGR^2-based
-
-    then rescaled so the weights sum to ``total`` (1 in the paper). Why the guards: a head whose
-    held-out loss did not improve (``dG <= 0``) would get a zero or negative weight from the
-    formula; we clip it at 0 (the head is dropped until the next estimate). ``dO ~ 0`` means no
-    measurable overfitting: ``eps`` keeps the ratio finite, so such a head takes (almost) all the
-    weight, which is the formula's limit. If no head improved at all, the weights are uniform.
-
-    ``uniform_floor = f`` in ``[0, 1]`` mixes the result with the uniform weights,
-    ``w = f * total / H + (1 - f) * w_GBlend``: every head keeps at least ``f`` times its uniform
-    share, the sum stays ``total`` and the order of the heads is unchanged (``0``: the paper).
+    ``O = L^V - L^T`` (overfitting), ``G = L^V_N - L^V_{N+n}`` (generalisation gained: the
+    held-out loss *decrease*), ``dO = O_{N+n} - O_N``.
     """
     heads = list(holdout_now)
     if not heads:
@@ -70,16 +74,56 @@ def gblend_weights(
         ("holdout_now", holdout_now),
     ):
         _check_losses(name, losses, heads)
+    gain = {h: holdout_prev[h] - holdout_now[h] for h in heads}
+    d_over = {h: (holdout_now[h] - train_now[h]) - (holdout_prev[h] - train_prev[h]) for h in heads}
+    return {"G": gain, "dO": d_over}
+
+
+def gblend_weights(
+    train_prev: Mapping[str, float],
+    train_now: Mapping[str, float],
+    holdout_prev: Mapping[str, float],
+    holdout_now: Mapping[str, float],
+    *,
+    eps: float = 1e-8,
+    total: float = 1.0,
+    uniform_floor: float = 0.0,
+    negative: str = "clamp",
+) -> dict[str, float]:
+    """G-Blend weights of every head from its losses at two checkpoints ``prev`` -> ``now``.
+
+    Per head ``h`` (Prop. 1, Eq. 6, with ``L*`` estimated on the held-out set ``V``; see
+    :func:`ogr_terms` for ``G`` and ``dO``)::
+
+        w_h ~ G / max(dO ** 2, eps)                  "w* = <grad L*, v> / (Z sigma^2)"
+
+    then divided by their sum and multiplied by ``total`` (1 in the paper: its constraint
+    ``sum_k w_k = 1``; the printed ``Z`` has a stray factor 1/2, every published weight vector sums
+    to 1). ``negative`` says what a head whose held-out loss went *up* (``G < 0``) gets:
+    ``"clamp"`` (default, ours) weight 0 until the next estimate, since a negative weight would
+    make its loss an ascent direction; ``"signed"`` the paper's literal signed ratio (Prop. 1
+    allows ``w in R``); ``"abs"`` ``|G| / dO^2`` (BalanceBenchmark). If the ratios sum to 0 or
+    less (no head generalised), the weights are uniform (ours). ``dO ~ 0`` (no measurable
+    overfitting) is floored at ``eps``: such a head takes (almost) all the weight, the formula's
+    limit.
+
+    ``uniform_floor = f`` in ``[0, 1]`` mixes the result with the uniform weights,
+    ``w = f * total / H + (1 - f) * w_GBlend`` (ours; ``0``: the paper).
+    """
+    terms = ogr_terms(train_prev, train_now, holdout_prev, holdout_now)
+    heads = list(holdout_now)
     check_positive("eps", eps)
     check_positive("total", total)
     check_fraction("uniform_floor", uniform_floor, one=True)
+    check_choice("negative", negative, NEGATIVE)
     raw: dict[str, float] = {}
     for h in heads:
-        gain = holdout_prev[h] - holdout_now[h]
-        over_prev = holdout_prev[h] - train_prev[h]
-        over_now = holdout_now[h] - train_now[h]
-        d_over = over_now - over_prev
-        raw[h] = max(gain, 0.0) / max(d_over * d_over, eps)
+        gain, d_over = terms["G"][h], terms["dO"][h]
+        if negative == "clamp":
+            gain = max(gain, 0.0)
+        elif negative == "abs":
+            gain = abs(gain)
+        raw[h] = gain / max(d_over * d_over, eps)
     uniform = total / len(heads)
     z = sum(raw.values())
     if not z > 0 or not math.isfinite(z):
@@ -90,66 +134,113 @@ def gblend_weights(
     return {h: uniform_floor * uniform + keep * (total * r / z) for h, r in raw.items()}
 
 
+def _head_loss(head: str) -> Any:
+    def loss(
+        losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
+    ) -> Tensor:
+        return losses[head]
+
+    return loss
+
+
+def estimate_with_copies(
+    ctx: StrategyContext, *, epochs: int, seed: int
+) -> dict[str, dict[str, float]]:
+    """The losses of Alg. 1 (``GB_Estimate(phi_N, n)``) from the run's current checkpoint.
+
+    For each head ``i`` (the fused head, then every modality): a copy of the current model
+    (``phi_N``) is trained with head ``i``'s loss alone for ``epochs`` (``n``) epochs on the
+    training part ``T`` (``ctx.train_loader``, without the held-out ``V``), with a fresh optimizer
+    built like the run's (:func:`~miles.training.copies.train_copy`, seeded ``seed + i``). The
+    copy of a unimodal head trains that modality's encoder and classifier (its loss reaches
+    nothing else); the copy of the fused head is the naive multimodal network. Then, per head,
+    the mean loss on ``T'`` (``ctx.train_probe_loader``) and on ``V`` (``ctx.holdout_loader``),
+    eval mode, at ``phi_N`` (the run's model) and after training (head ``i``'s copy).
+
+    Returns ``{"train_prev", "train_now", "holdout_prev", "holdout_now"}``, each ``{head: loss}``,
+    for :func:`gblend_weights`. The run's model, optimizer and random streams are untouched.
+    """
+    from miles.training.copies import mean_head_losses, train_copy
+
+    if ctx.holdout_loader is None or ctx.train_probe_loader is None:
+        raise ValueError(
+            "G-Blend needs a held-out slice V of the training set (holdout_fraction > 0); the "
+            "trainer gave no ctx.holdout_loader / ctx.train_probe_loader"
+        )
+    heads = [FUSED, *ctx.model.modalities]
+    train_prev = mean_head_losses(ctx, ctx.train_probe_loader)
+    holdout_prev = mean_head_losses(ctx, ctx.holdout_loader)
+    train_now: dict[str, float] = {}
+    holdout_now: dict[str, float] = {}
+    for i, head in enumerate(heads):
+        copy = train_copy(ctx, _head_loss(head), epochs=epochs, seed=seed + i)
+        train_now[head] = mean_head_losses(ctx, ctx.train_probe_loader, model=copy)[head]
+        holdout_now[head] = mean_head_losses(ctx, ctx.holdout_loader, model=copy)[head]
+    return {
+        "train_prev": {h: train_prev[h] for h in heads},
+        "train_now": train_now,
+        "holdout_prev": {h: holdout_prev[h] for h in heads},
+        "holdout_now": holdout_now,
+    }
+
+
 @register_strategy("gblend")
 class GBlend(JointAux):
-    """Online Gradient-Blending: the loss is ``sum_h w_h L_h`` over the fused head and every
-    unimodal head, with ``w_h`` re-estimated every ``super_epoch`` epochs from each head's
-    overfitting-to-generalization behaviour (Wang et al., CVPR 2020, Eq. "w* = dG / (Z dO^2)").
+    """Gradient-Blending: ``L = sum_h w_h L_h`` over the fused head and every unimodal head (Eq. 7),
+    the weights from each head's overfitting-to-generalization ratio (Prop. 1).
 
-    How the weights are estimated (see :func:`gblend_weights`): ``L*`` is approximated by the loss
-    on a held-out slice ``V`` of the *training* set (``holdout_fraction``; the trainer splits it
-    off, seeded, and the model never trains on it). At checkpoints ``n = 0, k, 2k, ...`` we store,
-    per head, the held-out loss and the training loss, both measured the same way: a clean
-    no-grad pass in eval mode, over ``ctx.holdout_loader`` and over ``ctx.train_probe_loader`` (a
-    fixed slice of the training part as large as ``V``). At ``n > 0`` the held-out losses are the
-    trainer's own end-of-epoch pass (the ``holdout`` result of ``on_epoch_end``); checkpoint 0 is
-    the untrained model, measured before the first epoch. Measurement biases that are the same at
-    both checkpoints (eval mode, sampling of the slices) cancel in ``dG`` and ``dO``. The weights
-    used during epochs ``n+1 .. n+k`` come from checkpoints ``n-k`` and ``n``. Before the first
-    estimate (the first super-epoch) the weights are uniform. Our extra passes run inside
-    ``torch.random.fork_rng`` so they do not change the run's random stream.
+    **Estimating the weights** (``mode``):
 
-    Deviations from the paper, and why:
+    * ``"online"`` (default; the paper's Alg. 3, its best result): at the start of epoch 1 (from
+      the initial checkpoint, epoch 0) and then every ``super_epoch`` epochs after a first,
+      longer super-epoch of ``warmup_epochs`` (estimates from the checkpoints of epochs 0, 10,
+      15, 20, ...: "an initial super-epoch size of 10 (for warmup), and a super-epoch size of 5
+      thereafter", Sec. 3.3, Fig. 5), the weights come from :func:`estimate_with_copies` (Alg. 1:
+      one copy per head trained alone for the coming super-epoch's length ``n`` on ``T``, scored
+      on ``T'`` and on a held-out ``V``) and are fixed for that super-epoch. Since every head is
+      re-tested by its own copy, a head with weight 0 is not stuck at 0: its next estimate does
+      not depend on its blended weight.
+    * ``"offline"`` (Alg. 2): one estimate at epoch 0, copies trained for ``offline_epochs``
+      (default: the run's length, Alg. 2's literal ``N``; it costs ``(heads + 1) x N`` epochs),
+      weights fixed for the whole run.
+    * ``"trajectory"`` (ours, **not the paper**; kept only as a named option): the same schedule,
+      but ``G`` and ``dO`` are read off the blended model's own trajectory between two
+      checkpoints (held-out loss from the trainer's end-of-epoch pass, training loss on ``T'``),
+      uniform weights until the first estimate. A head whose weight reaches 0 stops learning,
+      so its ``G`` stays ``<= 0`` and its weight 0: an absorbing state ``uniform_floor`` avoids.
 
-    * The paper's online G-Blend (and the tsai, MultiBench and BalanceBenchmark implementations)
-      estimates the weights at the *start* of every super-epoch by training a copy of each uni-modal
-      network and of the multi-modal network for ``k`` epochs on ``T' = T \\ V``. We instead read
-      the OGR off the trajectory of the model being trained: our model already has one head per
-      modality, and the strategy interface gives no training loader to train probe copies (and it
-      would cost ``M + 1`` extra trainings per super-epoch). Hence the first super-epoch is uniform,
-      and the OGRs are measured under the blended loss itself. A head whose weight falls to 0 stops
-      training, so its ``dG`` stays ~0 and it tends to stay out until the fused/other heads stop
-      generalising (the probe copies of the paper would re-test it from scratch); ``uniform_floor``
-      prevents that.
-    * Normalisation: the paper constrains ``sum_h w_h = 1`` (Proposition 2; its printed ``Z`` has
-      a stray factor 1/2, and public implementations normalise to 1). That is our default
-      ``normalize="sum-to-one"``; then uniform weights are ``1/H`` for ``H`` heads, i.e. joint+aux
-      with the loss scaled by ``1/H`` (nearly irrelevant with Adam, a ``1/H`` learning rate with
-      SGD). ``normalize="sum-to-heads"`` rescales to ``sum = H``: uniform weights are exactly 1,
-      i.e. ``joint+aux`` bit-for-bit, comparable with the other baselines at the same LR.
+    ``V`` is a seeded ``holdout_fraction`` of the training set held out by the trainer: neither
+    the run nor the copies train on it (the paper: 8 % on Kinetics); ``T'`` is a fixed slice of
+    the training part as large as ``V`` (the paper: "a subset of training set"). Losses are mean
+    per-sample losses in eval mode. The copies' optimizer is the run's kind and settings at its
+    base learning rate, with a fresh state (the paper is silent; BalanceBenchmark also starts
+    fresh). Copies train with their own seeded shuffling and a forked random state, so the run is
+    changed only by the weights.
+
+    **Normalisation**: ``"sum-to-one"`` (default: the paper's ``sum_k w_k = 1``); uniform weights
+    are then ``1/H``, i.e. ``joint+aux`` with the loss scaled by ``1/H`` (almost the same under
+    Adam, a ``1/H`` learning rate under SGD). ``"sum-to-heads"`` rescales to ``sum = H``: uniform
+    weights are exactly 1, ``joint+aux`` bit for bit.
 
     Args:
-        super_epoch: ``k``, epochs between weight estimates. We could not retrieve the paper's
-            value from our sources; 5 is the online default of the public tsai implementation
-            (MultiBench uses 20, BalanceBenchmark makes it a setting). Must be ``>= 1``.
-        holdout_fraction: share of the training set held out as ``V`` (tsai: 0.1; MultiBench:
-            0.08). Must be in ``(0, 1)``.
-        normalize: ``"sum-to-one"`` (paper) or ``"sum-to-heads"`` (uniform = joint+aux).
-        eps: floor on ``dO^2`` (``dO ~ 0`` would divide by zero; 1e-8 as in tsai).
-        uniform_floor: ``f`` in ``[0, 1]``: every head's weight is at least ``f`` times its
-            uniform share (the estimate is mixed with the uniform weights, see
-            :func:`gblend_weights`). Default ``0.0``, the paper, where a head whose held-out loss
-            did not improve gets weight 0, the fused head included: its gradient then only comes
-            through the encoders, although its validation metric picks the best epoch. A value
-            like ``0.1`` keeps every head, the fused one in particular, training. ``1.0`` is
-            uniform weights throughout.
+        mode: ``"online"``, ``"offline"`` or ``"trajectory"`` (see above).
+        warmup_epochs: length of the first super-epoch, whose weights are estimated at epoch 0;
+            10 (the paper).
+        super_epoch: length of every later super-epoch; 5 (the paper).
+        offline_epochs: epochs each copy trains in ``"offline"`` mode; ``None``: the run's
+            epochs (Alg. 2 literally).
+        holdout_fraction: share of the training set held out as ``V``, in ``(0, 1)``; 0.08 (the
+            paper's Kinetics value; 13 % on mini-AudioSet).
+        normalize: ``"sum-to-one"`` or ``"sum-to-heads"``.
+        negative: what a head with ``G < 0`` gets: ``"clamp"`` (0; ours, default), ``"signed"``
+            (the paper) or ``"abs"`` (BalanceBenchmark); see :func:`gblend_weights`.
+        eps: floor on ``dO^2`` (1e-8).
+        uniform_floor: ``f`` in ``[0, 1]``: every head keeps at least ``f`` times its uniform
+            share (ours; 0 is the paper, 1 uniform weights throughout).
 
-    Uses the auxiliary unimodal losses (``uses_aux_losses = True``): every head's loss is in the
-    blend, with G-Blend's weights (``JointAux``'s ``aux_weights`` are not used). Works with any
-    number of modalities and with multilabel targets (BCE per head). Needs the trainer to hold
-    out data (``ctx.holdout_loader`` and ``ctx.train_probe_loader``) and attached unimodal heads;
-    raises otherwise. Note that it trains on ``1 - holdout_fraction`` of the training set, as in
-    the paper.
+    Every estimate is in the history (``G``, ``dO``, the losses and the weights). Works with any
+    number of modalities and with multilabel targets (BCE per head). The unimodal heads must be
+    attached (it is ``joint+aux`` with its own weights).
     """
 
     name = "gblend"
@@ -157,31 +248,68 @@ class GBlend(JointAux):
 
     def __init__(
         self,
+        mode: str = "online",
+        warmup_epochs: int = 10,
         super_epoch: int = 5,
-        holdout_fraction: float = 0.1,
+        offline_epochs: int | None = None,
+        holdout_fraction: float = 0.08,
         normalize: str = "sum-to-one",
+        negative: str = "clamp",
         eps: float = 1e-8,
         uniform_floor: float = 0.0,
     ) -> None:
         super().__init__()  # joint+aux: attached heads; the loss is G-Blend's own
+        self.mode = check_choice("mode", mode, MODES)
+        self.warmup_epochs = check_positive_int("warmup_epochs", warmup_epochs)
         self.super_epoch = check_positive_int("super_epoch", super_epoch)
+        self.offline_epochs = (
+            None if offline_epochs is None else check_positive_int("offline_epochs", offline_epochs)
+        )
         self.holdout_fraction = check_fraction("holdout_fraction", holdout_fraction, zero=False)
         self.normalize = check_choice("normalize", normalize, NORMALIZATIONS)
+        self.negative = check_choice("negative", negative, NEGATIVE)
         self.eps = check_positive("eps", eps)
         self.uniform_floor = check_fraction("uniform_floor", uniform_floor, one=True)
         self._heads: list[str] = []
         self._restored = False  # load_state_dict gave weights for on_fit_start to keep
+        self._pending: dict[str, Any] | None = None  # this epoch's estimate, for its record
         self._reset()
+
+    # -- schedule ----------------------------------------------------------------------------------
+    def estimate_length(self, checkpoint: int, run_epochs: int) -> int | None:
+        """Epochs the copies train when estimating from the checkpoint of epoch ``checkpoint``
+        (0: the initial model), ``None`` when no estimate is taken there.
+
+        Online: ``warmup_epochs`` at 0, ``super_epoch`` at ``warmup + k * super_epoch``; offline:
+        ``offline_epochs`` (or ``run_epochs``) at 0; trajectory: never (it estimates at the end
+        of those epochs, without copies).
+        """
+        if self.mode == "offline":
+            return (self.offline_epochs or run_epochs) if checkpoint == 0 else None
+        if self.mode == "trajectory":
+            return None
+        if checkpoint == 0:
+            return self.warmup_epochs
+        if (
+            checkpoint >= self.warmup_epochs
+            and (checkpoint - self.warmup_epochs) % self.super_epoch == 0
+        ):
+            return self.super_epoch
+        return None
+
+    def _trajectory_point(self, epoch: int) -> bool:
+        """Epoch ``warmup + k * super_epoch`` (``k >= 0``): where a later super-epoch starts (the
+        online checkpoints after 0; trajectory mode estimates at the end of these epochs)."""
+        return epoch >= self.warmup_epochs and (epoch - self.warmup_epochs) % self.super_epoch == 0
 
     # -- helpers -----------------------------------------------------------------------------------
     def _reset(self) -> None:
         """Forget everything learnt in a previous fit (a resumed fit reloads it afterwards)."""
         self.weights: dict[str, float] = {}
-        # losses at the last checkpoint (None until checkpoint 0 is taken)
+        # trajectory mode: losses at the last checkpoint (None until checkpoint 0 is taken)
         self._ref_epoch: int | None = None
         self._ref_train: dict[str, float] = {}
         self._ref_holdout: dict[str, float] = {}
-        self._last_estimate: int | None = None
 
     def _total(self, n_heads: int) -> float:
         return 1.0 if self.normalize == "sum-to-one" else float(n_heads)
@@ -190,21 +318,22 @@ class GBlend(JointAux):
         n = len(self._heads)
         return {h: self._total(n) / n for h in self._heads}
 
-    @staticmethod
-    def _per_head(result: EvalResult) -> dict[str, float]:
-        """``{head: mean loss}`` of one evaluation pass, fused first."""
-        return {FUSED: float(result.loss), **{m: float(v) for m, v in result.unimodal_loss.items()}}
-
-    def _clean_losses(self, ctx: StrategyContext, loader: Any) -> dict[str, float]:
-        """Per-head mean loss of ``loader`` (``ctx.evaluate``: eval mode, no grad), without
-        touching the global RNG (DataLoader iterators draw a seed from it; the run must not depend
-        on our extra passes)."""
-        if loader is None:
-            raise ValueError(
-                "G-Blend needs ctx.holdout_loader and ctx.train_probe_loader (holdout_fraction > 0)"
-            )
-        with torch.random.fork_rng(devices=[]):
-            return self._per_head(ctx.evaluate(loader))
+    def _weights_from(self, losses: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
+        """The estimate's record: its losses, ``G``, ``dO`` and the weights they give."""
+        new = gblend_weights(
+            losses["train_prev"],
+            losses["train_now"],
+            losses["holdout_prev"],
+            losses["holdout_now"],
+            eps=self.eps,
+            total=self._total(len(self._heads)),
+            uniform_floor=self.uniform_floor,
+            negative=self.negative,
+        )
+        terms = ogr_terms(
+            losses["train_prev"], losses["train_now"], losses["holdout_prev"], losses["holdout_now"]
+        )
+        return {**{k: dict(v) for k, v in losses.items()}, **terms, "weights": new}
 
     # -- hooks -----------------------------------------------------------------------------------
     def on_fit_start(self, ctx: StrategyContext) -> None:
@@ -225,17 +354,29 @@ class GBlend(JointAux):
         self._restored = False
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
+        from miles.training.copies import mean_head_losses
+
         if sorted(self.weights) != sorted(self._heads):  # e.g. a state restored for another model
             raise ValueError(
                 f"G-Blend weights are for heads {sorted(self.weights)}, the model has "
                 f"{sorted(self._heads)}"
             )
-        if self._ref_epoch is None:
-            # checkpoint 0, the untrained model (taken here, not in on_fit_start: a resumed run
-            # restores it instead)
-            self._ref_train = self._clean_losses(ctx, ctx.train_probe_loader)
-            self._ref_holdout = self._clean_losses(ctx, ctx.holdout_loader)
-            self._ref_epoch = epoch - 1
+        self._pending = None
+        if self.mode == "trajectory":
+            if self._ref_epoch is None:  # checkpoint 0 (a resumed run restores it instead)
+                assert ctx.train_probe_loader is not None and ctx.holdout_loader is not None
+                self._ref_train = mean_head_losses(ctx, ctx.train_probe_loader)
+                self._ref_holdout = mean_head_losses(ctx, ctx.holdout_loader)
+                self._ref_epoch = epoch - 1
+            return
+        length = self.estimate_length(epoch - 1, ctx.epochs)
+        if length is None:
+            return
+        seed = (ctx.seed * 100_003 + epoch) * 101
+        record = self._weights_from(estimate_with_copies(ctx, epochs=length, seed=seed))
+        record.update(checkpoint=epoch - 1, copy_epochs=length)
+        self.weights = dict(record["weights"])
+        self._pending = record
 
     def loss(
         self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]
@@ -251,67 +392,72 @@ class GBlend(JointAux):
     def on_epoch_end(
         self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None
     ) -> dict[str, Any]:
+        from miles.training.copies import mean_head_losses
+
         record: dict[str, Any] = {"weights": dict(self.weights), "estimated": False}
-        if epoch % self.super_epoch != 0:
+        if self._pending is not None:  # online / offline: estimated for this epoch, at its start
+            record.update(estimated=True, estimate=self._pending)
+            self._pending = None
+            return record
+        if self.mode != "trajectory" or not self._trajectory_point(epoch):
             return record
         if holdout is None:
             raise RuntimeError("G-Blend: the trainer passed no held-out evaluation")
         if self._ref_epoch is None:
             raise RuntimeError("G-Blend: on_epoch_start was not called (no checkpoint 0)")
-        train_now = self._clean_losses(ctx, ctx.train_probe_loader)
-        hold_now = self._per_head(holdout)
-        new = gblend_weights(
-            self._ref_train,
-            train_now,
-            self._ref_holdout,
-            hold_now,
-            eps=self.eps,
-            total=self._total(len(hold_now)),
-            uniform_floor=self.uniform_floor,
+        assert ctx.train_probe_loader is not None
+        now_train = mean_head_losses(ctx, ctx.train_probe_loader)
+        now_holdout = {FUSED: float(holdout.loss), **holdout.unimodal_loss}
+        estimate = self._weights_from(
+            {
+                "train_prev": self._ref_train,
+                "train_now": {h: now_train[h] for h in self._heads},
+                "holdout_prev": self._ref_holdout,
+                "holdout_now": {h: float(now_holdout[h]) for h in self._heads},
+            }
         )
-        record.update(
-            estimated=True,
-            from_epoch=self._ref_epoch,
-            train_prev=dict(self._ref_train),
-            train_now=train_now,
-            holdout_prev=dict(self._ref_holdout),
-            holdout_now=hold_now,
-            next_weights=dict(new),
-        )
-        self.weights = new
-        self._ref_epoch, self._ref_train, self._ref_holdout = epoch, train_now, hold_now
-        self._last_estimate = epoch
+        estimate.update(checkpoint=self._ref_epoch, applies_from=epoch + 1)
+        record.update(estimated=True, estimate=estimate)
+        self.weights = dict(estimate["weights"])
+        self._ref_epoch = epoch
+        self._ref_train = dict(estimate["train_now"])
+        self._ref_holdout = dict(estimate["holdout_now"])
         return record
 
     # -- persistence -------------------------------------------------------------------------------
+    _STATE = ("weights", "ref_epoch", "ref_train", "ref_holdout")
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "weights": dict(self.weights),
             "ref_epoch": self._ref_epoch,
             "ref_train": dict(self._ref_train),
             "ref_holdout": dict(self._ref_holdout),
-            "last_estimate": self._last_estimate,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        expected = {"weights", "ref_epoch", "ref_train", "ref_holdout", "last_estimate"}
-        if set(state) != expected:
-            raise ValueError(f"GBlend state must have keys {sorted(expected)}, got {sorted(state)}")
+        if set(state) != set(self._STATE):
+            raise ValueError(
+                f"GBlend state must have keys {sorted(self._STATE)}, got {sorted(state)}"
+            )
         self.weights = {str(k): float(v) for k, v in state["weights"].items()}
         self._ref_epoch = None if state["ref_epoch"] is None else int(state["ref_epoch"])
         self._ref_train = {str(k): float(v) for k, v in state["ref_train"].items()}
         self._ref_holdout = {str(k): float(v) for k, v in state["ref_holdout"].items()}
-        last = state["last_estimate"]
-        self._last_estimate = None if last is None else int(last)
         self._restored = True
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         info.update(
+            mode=self.mode,
+            warmup_epochs=self.warmup_epochs,
             super_epoch=self.super_epoch,
             holdout_fraction=self.holdout_fraction,
             normalize=self.normalize,
+            negative=self.negative,
             eps=self.eps,
             uniform_floor=self.uniform_floor,
         )
+        if self.mode == "offline":
+            info["offline_epochs"] = self.offline_epochs
         return info

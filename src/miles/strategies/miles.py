@@ -15,6 +15,9 @@ from miles.validation import check_bool, check_choice
 
 ESTIMATORS = ("heads", "ablation")
 ABLATION_FILLS = ("mean", "zeros")
+#: where the metrics of Eq. 4 come from: validation (the paper's tables) or the training set
+#: (its Table VI ablation)
+METRIC_SOURCES = ("validation", "training")
 
 
 @register_strategy("miles")
@@ -24,7 +27,10 @@ class MILESStrategy(JointAux):
     Args:
         tau: imbalance threshold on ``delta = max u - min u``.
         mu: factor applied to the dominant modality's base learning rate.
-        reset_other: reset the other modalities to the base rate when one is slowed.
+        reset_other: reset the other modalities to the base rate when one is slowed. ``False``
+            (default) is Alg. 1 literally (lines 13-20 set only the dominant modality's rate);
+            ``True`` is the "one modality slowed at a time" reading of the text. ``miles compare``
+            reports both.
         estimator: ``"heads"`` (the paper: unimodal head metrics) or ``"ablation"`` (the fused
             head re-run with one modality's latent replaced by its validation mean).
         ablation_fill: what replaces the latent for the ablation estimator: ``"mean"`` or
@@ -32,6 +38,13 @@ class MILESStrategy(JointAux):
         head_follows_encoder: slow each unimodal head together with its encoder (default) or
             keep the heads at the base rate.
         aux_weights: ``w_m`` of the auxiliary losses (1 in the paper).
+        metrics: ``"validation"`` (default; the paper's Tables II and III) or ``"training"``:
+            the utilization rates (Eq. 4) from training-set metrics, the paper's Table VI
+            ablation ("computing the conditional utilization rates (Eq. 4) using the training set
+            performance metrics instead of the validation set metrics"). The paper does not say
+            how they were measured; ours is a separate eval-mode pass over the training part
+            after each epoch (the validation pass's code, no shuffling, the run's random streams
+            untouched). The best epoch is still chosen on validation.
     """
 
     name = "miles"
@@ -45,9 +58,16 @@ class MILESStrategy(JointAux):
         ablation_fill: str = "mean",
         head_follows_encoder: bool = True,
         aux_weights: float | dict[str, float] = 1.0,
+        metrics: str = "validation",
     ) -> None:
         # Checked here, not at on_fit_start, so a bad config fails before any training.
         super().__init__(aux_weights)
+        self.metrics = check_choice("metrics", metrics, METRIC_SOURCES)
+        if metrics == "training" and estimator == "ablation":
+            raise ValueError(
+                "metrics='training' reads the heads on the training set; the ablation estimator "
+                "needs validation latents (use estimator='heads')"
+            )
         self.tau, self.mu = _check_tau(tau), _check_mu(mu)
         self.reset_other = check_bool("reset_other", reset_other)
         self.head_follows_encoder = check_bool("head_follows_encoder", head_follows_encoder)
@@ -72,10 +92,14 @@ class MILESStrategy(JointAux):
     ) -> dict[str, Any]:
         if self.scheduler is None:
             raise RuntimeError("MILESStrategy.on_fit_start was not called")
+        extra: dict[str, Any] = {}
+        if self.metrics == "training":
+            val = self._training_metrics(ctx)
+            extra["training_metrics"] = {"fused": val.fused, "unimodal": dict(val.unimodal)}
         if val.fused <= 0:
             # u is undefined when the fused metric is 0 (e.g. F1 in the first epoch): keep factors.
             self.scheduler.skip()
-            return {"decision": None, "note": "fused metric is 0: no decision"}
+            return {"decision": None, "note": "fused metric is 0: no decision", **extra}
         if self.estimator == "heads":
             decision = self.scheduler.step(fused=val.fused, unimodal=val.unimodal)
         else:
@@ -91,7 +115,20 @@ class MILESStrategy(JointAux):
             )
             decision = self.scheduler.step(fused=val.fused, without=without)
         assert decision is not None
-        return {"decision": decision.to_dict()}
+        return {"decision": decision.to_dict(), **extra}
+
+    @staticmethod
+    def _training_metrics(ctx: StrategyContext) -> EvalResult:
+        """Every head's metric over the training part, in eval mode, unshuffled, with the run's
+        random streams untouched (Table VI)."""
+        import torch
+
+        from miles.training.copies import in_order
+
+        if ctx.train_loader is None:
+            raise RuntimeError("metrics='training' needs ctx.train_loader (the trainer gives it)")
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            return ctx.evaluate(in_order(ctx.train_loader))
 
     def state_dict(self) -> dict[str, Any]:
         if self._restored is not None:  # loaded, not applied yet
@@ -114,4 +151,5 @@ class MILESStrategy(JointAux):
             "reset_other": self.reset_other,
             "estimator": self.estimator,
             **({"ablation_fill": self.ablation_fill} if self.estimator == "ablation" else {}),
+            **({"metrics": self.metrics} if self.metrics != "validation" else {}),
         }

@@ -23,6 +23,8 @@ _STATE_KEYS = (
     "restored",
     "pending_restore",
     "snapshots",
+    "fused_best",
+    "fused_wait",
 )
 
 
@@ -30,46 +32,47 @@ _STATE_KEYS = (
 class MSES(JointAux):
     """Joint+aux training in which each encoder is early-stopped on its own validation curve.
 
-    Source: Fujimori et al., "Modality-Specific Learning Rate Control for Multimodal
-    Classification", ACPR 2019, cited as MSES by MILES (arXiv 2510.17394); we could read only its
-    abstract. The paper trains modality-specific classifiers together with the multimodal one
-    (multitask learning, i.e. our auxiliary unimodal heads, ``uses_aux_losses = True``), uses each
-    modality's classifier to detect when that modality stops generalising, and stops training that
-    modality's sub-network separately while the rest goes on ("learning rate control": the
-    modality's learning rate drops to zero).
+    Source: Fujimori, Endo, Kawai, Mochizuki, "Modality-Specific Learning Rate Control for
+    Multimodal Classification", ACPR 2019 (LNCS pp. 412-422), cited as MSES by MILES (arXiv
+    2510.17394) and MSLR. Its body was not available to us; what is known: it trains
+    modality-specific classifiers together with the multimodal one (multitask learning, i.e. our
+    auxiliary unimodal heads, ``uses_aux_losses = True``) "to detect overfitting in each modality
+    and carry out early stopping separately" (abstract), with one global learning rate; MSLR
+    (Sec. 2.3.1) describes it as "choosing the best saved parameters for the overfit modalities
+    and stopping training"; MILES (Sec. II-C): "The training continues until all parts of the
+    network have converged."
 
     Mechanism here: after every validation, modality ``m``'s unimodal head metric is compared with
     its best so far. An epoch improves ``m`` when ``metric > best + min_delta``; after
-    ``patience`` consecutive epochs without improvement encoder ``m`` has converged and is frozen
-    with ``model.freeze(m)``: no gradients for encoder ``m`` and its head, and its BatchNorm
-    running statistics fixed (the model keeps frozen encoders in eval mode). The freeze takes
-    effect from the next epoch and is stored in the model's extra state, so it survives resumption.
-    The fused head and the unfrozen encoders keep training.
+    ``patience`` consecutive epochs without improvement ``m`` has converged: encoder ``m`` and its
+    head are frozen with ``model.freeze(m)`` (no gradients; the model keeps frozen modules in
+    eval mode, so BatchNorm running statistics no longer move) and, with ``restore_best``
+    (default), their weights and buffers are reloaded from ``m``'s best epoch, bit for bit. The
+    reload happens at the start of the next epoch, so each saved checkpoint matches its
+    validation row. The fused head and the unfrozen encoders keep training; once every encoder
+    is frozen, the fused head trains on until it too has gone ``patience`` epochs without
+    improving its validation metric (counted from the first epoch after the last freeze, the
+    first with every restored encoder in place), and the run ends there
+    (``stop_when_converged``).
 
     Args:
-        patience: epochs without improvement before a modality is frozen (>= 1). Our default 5:
-            neither MILES nor the abstract of Fujimori et al. give a value (MILES tuned each
-            baseline by random search).
+        patience: epochs without improvement before a part (an encoder, then the fused head) has
+            converged (>= 1). Our default 5: neither MILES nor the abstract give a value (MILES
+            tuned each baseline by random search).
         min_delta: an improvement must exceed this (>= 0, in metric units). Default 0.
-        restore_best: when ``m`` is frozen, reload encoder ``m``'s and head ``m``'s weights and
-            BatchNorm buffers from its best validation epoch, as classical early stopping returns
-            the best model rather than the overfitted last one. Default ``False``: the paper's
-            "learning rate control" reading is that the modality's learning rate drops to zero,
-            i.e. its weights stay where they are; reloading older weights would also hand the
-            fused head, trained on later latents, latents it has not seen. When enabled, the
-            reload happens at the start of the next epoch (so each saved checkpoint matches its
-            validation row); when training stops right after the last freeze, that last reload
-            never happens, and the trainer's best-epoch weights are what gets tested. Costs one
-            extra copy of each encoder in memory and in ``last.pt``.
-        stop_when_all_frozen: end training once every encoder is frozen. Default ``True``: the
-            paper trains "until all parts have converged"; the remaining part, the fused linear
-            head, is early-stopped by the trainer's best-epoch selection on the fused metric.
+        restore_best: reload a converged modality's best-epoch weights (default ``True``, MSLR's
+            reading: "the best saved parameters"); ``False`` freezes it where it is (the
+            modality's learning rate simply drops to zero). Costs one copy of each branch in
+            memory and in ``last.pt`` while it is tracked.
+        stop_when_converged: end the run once every encoder is frozen and the fused head has
+            converged too (default ``True``); ``False`` trains to the last epoch.
 
     Design choices where the paper (as available to us) is silent:
-        * The convergence signal is the unimodal head's validation *metric* (the only per-head
-          validation signal ``EvalResult`` carries); the paper may use the per-head loss.
-        * A NaN metric counts as "no improvement".
-        * The first validation always sets the best (the best starts undefined).
+        * The convergence signal is each head's validation *metric* (the per-head loss is an
+          equally plausible reading).
+        * A NaN metric counts as "no improvement"; the first validation always sets the best.
+        * The model selection is the trainer's: the best validation fused epoch, as for every
+          method.
 
     Not supported: metrics where lower is better (all of ours are higher-is-better).
     """
@@ -81,14 +84,14 @@ class MSES(JointAux):
         self,
         patience: int = 5,
         min_delta: float = 0.0,
-        restore_best: bool = False,
-        stop_when_all_frozen: bool = True,
+        restore_best: bool = True,
+        stop_when_converged: bool = True,
     ) -> None:
         super().__init__()  # joint+aux with every auxiliary weight 1
         self.patience = check_positive_int("patience", patience)
         self.min_delta = check_non_negative("min_delta", min_delta)
         self.restore_best = check_bool("restore_best", restore_best)
-        self.stop_when_all_frozen = check_bool("stop_when_all_frozen", stop_when_all_frozen)
+        self.stop_when_converged = check_bool("stop_when_converged", stop_when_converged)
         self._reset()
 
     def _reset(self) -> None:
@@ -104,6 +107,9 @@ class MSES(JointAux):
         self._restored_now: list[str] = []
         # modality -> {"encoder": state, "head": state}, taken at that modality's best epoch
         self.snapshots: dict[str, dict[str, dict[str, Tensor]]] = {}
+        #: the fused head, tracked once every encoder is frozen (``None``: not yet)
+        self.fused_best: float | None = None
+        self.fused_wait = 0
 
     # -- setup -----------------------------------------------------------------------------------
     def configure_model(self, model: JointFusionModel) -> None:
@@ -148,6 +154,7 @@ class MSES(JointAux):
             raise ValueError(
                 f"mses: validation has no unimodal metric for {missing}; got {sorted(val.unimodal)}"
             )
+        all_frozen_before = self._all_frozen()
         newly_frozen: list[str] = []
         for m in model.modalities:
             if m in self.frozen_at:
@@ -170,21 +177,29 @@ class MSES(JointAux):
                 if self.restore_best and m in self.snapshots:
                     self.pending_restore.append(m)
         restored, self._restored_now = self._restored_now, []
-        return {
+        record: dict[str, Any] = {
             "frozen": sorted(self.frozen_at),
             "newly_frozen": newly_frozen,
             "restored": restored,
             "wait": dict(self.wait),
             "best_epoch": dict(self.best_epoch),
         }
+        if all_frozen_before:  # only the fused head trained this epoch
+            value = float(val.fused)
+            best = self.fused_best
+            if not math.isnan(value) and (best is None or value > best + self.min_delta):
+                self.fused_best, self.fused_wait = value, 0
+            else:
+                self.fused_wait += 1
+            record["fused_wait"] = self.fused_wait
+        return record
+
+    def _all_frozen(self) -> bool:
+        return bool(self._modalities) and all(m in self.frozen_at for m in self._modalities)
 
     def should_stop(self) -> bool:
-        """All encoders converged (and frozen): only the fused head would still train."""
-        return (
-            self.stop_when_all_frozen
-            and bool(self._modalities)
-            and all(m in self.frozen_at for m in self._modalities)
-        )
+        """Every encoder converged and frozen, and the fused head has converged after them."""
+        return self.stop_when_converged and self._all_frozen() and self.fused_wait >= self.patience
 
     # -- resumption ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -199,6 +214,8 @@ class MSES(JointAux):
                 m: {part: dict(state) for part, state in parts.items()}
                 for m, parts in self.snapshots.items()
             },
+            "fused_best": self.fused_best,
+            "fused_wait": self.fused_wait,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -217,6 +234,8 @@ class MSES(JointAux):
             m: {part: dict(s) for part, s in parts.items()}
             for m, parts in state["snapshots"].items()
         }
+        self.fused_best = None if state["fused_best"] is None else float(state["fused_best"])
+        self.fused_wait = int(state["fused_wait"])
         self._modalities = tuple(self.best)
 
     def describe(self) -> dict[str, Any]:
@@ -225,7 +244,7 @@ class MSES(JointAux):
             "patience": self.patience,
             "min_delta": self.min_delta,
             "restore_best": self.restore_best,
-            "stop_when_all_frozen": self.stop_when_all_frozen,
+            "stop_when_converged": self.stop_when_converged,
         }
 
 

@@ -3,9 +3,9 @@
 See :mod:`miles.strategies.mslr_base` for the method, its sources and our reading of the paper.
 """
 
-from miles.strategies.mslr_base import MEANS
+from miles.strategies.mslr_base import MEANS, smooth_lrs
 from miles.strategies.mslr_d import MSLRDynamic
 from miles.strategies.mslr_k import MSLRKeep
-from miles.strategies.mslr_s import MSLRSmooth, smooth_lrs
+from miles.strategies.mslr_s import MSLRSmooth
 
 __all__ = ["MEANS", "MSLRDynamic", "MSLRKeep", "MSLRSmooth", "smooth_lrs"]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from miles.report.document import Document
-from miles.studies.checks import check_seeds
+from miles.studies.checks import check_seeds, number_pairs
 from miles.studies.config import StudyConfig, quiet_base
 from miles.studies.planning import PlanContext, comparison_runs
 from miles.studies.runner import PlannedRun, RunBatch
@@ -101,17 +101,7 @@ def parse_fixed(text: str | Mapping[str, float] | None) -> dict[str, float]:
     if text is None:
         return fixed
     if isinstance(text, str):
-        pairs: dict[str, Any] = {}
-        for item in (t.strip() for t in text.split(",")):
-            if not item:
-                continue
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"--fixed expects KEY=VALUE pairs, got {item!r}")
-            try:
-                pairs[key.strip()] = float(value)
-            except ValueError:
-                raise ValueError(f"--fixed {key.strip()}: not a number: {value!r}") from None
+        pairs: dict[str, Any] = number_pairs(text.split(","), "--fixed")
     else:
         pairs = dict(text)
     for key, value in pairs.items():

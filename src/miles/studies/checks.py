@@ -7,7 +7,7 @@ wrong value a ``ValueError`` naming the value and what was expected. The fusion 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from miles.training.experiment import ExperimentConfig
@@ -19,6 +19,7 @@ __all__ = [
     "check_fusions",
     "check_methods",
     "check_seeds",
+    "number_pairs",
 ]
 
 
@@ -70,3 +71,21 @@ def check_seeds(seeds: Any) -> list[int]:
     if not items or len(set(items)) != len(items):
         raise ValueError(f"seeds must be distinct and non-empty, got {items}")
     return items
+
+
+def number_pairs(items: Iterable[str], what: str) -> dict[str, float]:
+    """``["tau=0.2", "mu=0.5"]`` -> ``{"tau": 0.2, "mu": 0.5}``; ``what`` names the option in
+    errors (an item without ``=``: "expects KEY=VALUE"; a value that is no number: "not a
+    number"). Empty items are skipped."""
+    pairs: dict[str, float] = {}
+    for item in (t.strip() for t in items):
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{what} expects KEY=VALUE pairs, got {item!r}")
+        try:
+            pairs[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{what} {key.strip()}: not a number: {value!r}") from None
+    return pairs

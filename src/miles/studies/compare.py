@@ -1,14 +1,16 @@
 """``miles compare``: every balancing method on the same data, model, budget and seeds.
 
 Each method gets the base experiment (encoders, epochs, optimizer, base learning rate, batch size)
-and the same seeds; only the strategy differs. How many runs a method needs comes from
-:mod:`miles.studies.planning` (one per modality for the unimodal references, made once for every
-fusion; the swept unimodal learning rates for MSLR), so this module knows no method by name.
+and the same seeds; only the strategy differs, unless ``method_optimizers`` gives a method its own
+optimizer settings (e.g. OGM with its authors' SGD; :mod:`miles.studies.optimizers`). How many
+runs a method needs comes from :mod:`miles.studies.planning` (one per modality for the unimodal
+references, made once for every fusion; the swept unimodal learning rates for MSLR; MILES with
+both ``reset_other`` readings), so this module knows no method by name.
 
 The runs go through the shared run loop (:func:`miles.studies.runner.run_all`: resumable, with
 divergence recorded). The table follows the paper's Table II: per method the fused metric, every
-head (the dominant one first), the signed gap and the imbalance diagnostic, as mean ± std over
-seeds.
+head (the dominant one first), the signed gap, the probe and slice readouts measured the same way
+for every method, and the imbalance diagnostic, as mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from miles.report.document import Document
+from miles.report.tables import Column
 from miles.studies.checks import check_fusions, check_methods, check_seeds
 from miles.studies.config import StudyConfig, quiet_base
+from miles.studies.optimizers import check_method_optimizers, describe_method_optimizers
 from miles.studies.planning import PlanContext, comparison_runs, method_plan
 from miles.studies.runner import Echo, PlannedRun, RunBatch
 from miles.studies.study import Study, run_study
@@ -32,6 +36,7 @@ __all__ = [
     "KIND",
     "Compare",
     "CompareConfig",
+    "method_name",
     "plan_runs",
     "run_compare",
     "run_folder",
@@ -71,7 +76,9 @@ class CompareConfig(StudyConfig):
 
     ``base`` is what every run shares; its strategy, fusion, seed and ``out_dir`` are set per run.
     ``sweep_lrs``/``sweep_epochs`` configure the unimodal LR sweep MSLR needs (cached in
-    ``sweep_cache``, default ``OUT/sweep``).
+    ``sweep_cache``, default ``OUT/sweep``). ``method_optimizers``: ``{method: trainer settings}``
+    for methods trained with other optimizer settings than ``base`` (specs such as ``"authors"``
+    or ``"sgd:weight_decay=1e-4"`` are resolved, see :mod:`miles.studies.optimizers`).
     """
 
     base: ExperimentConfig = field(default_factory=_compare_base)
@@ -81,6 +88,7 @@ class CompareConfig(StudyConfig):
     sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
     sweep_epochs: int = 5
     sweep_cache: str | None = None
+    method_optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: str = "compare-out"
 
     EXTENDABLE: ClassVar[tuple[str, ...]] = ("methods", "fusions", "seeds", "out_dir")
@@ -90,6 +98,7 @@ class CompareConfig(StudyConfig):
         self.methods = check_methods(self.methods)
         self.fusions = check_fusions(self.fusions)
         self.seeds = check_seeds(self.seeds)
+        self.method_optimizers = check_method_optimizers(self.method_optimizers, self.methods)
 
 
 def plan_runs(config: CompareConfig, ctx: PlanContext) -> list[PlannedRun]:
@@ -112,8 +121,15 @@ def plan_runs(config: CompareConfig, ctx: PlanContext) -> list[PlannedRun]:
                                 strategy_params=dict(params),
                                 seed=seed,
                                 out_dir=str(Path(config.out_dir) / where),
+                                **config.method_optimizers.get(method, {}),
                             ),
-                            {"method": method, "label": label, "fusion": fusion, "seed": seed},
+                            {
+                                "method": method,
+                                "label": label,
+                                "name": method_name({"method": method, "label": label}),
+                                "fusion": fusion,
+                                "seed": seed,
+                            },
                             f"seed {seed} {where.split('/')[1]} {method} {label}".rstrip(),
                         )
                     )
@@ -157,7 +173,8 @@ class Compare(Study[CompareConfig]):
         return dict(self.unimodal_lrs)
 
     def plan(self) -> list[PlannedRun]:
-        return plan_runs(self.config, PlanContext(tuple(self.data.modalities), self._sweep))
+        ctx = PlanContext(tuple(self.data.modalities), self._sweep, self.config.base.dataset)
+        return plan_runs(self.config, ctx)
 
     def rows(self, batch: RunBatch) -> list[dict[str, Any]]:
         rows = []
@@ -181,10 +198,12 @@ class Compare(Study[CompareConfig]):
 
     def extra(self, batch: RunBatch) -> dict[str, Any]:
         cfg = self.config
+        optimizers = describe_method_optimizers(cfg.method_optimizers)
         return {
             "unimodal_lrs": self.unimodal_lrs,
             "meta": f"MSLR LRs from a {cfg.sweep_epochs}-epoch unimodal sweep over "
-            f"{cfg.sweep_lrs}: {self.unimodal_lrs or 'not run'}.",
+            f"{cfg.sweep_lrs}: {self.unimodal_lrs or 'not run'}."
+            + (f" Per-method optimizer settings: {optimizers}." if optimizers else ""),
         }
 
     @classmethod
@@ -192,16 +211,24 @@ class Compare(Study[CompareConfig]):
         cls, doc: Document, payload: Mapping[str, Any], config: CompareConfig, summary: Summary
     ) -> None:
         """One Table II-shaped table per fusion."""
+        first = [Column("method", method_name)]
         for fusion in config.fusions:
             cells = [a for a in summary.aggregate if a["fusion"] == fusion]
             caption = f"{fusion} fusion: test {payload['metric']} (%), mean ± std over seeds"
             doc.section(f"{fusion} fusion").blocks.append(
-                summary_table(caption, cells, summary.order)
+                summary_table(caption, cells, summary.order, first=first)
             )
         doc.intro.append(
             f"Test {payload['metric']} (%) at the chosen epoch, mean ± std over seeds "
             f"{config.seeds}. {summary.explain()}"
         )
+
+
+def method_name(row: Mapping[str, Any]) -> str:
+    """A compare row's name: its method, and the variant label of a method planned more than once
+    (``miles (reset_other)``); the unimodal references are one row."""
+    label = row.get("label") or ""
+    return f"{row['method']} ({label})" if label and row["method"] != "unimodal" else row["method"]
 
 
 def run_compare(config: CompareConfig, **options: Any) -> dict[str, Any]:

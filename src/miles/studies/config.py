@@ -42,12 +42,11 @@ class StudyConfig:
         check_base(self.base)
 
     def run_config(self, **changes: Any) -> ExperimentConfig:
-        """``base`` with ``changes``; ``seed`` goes to the trainer."""
-        trainer = self.base.trainer
-        if "seed" in changes:
-            trainer = dataclasses.replace(trainer, seed=changes.pop("seed"))
-        if "lr" in changes:
-            trainer = dataclasses.replace(trainer, lr=changes.pop("lr"))
+        """``base`` with ``changes``; trainer fields (``seed``, ``lr``, ``optimizer``, ...) go to
+        the trainer."""
+        trainer_fields = {f.name for f in dataclasses.fields(TrainerConfig)}
+        trainer_changes = {k: changes.pop(k) for k in list(changes) if k in trainer_fields}
+        trainer = dataclasses.replace(self.base.trainer, **trainer_changes)
         return dataclasses.replace(self.base, trainer=trainer, **changes)
 
     def to_dict(self) -> dict[str, Any]:

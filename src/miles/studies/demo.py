@@ -40,7 +40,7 @@ KIND = "demo"
 DEMO_METHODS = ("joint", "joint+aux", "miles")
 DEMO_EPOCHS = 15
 #: the table the demo prints: per run, the numbers the README quotes
-DEMO_COLUMNS = ("fused", "heads", "gap", "chosen", "acted")
+DEMO_COLUMNS = ("fused", "heads", "gap", "probe", "slice", "chosen", "acted")
 
 
 def _demo_base() -> ExperimentConfig:

@@ -50,8 +50,9 @@ KEYS = ("fusion", "method", "label", "uses_aux_losses")
 
 
 def display_name(row: Mapping[str, Any]) -> str:
-    """How a table row is called: its label (``tau=0.2``, a variant) or else its method."""
-    return str(row.get("label") or row["method"])
+    """How a run is called: the name its study gave it, else its label (``tau=0.2``, a
+    variant), else its method."""
+    return str(row.get("name") or row.get("label") or row["method"])
 
 
 @dataclass
@@ -88,15 +89,19 @@ class Summary:
 def _references(ok: Sequence[dict[str, Any]], order: Sequence[str]) -> list[dict[str, Any]]:
     """Per (fusion, seed) with a reference run of every modality: their combined row."""
     own: dict[tuple[Any, Any], dict[str, float]] = {}
+    probes: dict[tuple[Any, Any], dict[str, Any]] = {}
     for r in ok:
         if r["method"] == REFERENCE:
-            own.setdefault((r.get("fusion"), r.get("seed")), {})[r["label"]] = r[r["label"]]
+            key, m = (r.get("fusion"), r.get("seed")), r["label"]
+            own.setdefault(key, {})[m] = r[m]
+            probes.setdefault(key, {})[f"probe_{m}"] = r.get(f"probe_{m}")
     combined = []
     for (fusion, seed), heads in own.items():
         if set(heads) >= set(order):
             combined.append(
                 {"fusion": fusion, "method": REFERENCE, "label": "", "seed": seed}
                 | {m: heads[m] for m in order}
+                | probes[(fusion, seed)]
                 | {"gap": signed_gap(heads, order), "uses_aux_losses": None}
             )
     return combined
@@ -121,12 +126,14 @@ def summarize(
     for r in ok:
         if r["method"] == REFERENCE:
             # one modality's own model: its head is the only number this run measures
+            # (the fused head, hence every slice, is untrained; the other encoders are frozen)
             own = r["label"]
             for key in (
                 "gap",
                 "fused",
                 "fused_last",
-                *(k for m in order if m != own for k in (m, f"{m}_last")),
+                *(k for m in order if m != own for k in (m, f"{m}_last", f"probe_{m}")),
+                *(f"slice_{m}" for m in order),
             ):
                 r[key] = None
             continue

@@ -5,7 +5,9 @@ own hyper-parameters (``tau``/``mu`` for MILES, ``alpha`` for OGM, ...) at rando
 with the best validation fused metric, reports that trial's test result, and re-runs it over
 several seeds for mean ± std. This study does exactly that:
 
-- the search spaces are a table keyed by method name (:mod:`miles.studies.search_space`);
+- the search spaces are a table keyed by method name (:mod:`miles.studies.search_space`); what a
+  method takes from the study rather than the search (MSLR's per-modality rates, from the
+  unimodal tuning as the paper does) comes from :func:`miles.studies.planning.method_inputs`;
 - the trial loop is Optuna's, with seeded per-trial samplers and a resumable storage
   (:mod:`miles.studies.optuna_study`), and every trial trains through the shared per-run runner
   (:func:`miles.studies.runner.run_one`: settings checked, divergence recorded, progress with ETA);
@@ -29,7 +31,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from miles.report.document import Document, Table
 from miles.report.tables import pct
 from miles.studies.config import StudyConfig, quiet_base
+from miles.studies.optimizers import check_method_optimizers
 from miles.studies.optuna_study import RETRY_OF, SAMPLERS, open_study, trial_counts
+from miles.studies.planning import PlanContext, method_inputs
 from miles.studies.runner import Echo, PlannedRun, Progress, RunBatch, run_one
 from miles.studies.search_space import run_settings, search_space, suggest
 from miles.studies.storage import shown
@@ -51,7 +55,7 @@ __all__ = [
 
 KIND = "sweep"
 #: the columns of the re-runs' table
-RERUN_COLUMNS = ("fused", "heads", "gap", "chosen", "acted", "n")
+RERUN_COLUMNS = ("fused", "heads", "gap", "probe", "slice", "chosen", "acted", "n")
 
 
 def _sweep_base() -> ExperimentConfig:
@@ -65,7 +69,10 @@ class SweepConfig(StudyConfig):
     ``rerun_seeds`` re-runs of the best one. ``storage`` defaults to ``sqlite:///OUT/sweep.db``
     and ``study_name`` to ``dataset-method-fusion``. ``wait``: when no trial is left to start
     but some run elsewhere, keep polling (re-running those whose worker died) until all have
-    finished, instead of stopping."""
+    finished, instead of stopping. ``sweep_lrs``/``sweep_epochs``/``sweep_cache`` configure the
+    unimodal LR sweep MSLR takes its rates from (default cache: the study folder's
+    ``lr-sweep``); ``method_optimizers`` may give the method its own optimizer settings (as in
+    ``miles compare``; its learning rate is searched, so it may not set ``lr``)."""
 
     base: ExperimentConfig = field(default_factory=_sweep_base)
     method: str = "miles"
@@ -76,6 +83,10 @@ class SweepConfig(StudyConfig):
     study_name: str | None = None
     stale_after: int = 120
     wait: bool = False
+    sweep_lrs: list[float] = field(default_factory=lambda: [3e-4, 1e-3, 3e-3])
+    sweep_epochs: int = 5
+    sweep_cache: str | None = None
+    method_optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
     out_dir: str = "sweep-out"
 
     #: may differ between the workers of one study: they do not change what a trial measures
@@ -102,6 +113,9 @@ class SweepConfig(StudyConfig):
                 raise ValueError(f"{name} must be >= {low}, got {value!r}")
         if not isinstance(self.wait, bool):
             raise TypeError(f"wait must be a bool, got {self.wait!r}")
+        self.method_optimizers = check_method_optimizers(self.method_optimizers, [self.method])
+        if "lr" in self.method_optimizers.get(self.method, {}):
+            raise ValueError("method_optimizers may not set lr in a sweep: the sweep searches it")
         self.run_config(strategy=self.method)  # validates the method with the base
 
     @property
@@ -144,6 +158,8 @@ class SweepConfig(StudyConfig):
             "sampler": self.sampler,
             "search_space": [p.__dict__ for p in search_space(self.method)],
         }
+        if self.method_optimizers:  # only when set, so older studies still open
+            settings["method_optimizer"] = self.method_optimizers[self.method]
         return dict(json.loads(json.dumps(settings)))
 
 
@@ -233,6 +249,8 @@ class Sweep(Study[SweepConfig]):
         self.trials: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None
         self.finished = self.running = 0
+        #: the strategy params every trial takes from the study (:meth:`inputs`)
+        self.fixed: dict[str, Any] | None = None
 
     @property
     def out(self) -> Path:
@@ -242,12 +260,42 @@ class Sweep(Study[SweepConfig]):
         """The study's shared settings are checked by its Optuna storage (:meth:`plan`)."""
         self.out.mkdir(parents=True, exist_ok=True)
 
+    def inputs(self) -> dict[str, Any]:
+        """What every trial of the method takes from the study, not from the search
+        (:func:`~miles.studies.planning.method_inputs`; e.g. MSLR's unimodal rates, tuned on each
+        modality's own validation metric as the paper does), less what the search samples."""
+        if self.fixed is None:
+            from miles.studies.lr_sweep import sweep_unimodal_lrs
+
+            cfg = self.config
+
+            def unimodal_lrs() -> dict[str, float]:
+                return sweep_unimodal_lrs(
+                    cfg.run_config(),
+                    self.data,
+                    lrs=cfg.sweep_lrs,
+                    epochs=cfg.sweep_epochs,
+                    cache_dir=cfg.sweep_cache or self.out / "lr-sweep",
+                    echo=self.echo,
+                )
+
+            ctx = PlanContext(tuple(self.data.modalities), unimodal_lrs, cfg.base.dataset)
+            searched = {p.name for p in search_space(cfg.method)}
+            found = method_inputs(cfg.method, ctx)
+            self.fixed = {k: v for k, v in found.items() if k not in searched}
+        return dict(self.fixed)
+
     def _planned(self, params: Mapping[str, Any], *, seed: int, out: Path, name: str) -> PlannedRun:
-        """One run of the method with a trial's flat parameters."""
+        """One run of the method with a trial's flat parameters (and the study's inputs)."""
         cfg = self.config
         lr, strategy_params = run_settings(cfg.method, params, self.data.modalities)
         exp = cfg.run_config(
-            strategy=cfg.method, strategy_params=strategy_params, lr=lr, seed=seed, out_dir=str(out)
+            strategy=cfg.method,
+            strategy_params={**self.inputs(), **strategy_params},
+            lr=lr,
+            seed=seed,
+            out_dir=str(out),
+            **cfg.method_optimizers.get(cfg.method, {}),
         )
         return PlannedRun(exp, {"method": cfg.method, "label": "", "seed": seed}, name)
 
@@ -280,13 +328,14 @@ class Sweep(Study[SweepConfig]):
         """Run (or resume, or join) the search; then the best trial's re-runs, once every
         trial has finished (else none: the sweep says the re-runs wait)."""
         cfg = self.config
+        fixed = self.inputs()  # e.g. MSLR's unimodal rates: every trial shares them
         shared = open_study(
             cfg.storage_url,
             cfg.name,
             sampler=cfg.sampler,
             seed=cfg.seed,
             stale_after=cfg.stale_after,
-            settings=cfg.shared_settings(),
+            settings={**cfg.shared_settings(), **({"inputs": fixed} if fixed else {})},
         )
         study = shared.study
         finished, running = trial_counts(study)
@@ -346,6 +395,7 @@ class Sweep(Study[SweepConfig]):
             "study_name": cfg.name,
             "storage": shown(cfg.storage_url),
             "search_space": [p.describe() for p in search_space(cfg.method)],
+            "inputs": self.fixed or {},
             "finished": self.finished,
             "best": self.best,
             "rerun_seeds": list(range(cfg.rerun_seeds)),
@@ -368,6 +418,13 @@ class Sweep(Study[SweepConfig]):
             f"{metric} (%); val = the run's best validation fused metric (the selection "
             "criterion), test = fused test metric at that epoch.",
             "Search space: " + "; ".join(payload["search_space"]) + ".",
+            (
+                "Fixed for every trial (from the study, not searched): "
+                + _fmt_params(payload["inputs"])
+                + "."
+            )
+            if payload.get("inputs")
+            else "",
             "No trial has completed yet."
             if best is None
             else f"**Best trial {best['number']}** (highest val; ties: lowest number): "

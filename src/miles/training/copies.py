@@ -11,7 +11,8 @@ The run stays exactly as it would be without the copy: the copy's shuffling uses
 generator, and the global random streams (dropout, noise) are forked and restored, so a method that
 estimates something on the side changes the main run only through what it decides from the
 estimate. That keeps resumption exact and makes "same seed, same numbers" hold whether or not a
-copy was trained.
+copy was trained. :func:`mean_head_losses` measures a copy (or the run's model) on the side the
+same way, and :func:`in_order` gives an unshuffled pass over the training data.
 """
 
 from __future__ import annotations
@@ -44,6 +45,51 @@ def reshuffled(loader: DataLoader, seed: int) -> DataLoader:
         num_workers=loader.num_workers,
         pin_memory=loader.pin_memory,
     )
+
+
+def in_order(loader: DataLoader) -> DataLoader:
+    """``loader``'s dataset, batch size and collate function, unshuffled: an evaluation pass over
+    the training data (e.g. MILES's training-set metrics) that leaves the training loader's
+    shuffling stream where it was."""
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        shuffle=False,
+        collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+        pin_memory=loader.pin_memory,
+    )
+
+
+@torch.no_grad()
+def mean_head_losses(
+    ctx: StrategyContext, loader: DataLoader, model: JointFusionModel | None = None
+) -> dict[str, float]:
+    """Per-head mean loss (``"fused"`` and one per modality) of ``model`` (default: the run's) over
+    ``loader``, in eval mode, per sample, with the run's loss function.
+
+    Runs under a forked random state (a DataLoader iterator draws its seed from the global
+    generator), so measuring a copy, or the run itself, on the side changes nothing in the run.
+    """
+    net = ctx.model if model is None else model
+    was_training = net.training
+    sums: dict[str, float] = {}
+    count = 0
+    devices = [ctx.device] if ctx.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        net.eval()
+        try:
+            for raw in loader:
+                batch = move_batch(raw, ctx.device)
+                n = int(batch["target"].shape[0])
+                for name, value in ctx.head_losses(ctx.forward(batch, model=net), batch).items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * n
+                count += n
+        finally:
+            net.train(was_training)
+    if count == 0:
+        raise ValueError("mean_head_losses: the loader is empty")
+    return {name: total / count for name, total in sums.items()}
 
 
 def train_copy(

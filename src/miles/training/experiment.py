@@ -63,6 +63,31 @@ class ExperimentConfig:
         return asdict(self)
 
 
+def run_readouts(model: JointFusionModel, data: Any, config: ExperimentConfig) -> dict[str, Any]:
+    """The readouts every method reports (:func:`miles.readouts.readouts`): a linear probe per
+    modality on the frozen encoders and the fused-head slice, at the chosen epoch (the weights
+    ``Trainer.fit`` leaves in the model), scored on the test split (validation without one).
+
+    It reads nothing of the strategy: identical encoders give identical readouts.
+    """
+    from miles.data import collate_multimodal
+    from miles.readouts import readouts
+
+    test, split = (data.test, "test") if data.test is not None else (data.val, "val")
+    return readouts(
+        model,
+        data.train,
+        test,
+        metric=data.metric,
+        multilabel=data.multilabel,
+        seed=config.trainer.seed,
+        collate_fn=collate_multimodal,
+        device=config.trainer.device,
+        batch_size=config.trainer.eval_batch_size,
+        split=split,
+    )
+
+
 def run_experiment(
     config: ExperimentConfig,
     *,
@@ -73,8 +98,10 @@ def run_experiment(
     """Build dataset (unless ``data`` is given), model and strategy from ``config`` and train.
 
     The model is initialised right after ``torch.manual_seed(seed)``, so every strategy with the
-    same seed starts from the same weights. ``on_epoch_end`` is passed to the
-    :class:`~miles.training.trainer.Trainer` (called with each epoch's history row).
+    same seed starts from the same weights. After training, :func:`run_readouts` measures the
+    probe and slice readouts at the chosen epoch (``result.extra["readouts"]``). ``on_epoch_end``
+    is passed to the :class:`~miles.training.trainer.Trainer` (called with each epoch's history
+    row).
     """
     from miles.data import build_dataset, collate_multimodal
 
@@ -99,6 +126,7 @@ def run_experiment(
     result.extra.update(
         {"dataset": config.dataset, "fusion": config.fusion, "modalities": list(data.modalities)}
     )
+    result.extra["readouts"] = run_readouts(model, data, config)
     if config.out_dir is not None:
         from miles.training.history import write_json
 

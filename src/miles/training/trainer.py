@@ -293,6 +293,7 @@ class Trainer:
             train_probe_loader=train_probe_loader,
             train_loader=train_loader,
             make_optimizer=self._make_optimizer,
+            seed=cfg.seed,
         )
         return _Run(
             ctx=ctx,
