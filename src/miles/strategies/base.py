@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -56,6 +56,9 @@ from torch import Tensor
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.models.param_groups import modality_param_groups
+
+if TYPE_CHECKING:
+    from miles.strategies.data import StrategyData
 
 #: hooks renamed for consistent ``on_*`` names: a subclass still defining the old name would
 #: silently never be called, so defining it is an error
@@ -109,6 +112,9 @@ class StrategyContext:
     #: builds an optimizer with the run's settings (kind, momentum, weight decay) over the given
     #: param groups, e.g. for copies of the model a method trains on the side
     make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer] | None = None
+    #: the run's splits for strategies: ordered passes with row positions, collected latents, and
+    #: the training plan that replaces the next epochs' rows (:mod:`miles.strategies.data`)
+    data: StrategyData | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     # -- step primitives -------------------------------------------------------------------------
@@ -116,9 +122,16 @@ class StrategyContext:
         self, batch: Mapping[str, Any], model: JointFusionModel | None = None
     ) -> FusionOutput:
         """``model(inputs, lengths)`` on a batch already on :attr:`device` (default: the run's
-        model)."""
+        model). A training plan's batch with a ``"keep"`` mask has its masked modalities' latents
+        zeroed before the fused head (:func:`miles.strategies.data.keep_modalities`)."""
         net = self.model if model is None else model
-        return net(batch["inputs"], batch.get("lengths") or None)
+        output: FusionOutput = net(batch["inputs"], batch.get("lengths") or None)
+        keep = batch.get("keep")
+        if keep is None:
+            return output
+        from miles.strategies.data import keep_modalities
+
+        return keep_modalities(net, output, keep)
 
     def head_losses(self, output: FusionOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per-head losses (``"fused"`` and one per modality) with the run's loss function."""

@@ -26,6 +26,7 @@ from miles.models.fusion import JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.results import RunResult  # re-exported: it used to live here
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.strategies.data import StrategyData
 from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from miles.training.history import write_history, write_json
 from miles.validation import (
@@ -293,6 +294,17 @@ class Trainer:
             train_probe_loader=train_probe_loader,
             train_loader=train_loader,
             make_optimizer=self._make_optimizer,
+            data=StrategyData(
+                {"train": train_part, "val": val, "holdout": holdout_part},
+                batch_size=cfg.batch_size,
+                eval_batch_size=cfg.eval_batch_size,
+                collate_fn=self.collate_fn,
+                generator=generator,
+                default_loader=train_loader,
+                device=self.device,
+                seed=cfg.seed,
+                modalities=model.modalities,
+            ),
         )
         return _Run(
             ctx=ctx,
@@ -337,7 +349,9 @@ class Trainer:
         t0 = time.perf_counter()
         strategy.on_epoch_start(ctx, epoch)
         lrs = group_lrs(ctx.optimizer)
-        train_stats = self._train_epoch(run.train_loader, ctx.optimizer, ctx)
+        # the training part, or the rows of a plan the strategy set (ctx.data.set_train_plan)
+        loader = ctx.data.epoch_loader() if ctx.data is not None else run.train_loader
+        train_stats = self._train_epoch(loader, ctx.optimizer, ctx)
         val_res = self.evaluate(run.val_loader, keep_latents=strategy.needs_latents)
         holdout_res = self.evaluate(run.holdout_loader) if run.holdout_loader is not None else None
         record = strategy.on_epoch_end(ctx, epoch, val_res, holdout_res)
