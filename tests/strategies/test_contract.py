@@ -57,6 +57,10 @@ EXAMPLES: dict[str, Example] = {
     "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
     "gblend": Example({"super_epoch": 1}),
     "miles": Example({"tau": 0.0}),
+    # newer methods (issue 13)
+    "mmcosine": Example({"scaling": 5.0}),
+    "umt": Example({"teacher_epochs": 2}),
+    "ume": Example({"rule": "probs"}),
 }
 
 
@@ -89,6 +93,8 @@ NEUTRAL = [
     ),
     Neutral("mses", {"patience": 10}, "joint+aux", {"patience": 1, "min_delta": 1.0}),
     Neutral("miles", {"mu": 1.0, "tau": 0.0}, "joint+aux", {"mu": 0.5, "tau": 0.0}),
+    # the teachers are still trained (on their own streams): they must change nothing at s = 0
+    Neutral("umt", {"scaling": 0.0, "teacher_epochs": 2}, "joint", {"teacher_epochs": 2}),
 ]
 
 

@@ -15,22 +15,28 @@ from miles.strategies.base import (
 from miles.strategies.gblend import GBlend
 from miles.strategies.joint import Joint, JointAux
 from miles.strategies.miles import MILESStrategy
+from miles.strategies.mmcosine import MMCosine
 from miles.strategies.mses import MSES
 from miles.strategies.mslr import MSLRDynamic, MSLRKeep, MSLRSmooth
 from miles.strategies.ogm import OGM
 from miles.strategies.ogm_ge import OGMGE
 from miles.strategies.registry import available_strategies, build_strategy, register_strategy
+from miles.strategies.ume import UME
+from miles.strategies.umt import UMT
 from miles.strategies.unimodal import Unimodal
 
 __all__ = [
     "MSES",
     "OGM",
     "OGMGE",
+    "UME",
+    "UMT",
     "EvalResult",
     "GBlend",
     "Joint",
     "JointAux",
     "MILESStrategy",
+    "MMCosine",
     "MSLRDynamic",
     "MSLRKeep",
     "MSLRSmooth",

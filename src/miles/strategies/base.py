@@ -102,7 +102,9 @@ class StrategyContext:
     epochs: int
     multilabel: bool
     metric: str
-    evaluate: Callable[[Any], EvalResult]
+    #: ``evaluate(loader, keep_latents=False, model=None)``: every head's metric and loss over
+    #: ``loader``, of the run's model or of ``model``
+    evaluate: Callable[..., EvalResult]
     holdout_loader: Any | None = None
     #: eval-mode loader over a fixed slice of the training part, as large as the holdout (present
     #: when ``holdout_fraction > 0``): train and held-out losses measured the same way

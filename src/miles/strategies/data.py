@@ -101,9 +101,7 @@ class Collected:
     index: Tensor
 
 
-def keep_modalities(
-    model: JointFusionModel, output: FusionOutput, keep: Tensor
-) -> FusionOutput:
+def keep_modalities(model: JointFusionModel, output: FusionOutput, keep: Tensor) -> FusionOutput:
     """``output`` with each row's masked modalities zeroed before the fused head.
 
     ``keep`` is ``(batch, M)`` bool in ``model.modalities`` order. The fused logits are recomputed

@@ -66,6 +66,10 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "mslr-k": (LR, UNIMODAL_LRS),
     "mslr-s": (LR, UNIMODAL_LRS, Param("smoothing", 0.0, 1.0)),
     "mslr-d": (LR, UNIMODAL_LRS, Param("window", 2, 10, integer=True)),
+    # newer methods (issue 13); ranges around each method's published default
+    "mmcosine": (LR, Param("scaling", 2.0, 30.0, log=True)),  # authors 10, BalanceBenchmark 15
+    "umt": (LR, Param("scaling", 0.1, 100.0, log=True)),  # BalanceBenchmark 10
+    "ume": (LR,),  # its one option, the combination rule, is a choice, not a range
 }
 #: methods that exist but cannot be swept, and why
 NOT_SWEEPABLE = {

@@ -150,9 +150,16 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, *, keep_latents: bool = False) -> EvalResult:
-        """Metric of the fused head and of every unimodal head over ``loader``."""
-        model = self.model
+    def evaluate(
+        self,
+        loader: DataLoader,
+        *,
+        keep_latents: bool = False,
+        model: JointFusionModel | None = None,
+    ) -> EvalResult:
+        """Metric of the fused head and of every unimodal head over ``loader`` (of the run's
+        model, or of ``model``, e.g. a copy a strategy trains on the side)."""
+        model = self.model if model is None else model
         was_training = model.training
         model.eval()
         metrics = HeadMetrics(

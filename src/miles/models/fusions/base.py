@@ -69,6 +69,17 @@ class Fusion(nn.Module):
             "use an additive fusion such as 'concat' or 'sum'"
         )
 
+    def modality_weight(self, modality: str) -> Tensor:
+        """The ``(classes, d_m)`` block of the head's weight that reads ``modality``'s latent.
+
+        Only defined for linear additive fusions, where ``modality_logits`` is
+        ``z_m W_m^T + b / N``; methods that re-normalise the head per modality (MMCosine) read it.
+        """
+        raise NotImplementedError(
+            f"fusion {self.name or type(self).__name__!r} has no per-modality block of its head "
+            "weight; use a linear additive fusion such as 'concat' or 'sum'"
+        )
+
     # -- shared ----------------------------------------------------------------------------------
     def forward(self, latents: Mapping[str, Tensor]) -> Tensor:
         missing = [m for m in self.modalities if m not in latents]
