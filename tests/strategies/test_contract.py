@@ -61,6 +61,7 @@ EXAMPLES: dict[str, Example] = {
     "mmcosine": Example({"scaling": 5.0}),
     "umt": Example({"teacher_epochs": 2}),
     "ume": Example({"rule": "probs"}),
+    "relearning": Example({"every": 1}),  # re-initialises before epochs 3 and 4
 }
 
 
@@ -95,6 +96,8 @@ NEUTRAL = [
     Neutral("miles", {"mu": 1.0, "tau": 0.0}, "joint+aux", {"mu": 0.5, "tau": 0.0}),
     # the teachers are still trained (on their own streams): they must change nothing at s = 0
     Neutral("umt", {"scaling": 0.0, "teacher_epochs": 2}, "joint", {"teacher_epochs": 2}),
+    # the diagnosis still runs (k-means on its own stream): lambda = 0 must change nothing
+    Neutral("relearning", {"lam": 0.0, "every": 1}, "joint", {"lam": 3.0, "every": 1}),
 ]
 
 

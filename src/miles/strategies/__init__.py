@@ -21,6 +21,7 @@ from miles.strategies.mslr import MSLRDynamic, MSLRKeep, MSLRSmooth
 from miles.strategies.ogm import OGM
 from miles.strategies.ogm_ge import OGMGE
 from miles.strategies.registry import available_strategies, build_strategy, register_strategy
+from miles.strategies.relearning import Relearning
 from miles.strategies.ume import UME
 from miles.strategies.umt import UMT
 from miles.strategies.unimodal import Unimodal
@@ -40,6 +41,7 @@ __all__ = [
     "MSLRDynamic",
     "MSLRKeep",
     "MSLRSmooth",
+    "Relearning",
     "StepOutput",
     "Strategy",
     "StrategyContext",

@@ -70,6 +70,8 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "mmcosine": (LR, Param("scaling", 2.0, 30.0, log=True)),  # authors 10, BalanceBenchmark 15
     "umt": (LR, Param("scaling", 0.1, 100.0, log=True)),  # BalanceBenchmark 10
     "ume": (LR,),  # its one option, the combination rule, is a choice, not a range
+    # lambda: the paper uses 3-8; H: the paper 5-20 (for a short budget it must be small)
+    "relearning": (LR, Param("lam", 1.0, 10.0), Param("every", 2, 20, integer=True)),
 }
 #: methods that exist but cannot be swept, and why
 NOT_SWEEPABLE = {
