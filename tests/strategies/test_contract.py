@@ -62,6 +62,8 @@ EXAMPLES: dict[str, Example] = {
     "umt": Example({"teacher_epochs": 2}),
     "ume": Example({"rule": "probs"}),
     "relearning": Example({"every": 1}),  # re-initialises before epochs 3 and 4
+    "opm": Example({"warmup": 0}),
+    "ogm-tpami": Example({"modulation_starts": 1}, optimizer="sgd"),
 }
 
 
@@ -98,6 +100,15 @@ NEUTRAL = [
     Neutral("umt", {"scaling": 0.0, "teacher_epochs": 2}, "joint", {"teacher_epochs": 2}),
     # the diagnosis still runs (k-means on its own stream): lambda = 0 must change nothing
     Neutral("relearning", {"lam": 0.0, "every": 1}, "joint", {"lam": 3.0, "every": 1}),
+    # the drops are still drawn (on OPM's own stream): q_base = 0 must change nothing
+    Neutral("opm", {"q_base": 0.0, "warmup": 0}, "joint", {"warmup": 0}),
+    Neutral(
+        "ogm-tpami",
+        {"alpha": 0.0, "noise": False, "modulation_starts": 1},
+        "joint",
+        {"alpha": 1.0, "noise": False, "modulation_starts": 1},
+        optimizer="sgd",
+    ),
 ]
 
 

@@ -20,6 +20,8 @@ from miles.strategies.mses import MSES
 from miles.strategies.mslr import MSLRDynamic, MSLRKeep, MSLRSmooth
 from miles.strategies.ogm import OGM
 from miles.strategies.ogm_ge import OGMGE
+from miles.strategies.ogm_tpami import OGMTPAMI
+from miles.strategies.opm import OPM
 from miles.strategies.registry import available_strategies, build_strategy, register_strategy
 from miles.strategies.relearning import Relearning
 from miles.strategies.ume import UME
@@ -30,6 +32,8 @@ __all__ = [
     "MSES",
     "OGM",
     "OGMGE",
+    "OGMTPAMI",
+    "OPM",
     "UME",
     "UMT",
     "EvalResult",

@@ -72,6 +72,8 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "ume": (LR,),  # its one option, the combination rule, is a choice, not a range
     # lambda: the paper uses 3-8; H: the paper 5-20 (for a short budget it must be small)
     "relearning": (LR, Param("lam", 1.0, 10.0), Param("every", 2, 20, integer=True)),
+    "opm": (LR, Param("q_base", 0.1, 0.8), Param("lam", 0.1, 1.0)),  # authors: 0.5, 0.5
+    "ogm-tpami": (LR, Param("alpha", 0.1, 1.0)),  # authors' script: 0.8
 }
 #: methods that exist but cannot be swept, and why
 NOT_SWEEPABLE = {
