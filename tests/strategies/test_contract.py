@@ -64,6 +64,9 @@ EXAMPLES: dict[str, Example] = {
     "relearning": Example({"every": 1}),  # re-initialises before epochs 3 and 4
     "opm": Example({"warmup": 0}),
     "ogm-tpami": Example({"modulation_starts": 1}, optimizer="sgd"),
+    # re-sampled from epoch 2: the cut at epoch 2 falls between a plan and its first epoch
+    "valuation-sample": Example({"warmup": 1}),
+    "valuation-modality": Example({"warmup": 1, "alpha": 3.0}),
 }
 
 
@@ -108,6 +111,10 @@ NEUTRAL = [
         "joint",
         {"alpha": 1.0, "noise": False, "modulation_starts": 1},
         optimizer="sgd",
+    ),
+    # the values are still computed (one pass per epoch): alpha = 0 must change nothing
+    Neutral(
+        "valuation-modality", {"warmup": 1, "alpha": 0.0}, "joint", {"warmup": 1, "alpha": 3.0}
     ),
 ]
 

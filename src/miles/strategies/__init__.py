@@ -27,6 +27,8 @@ from miles.strategies.relearning import Relearning
 from miles.strategies.ume import UME
 from miles.strategies.umt import UMT
 from miles.strategies.unimodal import Unimodal
+from miles.strategies.valuation_modality import ModalityValuation
+from miles.strategies.valuation_sample import SampleValuation
 
 __all__ = [
     "MSES",
@@ -45,7 +47,9 @@ __all__ = [
     "MSLRDynamic",
     "MSLRKeep",
     "MSLRSmooth",
+    "ModalityValuation",
     "Relearning",
+    "SampleValuation",
     "StepOutput",
     "Strategy",
     "StrategyContext",

@@ -120,7 +120,9 @@ class UMT(Joint):
             ``scaling = 0`` is exactly ``joint`` (the teachers are still trained, on their own
             random streams, and change nothing).
         teacher_epochs: epochs of teacher training (default: the run's epoch budget, as
-            BalanceBenchmark trains its unimodal teachers with the global epoch setting).
+            BalanceBenchmark trains its unimodal teachers with the global epoch setting). The
+            teachers are trained once, when the fit starts; a resumed run reuses them, even if
+            it was given a longer budget.
 
     Departures, from BalanceBenchmark and from the paper:
 

@@ -74,6 +74,12 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "relearning": (LR, Param("lam", 1.0, 10.0), Param("every", 2, 20, integer=True)),
     "opm": (LR, Param("q_base", 0.1, 0.8), Param("lam", 0.1, 1.0)),  # authors: 0.5, 0.5
     "ogm-tpami": (LR, Param("alpha", 0.1, 1.0)),  # authors' script: 0.8
+    "valuation-sample": (LR, Param("warmup", 1, 10, integer=True)),  # authors: 5
+    "valuation-modality": (
+        LR,
+        Param("warmup", 1, 10, integer=True),
+        Param("alpha", 0.25, 4.0, log=True),
+    ),
 }
 #: methods that exist but cannot be swept, and why
 NOT_SWEEPABLE = {
