@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 KIND = "compare"
-#: the paper's comparison: references, the seven baselines, MILES (in table order)
+#: every method ``--methods all`` runs: references, the paper's seven baselines, the newer methods,
+#: MILES (in table order)
 ALL_METHODS = (
     "joint",
     "joint+aux",
@@ -50,6 +51,15 @@ ALL_METHODS = (
     "ogm",
     "ogm-ge",
     "gblend",
+    # newer methods (issue 13)
+    "mmcosine",
+    "umt",
+    "ume",
+    "relearning",
+    "opm",
+    "ogm-tpami",
+    "valuation-sample",
+    "valuation-modality",
     "miles",
 )
 
