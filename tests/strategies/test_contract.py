@@ -67,6 +67,8 @@ EXAMPLES: dict[str, Example] = {
     # re-sampled from epoch 2: the cut at epoch 2 falls between a plan and its first epoch
     "valuation-sample": Example({"warmup": 1}),
     "valuation-modality": Example({"warmup": 1, "alpha": 3.0}),
+    "lfm": Example(),
+    "cml": Example(),
 }
 
 
@@ -112,6 +114,7 @@ NEUTRAL = [
         {"alpha": 1.0, "noise": False, "modulation_starts": 1},
         optimizer="sgd",
     ),
+    Neutral("lfm", {"alpha": 0.0}, "joint", {"alpha": 0.5}),
     # the values are still computed (one pass per epoch): alpha = 0 must change nothing
     Neutral(
         "valuation-modality", {"warmup": 1, "alpha": 0.0}, "joint", {"warmup": 1, "alpha": 3.0}

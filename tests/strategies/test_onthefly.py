@@ -163,7 +163,7 @@ def test_opm_errors() -> None:
         build_strategy("opm", q_base=1.5)
     with pytest.raises(ValueError, match="p_exe must be"):
         build_strategy("opm", p_exe=-0.1)
-    with pytest.raises(RuntimeError, match="on_fit_start was not called"):
+    with pytest.raises(RuntimeError, match="random stream is not started"):
         OPM().draw({"a": 0.1}, 2)
 
 

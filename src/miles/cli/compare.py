@@ -19,9 +19,7 @@ from miles.cli.registry import Command, register_command
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--methods", type=methods, default="all", help="comma-separated, or 'all' (every built-in method)"
-    )
+    p.add_argument("--methods", type=methods, default="all", help="comma-separated, or 'all'")
     p.add_argument(
         "--sweep-lrs",
         type=floats,

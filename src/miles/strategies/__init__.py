@@ -12,8 +12,10 @@ from miles.strategies.base import (
     Strategy,
     StrategyContext,
 )
+from miles.strategies.cml import CML
 from miles.strategies.gblend import GBlend
 from miles.strategies.joint import Joint, JointAux
+from miles.strategies.lfm import LFM
 from miles.strategies.miles import MILESStrategy
 from miles.strategies.mmcosine import MMCosine
 from miles.strategies.mses import MSES
@@ -31,6 +33,8 @@ from miles.strategies.valuation_modality import ModalityValuation
 from miles.strategies.valuation_sample import SampleValuation
 
 __all__ = [
+    "CML",
+    "LFM",
     "MSES",
     "OGM",
     "OGMGE",

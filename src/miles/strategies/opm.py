@@ -21,6 +21,7 @@ from miles.strategies.base import EvalResult, StepOutput, StrategyContext
 from miles.strategies.joint import Joint
 from miles.strategies.onthefly import check_additive, discrepancy, mean_ratios, unimodal_scores
 from miles.strategies.registry import register_strategy
+from miles.strategies.streams import OwnStream
 from miles.validation import check_fraction, check_non_negative, check_non_negative_int
 
 __all__ = ["OPM", "drop_probability", "feature_scale"]
@@ -104,8 +105,7 @@ class OPM(Joint):
         self.lam = check_non_negative("lam", lam)
         self.p_exe = check_fraction("p_exe", p_exe, one=True)
         self.warmup = check_non_negative_int("warmup", warmup)
-        self._generator: torch.Generator | None = None
-        self._pending_state: Tensor | None = None
+        self._stream = OwnStream(STREAM_OFFSET)
         self._epoch = 0
         self._reset_stats()
 
@@ -119,10 +119,7 @@ class OPM(Joint):
             raise ValueError("opm does not support multilabel tasks (its score needs one class)")
         if ctx.data is None:
             raise ValueError("opm needs ctx.data (the trainer provides it)")
-        self._generator = torch.Generator().manual_seed(ctx.data.seed + STREAM_OFFSET)
-        if self._pending_state is not None:
-            self._generator.set_state(self._pending_state)
-            self._pending_state = None
+        self._stream.start(ctx.data.seed)
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         self._epoch = epoch
@@ -146,13 +143,12 @@ class OPM(Joint):
 
     def draw(self, q: Mapping[str, float], batch_size: int) -> Tensor | None:
         """Keep mask ``(batch, M)`` for an executed drop, or ``None`` (not executed this batch)."""
-        if self._generator is None:
-            raise RuntimeError("OPM.on_fit_start was not called (no random stream)")
-        executed = float(torch.rand((), generator=self._generator)) >= 1.0 - self.p_exe
+        generator = self._stream.generator
+        executed = float(torch.rand((), generator=generator)) >= 1.0 - self.p_exe
         if not executed:
             return None
         keep_p = torch.tensor([1.0 - q[m] for m in q]).expand(batch_size, len(q))
-        return torch.bernoulli(keep_p, generator=self._generator).bool()
+        return torch.bernoulli(keep_p, generator=generator).bool()
 
     def training_step(self, ctx: StrategyContext, batch: Mapping[str, Any]) -> StepOutput:
         model = ctx.model
@@ -221,13 +217,10 @@ class OPM(Joint):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        if self._generator is not None:
-            return {"generator": self._generator.get_state()}
-        return {} if self._pending_state is None else {"generator": self._pending_state}
+        return self._stream.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if state:
-            self._pending_state = state["generator"]
+        self._stream.load_state_dict(state)
 
     def describe(self) -> dict[str, Any]:
         return {

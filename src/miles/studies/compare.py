@@ -60,6 +60,8 @@ ALL_METHODS = (
     "ogm-tpami",
     "valuation-sample",
     "valuation-modality",
+    "lfm",
+    "cml",
     "miles",
 )
 

@@ -75,6 +75,8 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "opm": (LR, Param("q_base", 0.1, 0.8), Param("lam", 0.1, 1.0)),  # authors: 0.5, 0.5
     "ogm-tpami": (LR, Param("alpha", 0.1, 1.0)),  # authors' script: 0.8
     "valuation-sample": (LR, Param("warmup", 1, 10, integer=True)),  # authors: 5
+    "lfm": (LR, Param("temperature", 0.05, 1.0, log=True)),  # paper: unspecified
+    "cml": (LR, Param("weight", 0.01, 1.0, log=True)),  # authors' README: 0.1
     "valuation-modality": (
         LR,
         Param("warmup", 1, 10, integer=True),
