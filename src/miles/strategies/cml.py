@@ -1,11 +1,10 @@
 """CML: calibrating multimodal learning (Ma et al., ICML 2023), its confidence-ranking regulariser
 on a late-fusion model.
 
-Reference: H. Ma, Q. Zhang, C. Zhang, B. Wu, H. Fu, J. T. Zhou, Q. Hu, "Calibrating Multimodal
-Learning", ICML 2023 (arXiv 2306.01265), and the authors' code (github.com/QingyangZhang/CML,
-``miwae/train.py``: ``get_multi_mask`` and the stage-2 loop; read at commit 85075b5). The
-authors' frameworks are MIWAE and CPM (imputation models); the late-fusion form follows
-BalanceBenchmark's adaptation, see the class docstring.
+Reference: H. Ma et al., "Calibrating Multimodal Learning", ICML 2023, and the authors' code
+(github.com/QingyangZhang/CML, ``miwae/train.py``: ``get_multi_mask`` and the stage-2 loop; read at
+commit 85075b5). The authors' frameworks are MIWAE and CPM (imputation models); the late-fusion
+form follows BalanceBenchmark's adaptation, see the class docstring.
 """
 
 from __future__ import annotations

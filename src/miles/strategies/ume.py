@@ -1,9 +1,8 @@
 """UME: the Uni-Modal Ensemble (Du et al., ICML 2023).
 
-Reference: C. Du, J. Teng, T. Li, Y. Liu, T. Yuan, Y. Wang, Y. Yuan, H. Zhao, "On Uni-Modal
-Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (arXiv 2305.01233). No code by
-the authors was found, and BalanceBenchmark does not implement UME; this follows the paper's
-abstract (the body could not be read), see the class docstring.
+Reference: C. Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML
+2023 (arXiv 2305.01233). No code by the authors was found, and BalanceBenchmark does not implement
+UME; this follows the paper's abstract (the body could not be read), see the class docstring.
 """
 
 from __future__ import annotations

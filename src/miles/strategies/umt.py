@@ -1,9 +1,8 @@
 """UMT: Uni-Modal Teachers distilled into the multimodal model (Du et al., ICML 2023).
 
-Reference: C. Du, J. Teng, T. Li, Y. Liu, T. Yuan, Y. Wang, Y. Yuan, H. Zhao, "On Uni-Modal
-Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (arXiv 2305.01233). No code by
-the authors was found; the mechanism and its default follow BalanceBenchmark
-(github.com/GeWu-Lab/BalanceBenchmark, ``balancemm/trainer/UMT_trainer.py`` and
+Reference: C. Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML
+2023 (arXiv 2305.01233). No code by the authors was found; the mechanism and its default follow
+BalanceBenchmark (github.com/GeWu-Lab/BalanceBenchmark, ``balancemm/trainer/UMT_trainer.py`` and
 ``configs/trainer_config.yaml``, read at commit 4c1482f), see the class docstring.
 """
 

@@ -1,6 +1,6 @@
 """Modality valuation and re-sampling (Wei, Feng, Wang, Hu, CVPR 2024): what both variants share.
 
-Reference: Y. Wei, R. Feng, Z. Wang, D. Hu, "Enhancing Multimodal Cooperation via Sample-level
+Reference: Y. Wei et al. (Wei, Feng, Wang, Hu), "Enhancing Multimodal Cooperation via Sample-level
 Modality Valuation", CVPR 2024 (arXiv 2309.06255), and the authors' code
 (github.com/GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation: ``code/sample_level.py``,
 ``code/modality_level.py``, ``code/datasets/dataloader.py``, ``code/models/models.py``; read at

@@ -1,10 +1,10 @@
 """Modality-level valuation and re-sampling (Wei, Feng, Wang, Hu, CVPR 2024).
 
-Reference: Y. Wei, R. Feng, Z. Wang, D. Hu, "Enhancing Multimodal Cooperation via Sample-level
+Reference: Y. Wei et al. (Wei, Feng, Wang, Hu), "Enhancing Multimodal Cooperation via Sample-level
 Modality Valuation", CVPR 2024 (arXiv 2309.06255), and the authors' code
 (github.com/GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation, ``code/modality_level.py`` and
-``AV_KS_Dataset_modality_level`` in ``code/datasets/dataloader.py``, read at commit 077648e).
-What the two variants share is in :mod:`miles.strategies.valuation`.
+``AV_KS_Dataset_modality_level`` in ``code/datasets/dataloader.py``, read at commit 077648e). What
+the two variants share is in :mod:`miles.strategies.valuation`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Sample-level modality valuation and re-sampling (Wei, Feng, Wang, Hu, CVPR 2024).
 
-Reference: Y. Wei, R. Feng, Z. Wang, D. Hu, "Enhancing Multimodal Cooperation via Sample-level
+Reference: Y. Wei et al. (Wei, Feng, Wang, Hu), "Enhancing Multimodal Cooperation via Sample-level
 Modality Valuation", CVPR 2024 (arXiv 2309.06255), and the authors' code
 (github.com/GeWu-Lab/Valuate-and-Enhance-Multimodal-Cooperation, ``code/sample_level.py`` and
 ``AV_KS_Dataset_sample_level`` in ``code/datasets/dataloader.py``, read at commit 077648e). What

@@ -1,6 +1,6 @@
 """MMCosine's fused head: per-modality cosine logits with a scaling factor.
 
-Reference: R. Xu, R. Feng, S.-X. Zhang, D. Hu, "MMCosine: Multi-Modal Cosine Loss Towards Balanced
+Reference: R. Xu et al. (Xu, Feng, Zhang, Hu), "MMCosine: Multi-Modal Cosine Loss Towards Balanced
 Audio-Visual Fine-Grained Learning", ICASSP 2023 (arXiv 2303.05338); the authors' code
 (github.com/GeWu-Lab/MMCosine_ICASSP23, ``main_CD.py``, ``train_epoch`` and ``valid``).
 

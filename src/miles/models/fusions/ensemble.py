@@ -1,8 +1,8 @@
 """A fused prediction that is an ensemble of the model's unimodal heads (UME's prediction).
 
-Reference: C. Du, J. Teng, T. Li, Y. Liu, T. Yuan, Y. Wang, Y. Yuan, H. Zhao, "On Uni-Modal
-Feature Learning in Supervised Multi-Modal Learning", ICML 2023 (arXiv 2305.01233): the
-Uni-Modal Ensemble (UME) trains one model per modality and predicts with their ensemble.
+Reference: C. Du et al., "On Uni-Modal Feature Learning in Supervised Multi-Modal Learning", ICML
+2023 (arXiv 2305.01233): the Uni-Modal Ensemble (UME) trains one model per modality and predicts
+with their ensemble.
 
 Not in the fusion registry: the UME strategy (:mod:`miles.strategies.ume`) installs it with
 :func:`unimodal_ensemble`. It reads the model's own unimodal heads (``JointFusionModel.heads``), so
