@@ -16,9 +16,8 @@ import torch
 
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.strategies.base import EvalResult, StrategyContext
-from miles.strategies.joint import Joint
 from miles.strategies.ogm_ge import gradient_noise_std
-from miles.strategies.onthefly import check_additive, discrepancy, mean_ratios, unimodal_scores
+from miles.strategies.onthefly import OnTheFly, discrepancy, mean_ratios, unimodal_scores
 from miles.strategies.registry import register_strategy
 from miles.validation import check_bool, check_non_negative, check_positive_int
 
@@ -37,7 +36,7 @@ def tpami_coefficient(ratio: float, alpha: float) -> float:
 
 
 @register_strategy("ogm-tpami")
-class OGMTPAMI(Joint):
+class OGMTPAMI(OnTheFly):
     """On-the-fly gradient modulation, TPAMI version: Eq. 11 coefficients and GE noise.
 
     After every backward pass (inside the modulation window):
@@ -82,7 +81,6 @@ class OGMTPAMI(Joint):
     """
 
     name = "ogm-tpami"
-    uses_aux_losses = False
 
     def __init__(
         self,
@@ -102,16 +100,6 @@ class OGMTPAMI(Joint):
             )
         self._epoch = 0
         self._reset_stats()
-
-    def configure_model(self, model: JointFusionModel) -> None:
-        check_additive(model, type(self).__name__)
-        super().configure_model(model)
-
-    def on_fit_start(self, ctx: StrategyContext) -> None:
-        if ctx.multilabel:
-            raise ValueError(
-                "ogm-tpami does not support multilabel tasks: its score needs one label"
-            )
 
     def in_window(self, epoch: int) -> bool:
         """Whether ``epoch`` (1-based) is modulated."""

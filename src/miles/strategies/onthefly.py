@@ -16,9 +16,11 @@ import torch
 from torch import Tensor
 
 from miles.models.fusion import JointFusionModel
+from miles.strategies.base import StrategyContext
+from miles.strategies.joint import Joint
 from miles.strategies.ogm import modality_logit_shares
 
-__all__ = ["check_additive", "discrepancy", "mean_ratios", "unimodal_scores"]
+__all__ = ["OnTheFly", "check_additive", "discrepancy", "mean_ratios", "unimodal_scores"]
 
 
 def unimodal_scores(
@@ -76,3 +78,21 @@ def check_additive(model: JointFusionModel, who: str) -> None:
         modality_logit_shares(model, probe)
     except NotImplementedError as exc:
         raise NotImplementedError(f"{who}: {exc}") from None
+
+
+class OnTheFly(Joint):
+    """Joint training (fused loss; unimodal heads as detached probes) with what both on-the-fly
+    methods need checked before training: an additive fusion and single-label targets (Eq. 6
+    reads each modality's share of the fused logits at the true class)."""
+
+    uses_aux_losses = False
+
+    def configure_model(self, model: JointFusionModel) -> None:
+        check_additive(model, type(self).__name__)
+        super().configure_model(model)
+
+    def on_fit_start(self, ctx: StrategyContext) -> None:
+        if ctx.multilabel:
+            raise ValueError(
+                f"{self.name} does not support multilabel tasks: its score (Eq. 6) needs one class"
+            )

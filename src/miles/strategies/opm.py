@@ -18,8 +18,7 @@ from torch import Tensor
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.models.losses import FUSED, task_loss
 from miles.strategies.base import EvalResult, StepOutput, StrategyContext
-from miles.strategies.joint import Joint
-from miles.strategies.onthefly import check_additive, discrepancy, mean_ratios, unimodal_scores
+from miles.strategies.onthefly import OnTheFly, discrepancy, mean_ratios, unimodal_scores
 from miles.strategies.registry import register_strategy
 from miles.strategies.streams import OwnStream
 from miles.validation import check_fraction, check_non_negative, check_non_negative_int
@@ -45,7 +44,7 @@ def feature_scale(q: Mapping[str, float], sizes: Mapping[str, int]) -> float:
 
 
 @register_strategy("opm")
-class OPM(Joint):
+class OPM(OnTheFly):
     """Drop the dominant modality's features at random, more often the more it dominates.
 
     Per training step, on the current batch (the authors' code; the paper says "at the last
@@ -96,7 +95,6 @@ class OPM(Joint):
     """
 
     name = "opm"
-    uses_aux_losses = False
 
     def __init__(
         self, q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, warmup: int = 6
@@ -110,13 +108,8 @@ class OPM(Joint):
         self._reset_stats()
 
     # -- setup -----------------------------------------------------------------------------------
-    def configure_model(self, model: JointFusionModel) -> None:
-        check_additive(model, type(self).__name__)
-        super().configure_model(model)
-
     def on_fit_start(self, ctx: StrategyContext) -> None:
-        if ctx.multilabel:
-            raise ValueError("opm does not support multilabel tasks (its score needs one class)")
+        super().on_fit_start(ctx)
         if ctx.data is None:
             raise ValueError("opm needs ctx.data (the trainer provides it)")
         self._stream.start(ctx.data.seed)
