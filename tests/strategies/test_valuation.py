@@ -93,7 +93,7 @@ def test_sample_level_plan_repeats_each_sample_with_its_weak_modality_alone() ->
 def test_modality_level_count_and_direction_by_hand() -> None:
     # N = 100, mean phi_a = 0.8, mean phi_v = 0.2: gaps 0.2 / 0.8 -> int(0.6 * 2/3 * 1 * 100) = 40
     # extra rows, visual kept alone (its gap is larger)
-    assert extra_rows(0.2, 0.8, 1.0, 100) == 40 and extra_rows(0.2, 0.8, 0.5, 100) == 20
+    assert extra_rows([0.2, 0.8], 1.0, 100) == 40 and extra_rows([0.2, 0.8], 0.5, 100) == 20
     values = torch.tensor([[0.8, 0.2]]).repeat(100, 1)
     plan, info = ModalityValuation().plan(_ctx(_identity_model()), values, 5)
     assert info["gap"] == pytest.approx({"a": 0.2, "v": 0.8}) and info["extra_rows"] == 40
@@ -105,6 +105,12 @@ def test_modality_level_count_and_direction_by_hand() -> None:
     assert again is not None and torch.equal(again.rows, plan.rows)  # seeded by run and epoch
     none, info = ModalityValuation(alpha=0.0).plan(_ctx(_identity_model()), values, 5)
     assert none is None and info["extra_rows"] == 0
+    # three modalities (ours): the largest minus the smallest gap, the largest kept alone
+    three = torch.tensor([[0.8, 0.2, 0.5]]).repeat(100, 1)
+    plan3, info3 = ModalityValuation().plan(_ctx(_identity_model(("x", "y", "z"))), three, 5)
+    assert info3["extra_rows"] == 40 and info3["trained_alone"] == "y"
+    assert plan3 is not None and plan3.keep is not None
+    assert plan3.keep[100:].tolist() == [[False, True, False]] * 40
 
 
 def test_a_run_trains_on_the_plan_from_the_epoch_after_warmup() -> None:
@@ -126,9 +132,6 @@ def test_errors() -> None:
         build_strategy("valuation-sample", warmup=0)
     with pytest.raises(ValueError, match="part_ratio must be"):
         build_strategy("valuation-modality", part_ratio=0.0)
-    three = SimpleNamespace(model=_identity_model(("x", "y", "z")), multilabel=False, data=None)
-    with pytest.raises(ValueError, match="defined for two modalities"):
-        ModalityValuation().on_fit_start(three)  # type: ignore[arg-type]
     multilabel = SimpleNamespace(model=_identity_model(), multilabel=True, data=None)
     with pytest.raises(ValueError, match="does not support multilabel"):
         SampleValuation().on_fit_start(multilabel)  # type: ignore[arg-type]

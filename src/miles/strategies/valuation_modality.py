@@ -9,6 +9,7 @@ the two variants share is in :mod:`miles.strategies.valuation`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,9 +27,10 @@ __all__ = ["ModalityValuation", "extra_rows"]
 STREAM_OFFSET = 104729
 
 
-def extra_rows(gap_a: float, gap_b: float, alpha: float, n: int) -> int:
-    """``int(|gap_a - gap_b| * 2/3 * alpha * N)``: the authors' ``func='linear'`` count."""
-    return int(abs(gap_a - gap_b) / 3 * 2 * alpha * n)
+def extra_rows(gaps: Sequence[float], alpha: float, n: int) -> int:
+    """``int((max gap - min gap) * 2/3 * alpha * N)``; for two modalities the authors'
+    ``func='linear'`` count ``int(|gap_a - gap_b| / 3 * 2 * alpha * N)``."""
+    return int((max(gaps) - min(gaps)) / 3 * 2 * alpha * n)
 
 
 @register_strategy("valuation-modality")
@@ -41,6 +43,8 @@ class ModalityValuation(Resampling):
     gives ``gap_m = 1 - mean phi_m``; the next epoch trains on every sample once plus
     ``int(|gap_a - gap_b| * 2/3 * alpha * N)`` samples drawn with replacement, each once more with
     only the modality of the larger gap kept (the other latent zeroed before the fused head).
+    With more than two modalities (the authors define two) the count uses the largest minus the
+    smallest gap and the modality of the largest gap is kept alone.
     See :class:`~miles.strategies.valuation.Resampling` for the loss and the readouts.
 
     Args:
@@ -52,8 +56,8 @@ class ModalityValuation(Resampling):
             ``joint`` (no extra row; the values are still computed).
 
     The draws use a stream of their own, seeded from the run's seed and the epoch (theirs:
-    NumPy's global generator). Departures from the authors' code: two modalities only, as theirs
-    (more raise ``ValueError``); the values come from one eval-mode pass over the training part;
+    NumPy's global generator). Departures from the authors' code: more than two modalities as
+    above (theirs: two); the values come from one eval-mode pass over the training part;
     the optimiser is the run's (theirs: SGD 1e-3, momentum 0.9, weight decay 1e-4, StepLR(30,
     0.1), 60 epochs, batch 64). BalanceBenchmark: ``v(S) = 1[correct]``, raw inputs zeroed, twice
     the authors' count of draws and each drawn sample added twice (once masked, once plain).
@@ -66,14 +70,6 @@ class ModalityValuation(Resampling):
         self.part_ratio = check_fraction("part_ratio", part_ratio, zero=False, one=True)
         self.alpha = check_non_negative("alpha", alpha)
 
-    def on_fit_start(self, ctx: StrategyContext) -> None:
-        if len(ctx.model.modalities) != 2:
-            raise ValueError(
-                "valuation-modality is defined for two modalities, got "
-                f"{list(ctx.model.modalities)}"
-            )
-        super().on_fit_start(ctx)
-
     def plan(
         self, ctx: StrategyContext, values: Tensor, epoch: int
     ) -> tuple[TrainPlan | None, dict[str, Any]]:
@@ -84,14 +80,15 @@ class ModalityValuation(Resampling):
         subset = torch.randint(n, (int(n * self.part_ratio),), generator=generator)
         means = values.cpu()[subset].mean(dim=0) if len(subset) else values.cpu().mean(dim=0)
         gaps = {m: 1.0 - float(means[j]) for j, m in enumerate(names)}
-        count = extra_rows(gaps[names[0]], gaps[names[1]], self.alpha, n)
-        weak = 0 if gaps[names[0]] > gaps[names[1]] else 1  # the authors' else: the second
+        count = extra_rows(list(gaps.values()), self.alpha, n)
+        # the largest gap is kept alone (a tie goes to the later modality: the authors' else)
+        weak = max(range(len(names)), key=lambda j: (gaps[names[j]], j))
         info = {"gap": gaps, "extra_rows": count, "trained_alone": names[weak] if count else None}
         if count == 0:
             return None, info
         drawn = torch.randint(n, (count,), generator=generator)
-        alone = torch.zeros(count, 2, dtype=torch.bool)
+        alone = torch.zeros(count, len(names), dtype=torch.bool)
         alone[:, weak] = True
         rows = torch.cat([torch.arange(n), drawn])
-        keep = torch.cat([torch.ones(n, 2, dtype=torch.bool), alone])
+        keep = torch.cat([torch.ones(n, len(names), dtype=torch.bool), alone])
         return TrainPlan(rows, keep, names), info
