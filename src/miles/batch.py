@@ -11,9 +11,18 @@ __all__ = ["move_batch"]
 
 
 def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """Send inputs and target to ``device``; lengths stay on the CPU (packed RNNs want them)."""
-    return {
+    """Send inputs and target to ``device``; lengths stay on the CPU (packed RNNs want them).
+
+    A training plan's batches (:mod:`miles.strategies.data`) also carry ``"index"`` (row
+    positions, kept on the CPU) and ``"keep"`` (modality keep masks, sent to ``device``).
+    """
+    moved = {
         "inputs": {m: x.to(device, non_blocking=True) for m, x in batch["inputs"].items()},
         "lengths": dict(batch.get("lengths", {})),
         "target": batch["target"].to(device, non_blocking=True),
     }
+    if "index" in batch:
+        moved["index"] = batch["index"]
+    if "keep" in batch:
+        moved["keep"] = batch["keep"].to(device, non_blocking=True)
+    return moved

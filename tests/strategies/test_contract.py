@@ -64,6 +64,18 @@ EXAMPLES: dict[str, Example] = {
     "reconboost": Example({"boost_epochs": 1, "rectify_epochs": 2}, optimizer="sgd"),
     # 4 batches an epoch: the 5-step re-balancing window triggered in epoch 2 crosses the cut
     "greedy": Example({"epsilon": 0.0, "window": 5}, optimizer="sgd"),
+    # newer methods (issue 13)
+    "mmcosine": Example({"scaling": 5.0}),
+    "umt": Example({"teacher_epochs": 2}),
+    "ume": Example({"rule": "probs"}),
+    "relearning": Example({"every": 1}),  # re-initialises before epochs 3 and 4
+    "opm": Example({"warmup": 0}),
+    "ogm-tpami": Example({"modulation_starts": 1}, optimizer="sgd"),
+    # re-sampled from epoch 2: the cut at epoch 2 falls between a plan and its first epoch
+    "valuation-sample": Example({"warmup": 1}),
+    "valuation-modality": Example({"warmup": 1, "alpha": 3.0}),
+    "lfm": Example(),
+    "cml": Example(),
 }
 
 
@@ -121,6 +133,24 @@ NEUTRAL = [
         {"mu": 1.0, "tau": 0.0, "metrics": "training"},
         "joint+aux",
         {"mu": 0.5, "tau": 0.0, "metrics": "training"},
+    ),
+    # the teachers are still trained (on their own streams): they must change nothing at s = 0
+    Neutral("umt", {"scaling": 0.0, "teacher_epochs": 2}, "joint", {"teacher_epochs": 2}),
+    # the diagnosis still runs (k-means on its own stream): lambda = 0 must change nothing
+    Neutral("relearning", {"lam": 0.0, "every": 1}, "joint", {"lam": 3.0, "every": 1}),
+    # the drops are still drawn (on OPM's own stream): q_base = 0 must change nothing
+    Neutral("opm", {"q_base": 0.0, "warmup": 0}, "joint", {"warmup": 0}),
+    Neutral(
+        "ogm-tpami",
+        {"alpha": 0.0, "noise": False, "modulation_starts": 1},
+        "joint",
+        {"alpha": 1.0, "noise": False, "modulation_starts": 1},
+        optimizer="sgd",
+    ),
+    Neutral("lfm", {"alpha": 0.0}, "joint", {"alpha": 0.5}),
+    # the values are still computed (one pass per epoch): alpha = 0 must change nothing
+    Neutral(
+        "valuation-modality", {"warmup": 1, "alpha": 0.0}, "joint", {"warmup": 1, "alpha": 3.0}
     ),
 ]
 

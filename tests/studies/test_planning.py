@@ -100,6 +100,8 @@ def test_methods_with_their_own_fusion_run_once_for_every_fusion(tmp_path: Path)
     runs = plan_runs(config, _ctx([]))
     count = {m: sum(r.config.strategy == m for r in runs) for m in methods}
     assert count == {"mla": 1, "reconboost": 1, "greedy": 1, "agm": 2, "pmr": 2, "mmpareto": 2}
+
+
 def test_per_method_optimizer(tmp_path: Path) -> None:
     config = CompareConfig(
         methods=["joint", "ogm", "ogm-ge"],

@@ -2,7 +2,9 @@
 
 Importing this package registers every built-in method: ``joint``, ``joint+aux``, ``unimodal``,
 ``mses``, ``mslr-k``, ``mslr-s``, ``mslr-d``, ``ogm``, ``ogm-ge``, ``gblend`` and ``miles``, and
-the newer methods ``agm``, ``pmr``, ``mla``, ``mmpareto``, ``reconboost`` and ``greedy``.
+the newer methods ``agm``, ``pmr``, ``mla``, ``mmpareto``, ``reconboost``, ``greedy``,
+``mmcosine``, ``umt``, ``ume``, ``relearning``, ``opm``, ``ogm-tpami``, ``valuation-sample``,
+``valuation-modality``, ``lfm`` and ``cml``.
 :class:`Strategy` is the no-op hook base; :class:`Joint` and :class:`JointAux` are the reference
 methods the others extend.
 """
@@ -14,39 +16,59 @@ from miles.strategies.base import (
     Strategy,
     StrategyContext,
 )
+from miles.strategies.cml import CML
 from miles.strategies.gblend import GBlend
 from miles.strategies.greedy import Greedy
 from miles.strategies.joint import Joint, JointAux
+from miles.strategies.lfm import LFM
 from miles.strategies.miles import MILESStrategy
 from miles.strategies.mla import MLA
+from miles.strategies.mmcosine import MMCosine
 from miles.strategies.mmpareto import MMPareto
 from miles.strategies.mses import MSES
 from miles.strategies.mslr import MSLRDynamic, MSLRKeep, MSLRSmooth
 from miles.strategies.ogm import OGM
 from miles.strategies.ogm_ge import OGMGE
+from miles.strategies.ogm_tpami import OGMTPAMI
+from miles.strategies.opm import OPM
 from miles.strategies.pmr import PMR
 from miles.strategies.reconboost import ReconBoost
 from miles.strategies.registry import available_strategies, build_strategy, register_strategy
+from miles.strategies.relearning import Relearning
+from miles.strategies.ume import UME
+from miles.strategies.umt import UMT
 from miles.strategies.unimodal import Unimodal
+from miles.strategies.valuation_modality import ModalityValuation
+from miles.strategies.valuation_sample import SampleValuation
 
 __all__ = [
     "AGM",
+    "CML",
+    "LFM",
     "MLA",
     "MSES",
     "OGM",
     "OGMGE",
+    "OGMTPAMI",
+    "OPM",
     "PMR",
+    "UME",
+    "UMT",
     "EvalResult",
     "GBlend",
     "Greedy",
     "Joint",
     "JointAux",
     "MILESStrategy",
+    "MMCosine",
     "MMPareto",
     "MSLRDynamic",
     "MSLRKeep",
     "MSLRSmooth",
+    "ModalityValuation",
     "ReconBoost",
+    "Relearning",
+    "SampleValuation",
     "StepOutput",
     "Strategy",
     "StrategyContext",

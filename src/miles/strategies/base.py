@@ -48,7 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -56,6 +56,9 @@ from torch import Tensor
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.models.param_groups import modality_param_groups
+
+if TYPE_CHECKING:
+    from miles.strategies.data import StrategyData
 
 #: hooks renamed for consistent ``on_*`` names: a subclass still defining the old name would
 #: silently never be called, so defining it is an error
@@ -109,7 +112,9 @@ class StrategyContext:
     epochs: int
     multilabel: bool
     metric: str
-    evaluate: Callable[[Any], EvalResult]
+    #: ``evaluate(loader, keep_latents=False, model=None)``: every head's metric and loss over
+    #: ``loader``, of the run's model or of ``model``
+    evaluate: Callable[..., EvalResult]
     holdout_loader: Any | None = None
     #: eval-mode loader over a fixed slice of the training part, as large as the holdout (present
     #: when ``holdout_fraction > 0``): train and held-out losses measured the same way
@@ -122,6 +127,9 @@ class StrategyContext:
     #: the run's seed, from which methods derive the seeds of what they draw on the side (e.g.
     #: the shuffling of copies), so two seeds of one study differ there too
     seed: int = 0
+    #: the run's splits for strategies: ordered passes with row positions, collected latents, and
+    #: the training plan that replaces the next epochs' rows (:mod:`miles.strategies.data`)
+    data: StrategyData | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     # -- step primitives -------------------------------------------------------------------------
@@ -129,9 +137,16 @@ class StrategyContext:
         self, batch: Mapping[str, Any], model: JointFusionModel | None = None
     ) -> FusionOutput:
         """``model(inputs, lengths)`` on a batch already on :attr:`device` (default: the run's
-        model)."""
+        model). A training plan's batch with a ``"keep"`` mask has its masked modalities' latents
+        zeroed before the fused head (:func:`miles.strategies.data.keep_modalities`)."""
         net = self.model if model is None else model
-        return net(batch["inputs"], batch.get("lengths") or None)
+        output: FusionOutput = net(batch["inputs"], batch.get("lengths") or None)
+        keep = batch.get("keep")
+        if keep is None:
+            return output
+        from miles.strategies.data import keep_modalities
+
+        return keep_modalities(net, output, keep)
 
     def head_losses(self, output: FusionOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per-head losses (``"fused"`` and one per modality) with the run's loss function."""

@@ -62,6 +62,17 @@ ALL_METHODS = (
     "mmpareto",
     "reconboost",
     "greedy",
+    # newer methods (issue 13)
+    "mmcosine",
+    "umt",
+    "ume",
+    "relearning",
+    "opm",
+    "ogm-tpami",
+    "valuation-sample",
+    "valuation-modality",
+    "lfm",
+    "cml",
     "miles",
 )
 

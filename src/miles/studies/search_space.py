@@ -81,6 +81,22 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
         Param("rectify_epochs", 1, 4, integer=True),
     ),
     "greedy": (LR, Param("epsilon", 1e-3, 0.1, log=True), Param("window", 1, 10, integer=True)),
+    # newer methods (issue 13); ranges around each method's published default
+    "mmcosine": (LR, Param("scaling", 2.0, 30.0, log=True)),  # authors 10, BalanceBenchmark 15
+    "umt": (LR, Param("scaling", 0.1, 100.0, log=True)),  # BalanceBenchmark 10
+    "ume": (LR,),  # its one option, the combination rule, is a choice, not a range
+    # lambda: the paper uses 3-8; H: the paper 5-20 (for a short budget it must be small)
+    "relearning": (LR, Param("lam", 1.0, 10.0), Param("every", 2, 20, integer=True)),
+    "opm": (LR, Param("q_base", 0.1, 0.8), Param("lam", 0.1, 1.0)),  # authors: 0.5, 0.5
+    "ogm-tpami": (LR, Param("alpha", 0.1, 1.0)),  # authors' script: 0.8
+    "valuation-sample": (LR, Param("warmup", 1, 10, integer=True)),  # authors: 5
+    "lfm": (LR, Param("temperature", 0.05, 1.0, log=True)),  # paper: unspecified
+    "cml": (LR, Param("weight", 0.01, 1.0, log=True)),  # authors' README: 0.1
+    "valuation-modality": (
+        LR,
+        Param("warmup", 1, 10, integer=True),
+        Param("alpha", 0.25, 4.0, log=True),
+    ),
 }
 #: methods that exist but cannot be swept, and why
 NOT_SWEEPABLE = {

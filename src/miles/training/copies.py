@@ -101,6 +101,7 @@ def train_copy(
     model: JointFusionModel | None = None,
     loader: DataLoader | None = None,
     param_groups: list[dict[str, Any]] | None = None,
+    on_epoch_end: Callable[[int, JointFusionModel], None] | None = None,
 ) -> JointFusionModel:
     """Train a copy of ``ctx.model`` (or ``model`` itself) for ``epochs`` and return it.
 
@@ -113,6 +114,9 @@ def train_copy(
         loader: the batches to train on (default: ``ctx.train_loader``, reshuffled with ``seed``).
         param_groups: the copy's optimizer groups (default: one group of all its trainable
             parameters at the run's base learning rate).
+        on_epoch_end: called as ``on_epoch_end(epoch, copy)`` after each epoch (``epoch`` from 1),
+            e.g. to score the copy and keep its best weights; it may switch the copy to eval mode
+            (each epoch starts in training mode again).
     """
     check_non_negative_int("epochs", epochs)
     if ctx.make_optimizer is None:
@@ -129,8 +133,8 @@ def train_copy(
     devices = [ctx.device] if ctx.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        net.train()
-        for _ in range(epochs):
+        for epoch in range(1, epochs + 1):
+            net.train()
             for raw in batches:
                 batch = move_batch(raw, ctx.device)
                 output = ctx.forward(batch, model=net)
@@ -138,4 +142,6 @@ def train_copy(
                 ctx.zero_grad(optimizer)
                 ctx.backward(loss)
                 ctx.optimizer_step(optimizer)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, net)
     return net

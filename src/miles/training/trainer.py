@@ -26,6 +26,7 @@ from miles.models.fusion import JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.results import RunResult  # re-exported: it used to live here
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
+from miles.strategies.data import StrategyData
 from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
 from miles.training.history import write_history, write_json
 from miles.validation import (
@@ -149,9 +150,16 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, loader: DataLoader, *, keep_latents: bool = False) -> EvalResult:
-        """Metric of the fused head and of every unimodal head over ``loader``."""
-        model = self.model
+    def evaluate(
+        self,
+        loader: DataLoader,
+        *,
+        keep_latents: bool = False,
+        model: JointFusionModel | None = None,
+    ) -> EvalResult:
+        """Metric of the fused head and of every unimodal head over ``loader`` (of the run's
+        model, or of ``model``, e.g. a copy a strategy trains on the side)."""
+        model = self.model if model is None else model
         was_training = model.training
         model.eval()
         metrics = HeadMetrics(
@@ -294,6 +302,17 @@ class Trainer:
             train_loader=train_loader,
             make_optimizer=self._make_optimizer,
             seed=cfg.seed,
+            data=StrategyData(
+                {"train": train_part, "val": val, "holdout": holdout_part},
+                batch_size=cfg.batch_size,
+                eval_batch_size=cfg.eval_batch_size,
+                collate_fn=self.collate_fn,
+                generator=generator,
+                default_loader=train_loader,
+                device=self.device,
+                seed=cfg.seed,
+                modalities=model.modalities,
+            ),
         )
         return _Run(
             ctx=ctx,
@@ -338,7 +357,9 @@ class Trainer:
         t0 = time.perf_counter()
         strategy.on_epoch_start(ctx, epoch)
         lrs = group_lrs(ctx.optimizer)
-        train_stats = self._train_epoch(run.train_loader, ctx.optimizer, ctx)
+        # the training part, or the rows of a plan the strategy set (ctx.data.set_train_plan)
+        loader = ctx.data.epoch_loader() if ctx.data is not None else run.train_loader
+        train_stats = self._train_epoch(loader, ctx.optimizer, ctx)
         val_res = self.evaluate(run.val_loader, keep_latents=strategy.needs_latents)
         holdout_res = self.evaluate(run.holdout_loader) if run.holdout_loader is not None else None
         record = strategy.on_epoch_end(ctx, epoch, val_res, holdout_res)

@@ -107,6 +107,17 @@ class Fusion(nn.Module):
         """The fused logits and :meth:`unimodal_logits`, computed once (``owns_unimodal``)."""
         return self(latents), self.unimodal_logits(latents)
 
+    def modality_weight(self, modality: str) -> Tensor:
+        """The ``(classes, d_m)`` block of the head's weight that reads ``modality``'s latent.
+
+        Only defined for linear additive fusions, where ``modality_logits`` is
+        ``z_m W_m^T + b / N``; methods that re-normalise the head per modality (MMCosine) read it.
+        """
+        raise NotImplementedError(
+            f"fusion {self.name or type(self).__name__!r} has no per-modality block of its head "
+            "weight; use a linear additive fusion such as 'concat' or 'sum'"
+        )
+
     # -- shared ----------------------------------------------------------------------------------
     def forward(self, latents: Mapping[str, Tensor]) -> Tensor:
         self._check_latents(latents)

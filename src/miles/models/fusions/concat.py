@@ -33,8 +33,12 @@ class ConcatFusion(Fusion):
         return torch.cat([latents[m] for m in self.modalities], dim=-1)
 
     def modality_logits(self, latents: Mapping[str, Tensor], modality: str) -> Tensor:
+        weight = self.modality_weight(modality)  # checks the name first
+        return self._linear_share(latents[modality], weight)
+
+    def modality_weight(self, modality: str) -> Tensor:
         self._check_modality(modality)
-        return self._linear_share(latents[modality], self.head.weight[:, self._columns[modality]])
+        return self.head.weight[:, self._columns[modality]]
 
     def columns(self, modality: str) -> slice:
         """The columns of ``head.weight`` that read ``modality``'s latent."""

@@ -27,5 +27,9 @@ class SumFusion(Fusion):
         return torch.stack([latents[m] for m in self.modalities], dim=0).sum(dim=0)
 
     def modality_logits(self, latents: Mapping[str, Tensor], modality: str) -> Tensor:
+        weight = self.modality_weight(modality)  # checks the name first
+        return self._linear_share(latents[modality], weight)
+
+    def modality_weight(self, modality: str) -> Tensor:
         self._check_modality(modality)
-        return self._linear_share(latents[modality], self.head.weight)
+        return self.head.weight
