@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from miles.metrics import ablated_fused_scores, make_metric
+from miles.options import MILESOptions
 from miles.scheduler import MILES, _check_mu
 from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.joint import JointAux
@@ -32,6 +33,10 @@ class MILESStrategy(JointAux):
         head_follows_encoder: slow each unimodal head together with its encoder (default) or
             keep the heads at the base rate.
         aux_weights: ``w_m`` of the auxiliary losses (1 in the paper).
+        warmup, smoothing, release_tau, min_duration, reference, references, pairwise: the
+            decision options of :class:`miles.options.MILESOptions` (remedies against acting on
+            noise, reference-aware and pairwise rules); all off by default, which is Algorithm 1
+            bit for bit.
     """
 
     name = "miles"
@@ -45,6 +50,13 @@ class MILESStrategy(JointAux):
         ablation_fill: str = "mean",
         head_follows_encoder: bool = True,
         aux_weights: float | dict[str, float] = 1.0,
+        warmup: int = 0,
+        smoothing: float = 0.0,
+        release_tau: float | None = None,
+        min_duration: int = 1,
+        reference: str = "none",
+        references: dict[str, float] | None = None,
+        pairwise: bool = False,
     ) -> None:
         # Checked here, not at on_fit_start, so a bad config fails before any training.
         super().__init__(aux_weights)
@@ -54,6 +66,20 @@ class MILESStrategy(JointAux):
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.ablation_fill = check_choice("ablation_fill", ablation_fill, ABLATION_FILLS)
         self.needs_latents = estimator == "ablation"
+        self.options = MILESOptions(
+            warmup=warmup,
+            smoothing=smoothing,
+            release_tau=release_tau,
+            min_duration=min_duration,
+            reference=reference,
+            references=references,
+            pairwise=pairwise,
+        )
+        if estimator != "heads" and (reference != "none" or pairwise):
+            raise ValueError(
+                "reference-aware and pairwise MILES read the unimodal heads: use estimator='heads'"
+            )
+        self.options.check_for(self.tau, "max", None)
         self.scheduler: MILES | None = None
         #: scheduler state from load_state_dict, loaded into the scheduler on_fit_start builds
         self._restored: dict[str, Any] | None = None
@@ -61,7 +87,11 @@ class MILESStrategy(JointAux):
     def on_fit_start(self, ctx: StrategyContext) -> None:
         """Build the scheduler on the (restored, when resuming) optimizer; apply restored state."""
         self.scheduler = MILES(
-            ctx.optimizer, tau=self.tau, mu=self.mu, reset_other=self.reset_other
+            ctx.optimizer,
+            tau=self.tau,
+            mu=self.mu,
+            reset_other=self.reset_other,
+            options=self.options,
         )
         if self._restored is not None:
             self.scheduler.load_state_dict(self._restored)
@@ -114,4 +144,5 @@ class MILESStrategy(JointAux):
             "reset_other": self.reset_other,
             "estimator": self.estimator,
             **({"ablation_fill": self.ablation_fill} if self.estimator == "ablation" else {}),
+            **self.options.describe(),  # nothing for Algorithm 1: its results are unchanged
         }
