@@ -363,4 +363,4 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "fsdd-mnist" in out and "miles" in out and "joint+aux" in out
     assert "fusions:      " + ", ".join(available_fusions()) in out
-    assert "report kinds: ablate, compare, demo, run, sweep" in out
+    assert "report kinds: ablate, compare, demo, regime, run, sweep" in out

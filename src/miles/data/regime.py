@@ -80,6 +80,7 @@ __all__ = [
     "RegimeImageEncoder",
     "build_regime",
     "corrupt_images",
+    "reference_params",
     "resample_frames",
     "slow_down",
 ]
@@ -251,6 +252,24 @@ class _Encoders:
             _scale_init(encoder, self.init_scale)
         slow_down(out["image"], self.slowdown)
         return out
+
+
+def reference_params(params: dict[str, Any], modality: str) -> dict[str, Any]:
+    """The parameters a unimodal reference of ``modality`` depends on.
+
+    Studies plan one reference per modality and cell; with this, the audio reference (the image
+    knobs cannot change it) is trained once and shared by every cell. The image reference drops
+    the second image, ``image2``'s keeps only its own noise.
+    """
+    # image_size stays: it changes no audio number, but the frozen image encoder still runs
+    common = {k: v for k, v in params.items() if k not in IMAGE_PARAMS or k == "image_size"}
+    if modality == "audio":
+        return common
+    if modality == "image":
+        return {k: v for k, v in params.items() if k != "second_image_noise"}
+    if modality == "image2":
+        return common | {k: params[k] for k in ("second_image_noise",) if k in params}
+    raise ValueError(f"unknown modality {modality!r}; choose from audio, image, image2")
 
 
 def _audio_features(raw: dict[str, np.ndarray], train_clips: np.ndarray) -> np.ndarray:
