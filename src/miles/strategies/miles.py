@@ -33,10 +33,15 @@ class MILESStrategy(JointAux):
         head_follows_encoder: slow each unimodal head together with its encoder (default) or
             keep the heads at the base rate.
         aux_weights: ``w_m`` of the auxiliary losses (1 in the paper).
-        warmup, smoothing, release_tau, min_duration, reference, references, pairwise: the
-            decision options of :class:`miles.options.MILESOptions` (remedies against acting on
-            noise, reference-aware and pairwise rules); all off by default, which is Algorithm 1
-            bit for bit.
+        warmup: decisions skipped at the start (:class:`miles.options.MILESOptions`, like
+            every option below; all off by default, which is Algorithm 1 bit for bit).
+        smoothing: EMA weight of the previous metrics (0: none).
+        release_tau: hysteresis: a slowed modality stays slowed until ``delta`` falls to it.
+        min_duration: the fewest epochs a slow-down lasts (1: Algorithm 1).
+        reference: ``"none"``, ``"unimodal"`` (with ``references``) or ``"best"``: each head
+            measured against its own reference before ``delta``.
+        references: ``{modality: metric of its unimodal model}`` for ``reference="unimodal"``.
+        pairwise: the pairwise rule for N > 2 modalities (heads estimator).
     """
 
     name = "miles"
