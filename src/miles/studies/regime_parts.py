@@ -239,11 +239,13 @@ def _preset_init(out: str) -> dict[str, Any]:
     for name in (INFORMATIVENESS_CELL, SLOW_CELL):
         base = map_cell(name)
         for scale in (0.5, 1.0, 2.0):
+            # scale 1 is the map's own cell (the same runs, trained once)
+            scaled = {} if scale == 1.0 else {"init_scale": scale}
             cells.append(
                 base
                 | {
                     "name": f"{name} init x{scale:g}",
-                    "params": {**base["params"], "init_scale": scale},
+                    "params": {**base["params"], **scaled},
                     "row": name,
                     "column": f"init x{scale:g}",
                 }
