@@ -60,9 +60,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from miles.data.base import DatasetSplits, MultimodalDataset
-from miles.data.fsdd_mnist import INSTALL_COMMAND, NUM_CLASSES, load_raw, make_pairing
+from miles.data.fsdd_mnist import INSTALL_COMMAND, NUM_CLASSES, load_raw, seeded_pairing
 from miles.data.registry import register_dataset
-from miles.models.encoders import MLPEncoder
+from miles.models.encoders import ImageCNN, MLPEncoder
 from miles.validation import (
     check_choice,
     check_fraction,
@@ -77,10 +77,10 @@ __all__ = [
     "AUDIO_FRAMES",
     "IMAGE_PARAMS",
     "NAME",
-    "RegimeImageEncoder",
     "build_regime",
     "corrupt_images",
     "reference_params",
+    "regime_image_encoder",
     "resample_frames",
     "slow_down",
 ]
@@ -199,35 +199,20 @@ def _scale_init(module: nn.Module, factor: float) -> None:
                 p.mul_(factor)
 
 
-class RegimeImageEncoder(nn.Module):
-    """Two conv-BN-ReLU-maxpool blocks (16, 32 channels), ``depth`` plain conv + ReLU layers (no
-    batch norm: deeper and slower to train), a 4 x 4 adaptive average pool and a projection."""
-
-    def __init__(self, out_features: int = 64, depth: int = 0) -> None:
-        super().__init__()
-        self.out_features = check_positive_int("out_features", out_features)
-        check_non_negative_int("depth", depth)
-        layers: list[nn.Module] = []
-        prev = 1
-        for c in (16, 32):
-            layers += [
-                nn.Conv2d(prev, c, kernel_size=3, padding=1, bias=False),
-                nn.BatchNorm2d(c),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2, ceil_mode=True),
-            ]
-            prev = c
+def regime_image_encoder(out_features: int = 64, depth: int = 0) -> ImageCNN:
+    """The image encoder: :class:`~miles.models.encoders.ImageCNN` (two conv-BN-ReLU-maxpool
+    blocks of 16 and 32 channels, a 4 x 4 pool, a projection) with ``depth`` plain 3 x 3 conv +
+    ReLU layers, without batch norm, before the pool: deeper, and slower to train."""
+    cnn = ImageCNN(1, out_features)
+    check_non_negative_int("depth", depth)
+    if depth:
+        layers = list(cnn.features)
+        width = cnn.proj.in_features // 16
+        extra: list[nn.Module] = []
         for _ in range(depth):
-            layers += [nn.Conv2d(prev, prev, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
-        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten()]
-        self.features = nn.Sequential(*layers)
-        self.proj = nn.Linear(prev * 16, out_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[1] != 1:
-            raise ValueError(f"RegimeImageEncoder expects (B, 1, H, W), got {tuple(x.shape)}")
-        out: Tensor = self.proj(self.features(x))
-        return out
+            extra += [nn.Conv2d(width, width, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+        cnn.features = nn.Sequential(*layers[:-2], *extra, *layers[-2:])
+    return cnn
 
 
 class _Encoders:
@@ -244,10 +229,10 @@ class _Encoders:
     def __call__(self, latent_dim: int) -> dict[str, nn.Module]:
         out: dict[str, nn.Module] = {
             "audio": MLPEncoder(AUDIO_FRAMES * MFCC, latent_dim, hidden=(128,)),
-            "image": RegimeImageEncoder(latent_dim, self.depth),
+            "image": regime_image_encoder(latent_dim, self.depth),
         }
         if self.second:
-            out["image2"] = RegimeImageEncoder(latent_dim)
+            out["image2"] = regime_image_encoder(latent_dim)
         for encoder in out.values():
             _scale_init(encoder, self.init_scale)
         slow_down(out["image"], self.slowdown)
@@ -384,10 +369,7 @@ def build_regime(
     keep = None if max_train is None else check_positive_int("max_train", max_train)
 
     raw = load_raw()
-    pairing = make_pairing(raw["audio_labels"], raw["image_labels"], seed)
-    if keep is not None:
-        clips, images = pairing["train"]
-        pairing["train"] = (clips[:keep], images[:keep])
+    pairing = seeded_pairing(raw, seed, keep)
     labels = raw["audio_labels"]
     train_clips, train_images = pairing["train"]
     train_labels = labels[train_clips]

@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from miles.studies.checks import check_fusions
 from miles.validation import check_str
@@ -54,6 +54,23 @@ BASELINE = "joint+aux"
 # -- cells and methods -----------------------------------------------------------------------------
 
 
+T = TypeVar("T")
+
+
+def _from_mapping(cls: type[T], raw: Any, kind: str) -> T:
+    """A ``cls`` from its fields as a mapping (unknown keys refused), or ``raw`` if it is one."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, Mapping):
+        raise TypeError(f"a {kind} must be a mapping, got {raw!r}")
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        name = raw.get("name", raw.get("label"))
+        raise ValueError(f"{kind} {name!r} has unknown keys {unknown}; known: {sorted(fields)}")
+    return cls(**{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()})
+
+
 @dataclass(frozen=True)
 class Cell:
     """One setting of the data: a dataset and its parameters, where it sits on the map (``row``,
@@ -68,14 +85,7 @@ class Cell:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | Cell) -> Cell:
-        if isinstance(raw, Cell):
-            return raw
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"a cell must be a mapping, got {raw!r}")
-        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"cell {raw.get('name')!r} has unknown keys {unknown}")
-        cell = cls(**dict(raw))
+        cell = _from_mapping(cls, raw, "cell")
         check_str("cell name", cell.name)
         check_str("cell dataset", cell.dataset)
         if cell.fusion is not None:
@@ -98,11 +108,9 @@ class Method:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any] | Method) -> Method:
-        if isinstance(raw, Method):
-            return raw
-        if not isinstance(raw, Mapping):
-            raise TypeError(f"a method must be a mapping, got {raw!r}")
-        method = cls(str(raw["label"]), str(raw["strategy"]), dict(raw.get("params") or {}))
+        method = _from_mapping(cls, raw, "method")
+        check_str("method label", method.label)
+        check_str("method strategy", method.strategy)
         from miles.strategies import available_strategies, build_strategy
 
         if method.strategy not in available_strategies():
