@@ -104,9 +104,20 @@ class Readouts(RunTask):
 
     def after(self, run: PlannedRun, result: Mapping[str, Any], data: Any) -> None:
         run_dir = run.run_dir
-        if run_dir is None or run.config.strategy == "unimodal" or load_readouts(run_dir):
+        if run_dir is None or run.config.strategy == "unimodal" or self.current(run_dir):
             return
         write_json(run_dir / READOUTS, self.score(run, result, data))
+
+    def current(self, run_dir: Path) -> bool:
+        """The run already has read-outs made with these settings (a run shared by two
+        studies with other settings is scored again; its fixed epoch's weights may then be
+        missing, and that read-out is left empty)."""
+        existing = load_readouts(run_dir)
+        return (
+            existing is not None
+            and existing.get("fixed_epoch") == self.fixed_epoch
+            and (existing.get("probe_settings") is not None) == self.probe
+        )
 
     def score(self, run: PlannedRun, result: Mapping[str, Any], data: Any) -> dict[str, Any]:
         """The read-outs of a finished run (see the module docstring)."""
