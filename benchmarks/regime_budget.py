@@ -1,6 +1,7 @@
 """How long will ``miles regime-map --part PART`` take? Measured on a small slice, then summed.
 
-Builds the part's plan exactly as the study does, groups its distinct runs by what their cost
+Builds the part's plan exactly as the study does (leaving out the runs already done in
+``--map-out``: parts share runs), groups its distinct runs by what their cost
 depends on (dataset shape, encoders, fusion, unimodal or not: noise levels, speeds and seeds
 change no cost), and times each group on a slice in this process with one thread: a 1-epoch and a
 3-epoch run give the cost per epoch (their difference) and per run (setup and the final test
@@ -32,7 +33,7 @@ from miles.studies import regime_parts
 from miles.studies.parallel import cached_dataset
 from miles.studies.readouts import Readouts
 from miles.studies.regime import part_config, plan_runs
-from miles.studies.runner import PlannedRun
+from miles.studies.runner import PlannedRun, is_done
 from miles.training.experiment import run_experiment
 
 #: dataset parameters that change numbers but not the cost of a run
@@ -98,9 +99,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    if args.part in ("remedies", "fusions") and not (
-        Path(args.map_out) / "regime_map.json"
-    ).is_file():
+    if (
+        args.part in ("remedies", "fusions")
+        and not (Path(args.map_out) / "regime_map.json").is_file()
+    ):
         # the cells these parts use come from the map's results; any two cost the same
         names = [c["name"] for c in regime_parts.map_cells()[:2]]
         regime_parts.helped_cells = lambda _out, at_most=2: (names, "assumed for the estimate")
@@ -108,7 +110,11 @@ def main() -> None:
     config = part_config(args.part, args.map_out, seeds=list(range(args.seeds)))
     epochs = config.base.trainer.epochs
     runs, _ = plan_runs(config)
-    distinct = list({str(r.run_dir): r for r in runs}.values())
+    every = list({str(r.run_dir): r for r in runs}.values())
+    distinct = [r for r in every if not is_done(r.run_dir)]  # runs another part already made
+    if not distinct:
+        print(f"part {args.part}: every run is already done in {args.map_out}")
+        return
     groups: dict[str, list[PlannedRun]] = {}
     for run in distinct:
         groups.setdefault(cost_class(run), []).append(run)
@@ -143,7 +149,10 @@ def main() -> None:
                 }
             )
     wall = total / args.workers + longest + STARTUP_S
-    print(f"part {args.part}: {len(runs)} planned runs, {len(distinct)} distinct, {epochs} epochs")
+    print(
+        f"part {args.part}: {len(runs)} planned runs, {len(every)} distinct, "
+        f"{len(every) - len(distinct)} already done in {args.map_out}, {epochs} epochs"
+    )
     print("| cost class | runs | s/epoch | s/run overhead | read-outs s | s per run |")
     print("|---|---|---|---|---|---|")
     for r in rows:
