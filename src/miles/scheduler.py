@@ -75,6 +75,7 @@ from torch.optim.lr_scheduler import (
 )
 
 from miles.integrations.distributed import check_sync, gather_floats, world_size
+from miles.options import MILESOptions, OptionsState, decide_with_options
 from miles.utilization import (
     _check_tau,
     as_metric,
@@ -357,6 +358,10 @@ class MILES(LRScheduler):
             (default) refuses metrics that differ between ranks, ``"broadcast"`` decides from
             rank 0's, ``"off"`` does not communicate (:mod:`miles.integrations.distributed`).
         process_group: the group ``sync`` communicates in (default: the world).
+        options: decision options beyond Algorithm 1 (a :class:`miles.options.MILESOptions` or
+            a mapping of its fields): warm-up, smoothing, hysteresis, a floor on how long a
+            slow-down lasts, reference-aware and pairwise rules. With every option at its
+            default (or ``None``) the decision is Algorithm 1's, bit for bit.
         last_epoch: as for any torch scheduler.
 
     Call ``step(fused=..., unimodal={...})`` (or ``without={...}``) once per epoch after validation;
@@ -377,16 +382,17 @@ class MILES(LRScheduler):
         base_schedulers: Iterable[LRScheduler] = (),
         sync: str = "check",
         process_group: Any = None,
+        options: MILESOptions | Mapping[str, Any] | None = None,
         last_epoch: int = -1,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
             )
-        options = check_options(tau, mu, reset_other, mode=mode, scale=scale, sync=sync)
-        self._tau, self._mu = options["tau"], options["mu"]
-        self._reset_other, self._mode = options["reset_other"], options["mode"]
-        self._scale, self._sync = options["scale"], options["sync"]
+        checked = check_options(tau, mu, reset_other, mode=mode, scale=scale, sync=sync)
+        self._tau, self._mu = checked["tau"], checked["mu"]
+        self._reset_other, self._mode = checked["reset_other"], checked["mode"]
+        self._scale, self._sync = checked["scale"], checked["sync"]
         self._process_group = process_group
         group_modalities = _group_modalities(optimizer)
         names = tuple(dict.fromkeys(m for m in group_modalities if m is not None))
@@ -411,6 +417,11 @@ class MILES(LRScheduler):
             if any(o is not None and o is not optimizer for o in _scheduler_optimizers(base)):
                 raise ValueError(f"base ({type(base).__name__}) acts on a different optimizer")
         self._base = base
+        resolved = MILESOptions.from_value(options)
+        resolved.check_for(self._tau, self._mode, names)
+        #: None for Algorithm 1 (every option at its default): its own code path, unchanged
+        self._options: MILESOptions | None = None if resolved.is_default else resolved
+        self._options_state = OptionsState()
         self._multiplicative_declared = bool(declared)
         self._modalities: tuple[str, ...] = names
         self._group_modalities: list[str | None] = group_modalities
@@ -470,6 +481,11 @@ class MILES(LRScheduler):
     def scale(self) -> float:
         """The resolved full scale of the metrics (``math.inf``: unbounded)."""
         return check_scale(self._scale, self._mode)
+
+    @property
+    def options(self) -> MILESOptions:
+        """The decision options (all at their defaults: Algorithm 1)."""
+        return self._options or MILESOptions()
 
     @property
     def base(self) -> Any:
@@ -752,8 +768,20 @@ class MILES(LRScheduler):
                 self._advance()
             return None
         fused_value, estimator, metrics, u = self._validated(fused, unimodal, without)
-        delta = imbalance(u)
-        slowed, reason = decide(u, self._tau)
+        if self._options is None:  # Algorithm 1
+            delta = imbalance(u)
+            slowed, reason = decide(u, self._tau)
+        else:
+            u, delta, slowed, reason = decide_with_options(
+                self._options,
+                self._options_state,
+                fused=fused_value,
+                estimator=estimator,
+                metrics=metrics,
+                tau=self._tau,
+                mode=self._mode,
+                scale=self._scale,
+            )
         if self._window_open:
             self.reapply()
 
@@ -820,7 +848,14 @@ class MILES(LRScheduler):
             "unscaled": list(self._unscaled),
             "window_open": self._window_open,
             "base": base_state,
-        }
+        } | (
+            {}  # Algorithm 1's state dict is unchanged
+            if self._options is None
+            else {
+                "options": self._options.describe(),
+                "options_state": self._options_state.to_dict(),
+            }
+        )
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore from :meth:`state_dict` (this version's or the older one without ``written``).
@@ -831,6 +866,17 @@ class MILES(LRScheduler):
         (which holds the LRs) first, then this one.
         """
         new = _parse_state(state_dict, self._modalities, self._group_modalities)
+        saved_options = MILESOptions.from_value(state_dict.get("options"))
+        if saved_options != self.options:
+            raise ValueError(
+                f"state_dict was saved with MILES options {saved_options.describe()}, this "
+                f"scheduler has {self.options.describe()}: create it with the same options"
+            )
+        new["options_state"] = (
+            OptionsState.from_dict(state_dict["options_state"])
+            if "options_state" in state_dict
+            else OptionsState()
+        )
         saved_base = new["base"] is not None
         base_has_state = self._base is not None and callable(
             getattr(self._base, "load_state_dict", None)
@@ -855,6 +901,7 @@ class MILES(LRScheduler):
         self._last_lr, self.base_lrs = new["_last_lr"], new["base_lrs"]
         self._written, self._unscaled = new["written"], new["unscaled"]
         self._window_open = new["window_open"]
+        self._options_state = new["options_state"]
 
 
 _REQUIRED_KEYS = (

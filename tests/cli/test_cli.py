@@ -102,10 +102,10 @@ def test_every_help_shows_the_defaults() -> None:
 
 
 def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    out = miles("compare", "--fusion", "attention")
+    out = miles("compare", "--fusion", "nosuch")
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
-        "miles compare: error: argument --fusion: unknown fusions ['attention']; available: "
+        "miles compare: error: argument --fusion: unknown fusions ['nosuch']; available: "
         f"{available_fusions()} (see 'miles compare --help')"
     ]
     with pytest.raises(SystemExit) as exc:
@@ -364,4 +364,4 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "fsdd-mnist" in out and "miles" in out and "joint+aux" in out
     assert "fusions:      " + ", ".join(available_fusions()) in out
-    assert "report kinds: ablate, compare, demo, run, sweep" in out
+    assert "report kinds: ablate, compare, demo, regime, run, sweep" in out

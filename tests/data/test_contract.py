@@ -41,6 +41,7 @@ def _prepared(name: str, tmp_path: Path) -> DatasetSplits:
 #: how each registered dataset is built in a test, and what it needs installed beyond the core
 HOW_TO_BUILD: dict[str, tuple[Callable[[str, Path], DatasetSplits], tuple[str, ...]]] = {
     "fsdd-mnist": (_offline(max_train=20), ()),
+    "fsdd-mnist-regime": (_offline(max_train=20, image_noise=0.3), ()),
     "basicmotions": (_offline(), ()),
     "mfeat": (_offline(), ()),
     "mfeat-3view": (_offline(), ()),

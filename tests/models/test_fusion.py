@@ -52,7 +52,7 @@ def test_bad_construction() -> None:
     with pytest.raises(TypeError, match="out_features"):
         JointFusionModel({"a": nn.ReLU(), "b": MLPEncoder(3, 4)}, 2)
     with pytest.raises(ValueError, match="fusion"):
-        JointFusionModel({"a": MLPEncoder(3, 4)}, 2, fusion="attention")
+        JointFusionModel({"a": MLPEncoder(3, 4)}, 2, fusion="nosuch")
     with pytest.raises(ValueError, match="num_classes"):
         JointFusionModel({"a": MLPEncoder(3, 4)}, 0)
     shared = MLPEncoder(3, 4)

@@ -70,7 +70,7 @@ def test_value_parsing_and_validation(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown parameter"):
         _config(tmp_path, param="lr")
     with pytest.raises(ValueError, match="fusion"):
-        _config(tmp_path, fusion="attention")
+        _config(tmp_path, fusion="nosuch")
     # the CLI: argparse rejects an unknown --param (usage error), a bad value is one line
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["ablate", "--param", "gamma", "--values", "1"])

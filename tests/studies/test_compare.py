@@ -161,12 +161,12 @@ def test_bad_compare_configs(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="duplicates"):
         _config(tmp_path, methods=["joint", "joint"])
     with pytest.raises(ValueError, match="fusion"):
-        _config(tmp_path, fusions=["attention"])
+        _config(tmp_path, fusions=["nosuch"])
     with pytest.raises(TypeError, match="ExperimentConfig"):
         _config(tmp_path, base={"epochs": 3})
     with pytest.raises(ValueError, match="seeds"):
         _config(tmp_path, seeds=[0, 0])
-    for argv in (["--methods", "joint,nope"], ["--methods", ","], ["--fusion", "attention"]):
+    for argv in (["--methods", "joint,nope"], ["--methods", ","], ["--fusion", "nosuch"]):
         with pytest.raises(SystemExit) as exc:
             main(["compare", *argv, "--out", str(tmp_path)])
         assert exc.value.code == 2  # argparse usage error, not a traceback

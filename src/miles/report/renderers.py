@@ -18,7 +18,7 @@ from miles.report.document import Document, Figure
 from miles.report.page import Renderer, register_renderer
 from miles.report.tables import column_notes, decision_table
 from miles.results import RunResult, factors_in_force, load_result, run_row
-from miles.studies import ablate, compare, demo, sweep
+from miles.studies import ablate, compare, demo, regime, sweep
 from miles.studies.study import Study
 from miles.studies.summary import Summary, display_name, summarize, summary_table
 
@@ -28,6 +28,7 @@ __all__ = [
     "render_ablate",
     "render_compare",
     "render_demo",
+    "render_regime",
     "render_run",
     "render_sweep",
 ]
@@ -418,3 +419,21 @@ render_sweep = register_renderer(sweep.KIND)(
         lambda config, _r: f"Best parameters over seeds {list(range(config.rerun_seeds))}",
     )
 )
+
+
+@register_renderer(regime.KIND)
+def render_regime(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
+    """A regime study: its document (rows recomputed from the runs; the read-outs and speeds
+    kept as stored) with the heat map drawn again, and MILES's dynamics and decisions."""
+    rows, results = refresh_rows(payload["rows"], folder)
+    payload = {**payload, "rows": rows}
+    doc = regime.RegimeStudy.document(payload)
+    config, summary = regime.RegimeStudy.summary_of(payload)
+    assert isinstance(summary, regime.RegimeSummary)
+    heat = regime.heatmap(summary, config, files / "heatmap.png")
+    if heat is not None:
+        section = doc.section("Heat map")
+        section.paragraphs = []  # the study's own page links its PNG; the report embeds it
+        section.blocks.append(Figure(regime.HEATMAP_CAPTION, heat))
+    _miles_parts(doc, summary.rows, results, files)
+    return doc

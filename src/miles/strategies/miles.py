@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from miles.metrics import ablated_fused_scores, make_metric
+from miles.options import MILESOptions
 from miles.scheduler import MILES, _check_mu
 from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.joint import JointAux
@@ -45,6 +46,15 @@ class MILESStrategy(JointAux):
             how they were measured; ours is a separate eval-mode pass over the training part
             after each epoch (the validation pass's code, no shuffling, the run's random streams
             untouched). The best epoch is still chosen on validation.
+        warmup: decisions skipped at the start (:class:`miles.options.MILESOptions`, like
+            every option below; all off by default, which is Algorithm 1 bit for bit).
+        smoothing: EMA weight of the previous metrics (0: none).
+        release_tau: hysteresis: a slowed modality stays slowed until ``delta`` falls to it.
+        min_duration: the fewest epochs a slow-down lasts (1: Algorithm 1).
+        reference: ``"none"``, ``"unimodal"`` (with ``references``) or ``"best"``: each head
+            measured against its own reference before ``delta``.
+        references: ``{modality: metric of its unimodal model}`` for ``reference="unimodal"``.
+        pairwise: the pairwise rule for N > 2 modalities (heads estimator).
     """
 
     name = "miles"
@@ -59,6 +69,13 @@ class MILESStrategy(JointAux):
         head_follows_encoder: bool = True,
         aux_weights: float | dict[str, float] = 1.0,
         metrics: str = "validation",
+        warmup: int = 0,
+        smoothing: float = 0.0,
+        release_tau: float | None = None,
+        min_duration: int = 1,
+        reference: str = "none",
+        references: dict[str, float] | None = None,
+        pairwise: bool = False,
     ) -> None:
         # Checked here, not at on_fit_start, so a bad config fails before any training.
         super().__init__(aux_weights)
@@ -74,6 +91,20 @@ class MILESStrategy(JointAux):
         self.estimator = check_choice("estimator", estimator, ESTIMATORS)
         self.ablation_fill = check_choice("ablation_fill", ablation_fill, ABLATION_FILLS)
         self.needs_latents = estimator == "ablation"
+        self.options = MILESOptions(
+            warmup=warmup,
+            smoothing=smoothing,
+            release_tau=release_tau,
+            min_duration=min_duration,
+            reference=reference,
+            references=references,
+            pairwise=pairwise,
+        )
+        if estimator != "heads" and (reference != "none" or pairwise):
+            raise ValueError(
+                "reference-aware and pairwise MILES read the unimodal heads: use estimator='heads'"
+            )
+        self.options.check_for(self.tau, "max", None)
         self.scheduler: MILES | None = None
         #: scheduler state from load_state_dict, loaded into the scheduler on_fit_start builds
         self._restored: dict[str, Any] | None = None
@@ -81,7 +112,11 @@ class MILESStrategy(JointAux):
     def on_fit_start(self, ctx: StrategyContext) -> None:
         """Build the scheduler on the (restored, when resuming) optimizer; apply restored state."""
         self.scheduler = MILES(
-            ctx.optimizer, tau=self.tau, mu=self.mu, reset_other=self.reset_other
+            ctx.optimizer,
+            tau=self.tau,
+            mu=self.mu,
+            reset_other=self.reset_other,
+            options=self.options,
         )
         if self._restored is not None:
             self.scheduler.load_state_dict(self._restored)
@@ -152,4 +187,5 @@ class MILESStrategy(JointAux):
             "estimator": self.estimator,
             **({"ablation_fill": self.ablation_fill} if self.estimator == "ablation" else {}),
             **({"metrics": self.metrics} if self.metrics != "validation" else {}),
+            **self.options.describe(),  # nothing for Algorithm 1: its results are unchanged
         }

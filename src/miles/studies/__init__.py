@@ -10,7 +10,8 @@ it varies, a plan of :class:`PlannedRun` s, and a document of its tables; the ru
 - :mod:`miles.studies.planning`: how many runs a method needs in a comparison;
 - :mod:`miles.studies.summary`: dominant order, signed gaps, unimodal references, mean ± std;
 - :mod:`miles.studies.compare`, :mod:`~miles.studies.ablate`, :mod:`~miles.studies.sweep`,
-  :mod:`~miles.studies.demo`, :mod:`~miles.studies.lr_sweep`: the studies themselves.
+  :mod:`~miles.studies.demo`, :mod:`~miles.studies.lr_sweep`, :mod:`~miles.studies.regime`: the
+  studies themselves (the regime map runs on worker processes, :mod:`~miles.studies.parallel`).
 
 Every name is imported on first use, so ``import miles.studies`` stays light.
 """
@@ -42,6 +43,9 @@ _LAZY = {
     "CompareConfig": "miles.studies.compare",
     "run_compare": "miles.studies.compare",
     "DemoConfig": "miles.studies.demo",
+    "RegimeConfig": "miles.studies.regime",
+    "run_regime": "miles.studies.regime",
+    "run_parallel": "miles.studies.parallel",
     "run_demo": "miles.studies.demo",
     "SweepConfig": "miles.studies.sweep",
     "run_sweep": "miles.studies.sweep",
@@ -54,7 +58,9 @@ if TYPE_CHECKING:
     from miles.studies.config import StudyConfig
     from miles.studies.demo import DemoConfig, run_demo
     from miles.studies.lr_sweep import sweep_unimodal_lrs
+    from miles.studies.parallel import run_parallel
     from miles.studies.planning import MethodPlan, PlanContext, method_plan, register_plan
+    from miles.studies.regime import RegimeConfig, run_regime
     from miles.studies.runner import (
         PlannedRun,
         RunBatch,
@@ -79,6 +85,7 @@ __all__ = [
     "MethodPlan",
     "PlanContext",
     "PlannedRun",
+    "RegimeConfig",
     "RunBatch",
     "RunOutcome",
     "StudyConfig",
@@ -94,6 +101,8 @@ __all__ = [
     "run_demo",
     "run_one",
     "run_or_resume",
+    "run_parallel",
+    "run_regime",
     "run_sweep",
     "summarize",
     "sweep_unimodal_lrs",

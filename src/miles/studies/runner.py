@@ -169,13 +169,18 @@ def is_done(run_dir: Path | None) -> bool:
 
 
 def run_or_resume(
-    exp: ExperimentConfig, data: Any = None, *, label: str = "run"
+    exp: ExperimentConfig,
+    data: Any = None,
+    *,
+    label: str = "run",
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any] | None, str | None, bool]:
     """Train, resume or read the run of ``exp``: ``(result, failure, trained)``.
 
     ``result`` is ``result.json`` as a dict (``None`` when the run diverged, ``failure`` then says
     why); ``trained`` is ``False`` when a finished run was only read. Without ``exp.out_dir`` the
-    run trains in memory.
+    run trains in memory. ``on_epoch_end`` goes to the trainer (called with each epoch's history
+    row, after the epoch's checkpoint is saved), e.g. to keep a copy of one epoch's weights.
     """
     from miles.training import experiment  # looked up at call time, so tests can stand in for it
 
@@ -189,7 +194,10 @@ def run_or_resume(
             if (run_dir / "result.json").is_file():
                 return load_result(run_dir).to_dict(), None, False
     try:
-        result = experiment.run_experiment(exp, data=data, resume=run_dir is not None).to_dict()
+        hook = {} if on_epoch_end is None else {"on_epoch_end": on_epoch_end}
+        result = experiment.run_experiment(
+            exp, data=data, resume=run_dir is not None, **hook
+        ).to_dict()
     except FloatingPointError as exc:
         if run_dir is not None:
             write_json(run_dir / DONE, {"failed": str(exc)})

@@ -68,6 +68,11 @@ class Study(Generic[C]):
         """Every run of the study, in the order they are run."""
         raise NotImplementedError
 
+    def execute(self, runs: list[PlannedRun]) -> RunBatch:
+        """Run (or resume) the plan: by default in order, in this process, on the study's
+        dataset; a study whose runs use several datasets or processes overrides it."""
+        return run_all(runs, self.data, echo=self.echo)
+
     def rows(self, batch: RunBatch) -> list[dict[str, Any]]:
         """The table rows of the runs (default: one per run)."""
         return batch.rows(self.out)
@@ -121,7 +126,7 @@ class Study(Generic[C]):
             base = self.config.base
             self.data = build_dataset(base.dataset, **base.dataset_params)
         runs = self.plan()
-        batch = run_all(runs, self.data, echo=self.echo)
+        batch = self.execute(runs)
         summary = self.aggregate(self.rows(batch), self.config, self.data.modalities)
         extra = self.extra(batch)
         figures = extra.pop("figures", [])

@@ -1,10 +1,12 @@
 """Fusion modules registered by name (``build_fusion("concat", sizes, num_classes)``).
 
-Importing this package registers the built-in fusions ``concat`` and ``sum`` (one linear head
-over the fused latents), and the readouts some balancing methods install: ``uncertainty`` (MLA),
-``boosted-sum`` (ReconBoost) and ``mmtm`` (Greedy).
+Importing this package registers the built-in fusions: ``concat`` and ``sum`` (additive: the
+fused logits split into one share per modality), ``gated`` (additive given its gates), ``film``
+and ``attention`` (learnable, not additive), and the readouts some balancing methods install:
+``uncertainty`` (MLA), ``boosted-sum`` (ReconBoost) and ``mmtm`` (Greedy).
 """
 
+from miles.models.fusions.attention import AttentionFusion
 from miles.models.fusions.base import (
     Fusion,
     PerModalityFusion,
@@ -15,15 +17,20 @@ from miles.models.fusions.base import (
 )
 from miles.models.fusions.boosted_sum import BoostedSumFusion
 from miles.models.fusions.concat import ConcatFusion
+from miles.models.fusions.film import FiLMFusion
+from miles.models.fusions.gated import GatedFusion
 from miles.models.fusions.mmtm import MMTMFusion
 from miles.models.fusions.shared_head import SharedHeadFusion
 from miles.models.fusions.sum import SumFusion
 from miles.models.fusions.uncertainty import UncertaintyFusion, entropy_weights
 
 __all__ = [
+    "AttentionFusion",
     "BoostedSumFusion",
     "ConcatFusion",
+    "FiLMFusion",
     "Fusion",
+    "GatedFusion",
     "MMTMFusion",
     "PerModalityFusion",
     "SharedHeadFusion",
