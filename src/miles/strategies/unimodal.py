@@ -36,6 +36,7 @@ class Unimodal(Strategy):
 
     name = "unimodal"
     uses_aux_losses = False
+    unused_parameters = True  # the fused head gets no gradient (matters under DDP)
 
     def __init__(self, modality: str) -> None:
         self.modality = check_str("modality", modality)
