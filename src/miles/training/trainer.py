@@ -386,10 +386,14 @@ class Trainer:
     ) -> None:
         """Raise a clearer error for a step that failed because training diverged or because
         DDP found parameters without gradient; return to re-raise ``exc`` as it is."""
-        if sums and not all(bool(torch.isfinite(v[0])) for v in sums.values()):
+        losses_finite = all(bool(torch.isfinite(v[0])) for v in sums.values())
+        tensors = [t for p in self.model.parameters() for t in (p, p.grad) if t is not None]
+        weights_finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not (losses_finite and weights_finite):
             raise FloatingPointError(
-                f"training loss stopped being finite in epoch {epoch} and then a step failed "
-                f"({exc}); lower the learning rate"
+                f"training stopped being finite in epoch {epoch} (loss, weights or gradients) "
+                f"and then a "
+                f"step failed ({type(exc).__name__}: {exc}); lower the learning rate"
             ) from exc
         if isinstance(exc, RuntimeError) and "find_unused_parameters" in str(exc):
             raise RuntimeError(
@@ -613,6 +617,13 @@ class Trainer:
                 f"(schedule {self.config.schedule!r}, warm-up): resume with the same settings"
             )
         if schedule is not None:
+            wanted = schedule.state_dict()["lr_lambdas"]
+            if saved["lr_lambdas"] != wanted:
+                raise ValueError(
+                    f"last.pt's base schedule was {saved['lr_lambdas'][0]}, this run's is "
+                    f"{wanted[0]}: a schedule depends on the run's length, so resume with the "
+                    "same epochs and schedule settings"
+                )
             schedule.load_state_dict(saved)
 
     def _restore_rng(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
