@@ -20,6 +20,7 @@ EXTRA_OF = {
     "torchmetrics": "train",
     "numpy": "train",
     "tqdm": "train",
+    "tensorboard": "log",
 }
 
 

@@ -116,9 +116,9 @@ def test_mixed_precision_trains_and_resumes_exactly(
     assert strip_times(resumed.history) == strip_times(full.history)
     assert same_weights(m_full, m_res)
     if precision == "16-mixed":
-        assert "scaler" in torch.load(tmp_path / "last.pt", weights_only=True)["engine"][
-            "precision"
-        ]
+        assert (
+            "scaler" in torch.load(tmp_path / "last.pt", weights_only=True)["engine"]["precision"]
+        )
         assert all(r["train_skipped_steps"] >= 0 for r in full.history)
 
 
@@ -275,7 +275,7 @@ def test_constant_schedule_builds_nothing_and_settings_are_checked() -> None:
 
 
 def test_divergence_stops_the_run_by_the_end_of_the_epoch(data: Any) -> None:
-    with pytest.raises(FloatingPointError, match="training loss became (nan|inf) in epoch 1"):
+    with pytest.raises(FloatingPointError, match=r"training loss became (nan|inf) in epoch 1"):
         _fit(data, "joint+aux", epochs=3, optimizer="sgd", lr=1e12)
 
 
@@ -290,7 +290,9 @@ class _FailsOnNaN(JointAux):
 
 
 def test_an_error_after_divergence_is_reported_as_divergence(data: Any) -> None:
-    with pytest.raises(FloatingPointError, match="training stopped being finite in epoch 1") as info:
+    with pytest.raises(
+        FloatingPointError, match="training stopped being finite in epoch 1"
+    ) as info:
         _fit(data, _FailsOnNaN(), epochs=2, optimizer="sgd", lr=1e12)
     assert isinstance(info.value.__cause__, ValueError)
 
@@ -352,7 +354,8 @@ def test_channels_last_is_a_cpu_no_op(data: Any) -> None:
     assert trainer._channels_last is False  # CUDA only
     image = torch.randn(2, 3, 4, 5)
     moved = move_batch(
-        {"inputs": {"image": image}, "target": torch.zeros(2)}, torch.device("cpu"),
+        {"inputs": {"image": image}, "target": torch.zeros(2)},
+        torch.device("cpu"),
         channels_last=True,
     )
     assert moved["inputs"]["image"].is_contiguous(memory_format=torch.channels_last)
@@ -381,7 +384,7 @@ class _Counting(JointAux):
 def test_history_losses_match_a_python_float_sum(data: Any) -> None:
     """The losses summed on the device give exactly the per-batch ``float()`` sums."""
     strategy = _Counting()
-    result, _, trainer = _fit(data, strategy, epochs=1)
+    result, _, _ = _fit(data, strategy, epochs=1)
     torch.manual_seed(0)
     model = JointFusionModel(data.build_encoders(8), data.num_classes)
     again = Trainer(

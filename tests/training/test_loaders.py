@@ -77,7 +77,9 @@ def test_tensor_batches_are_the_dataloaders_batches(shuffle: bool) -> None:
         else:
             g_loader = g_tensor = None
         loader = DataLoader(source, generator=g_loader, collate_fn=collate_multimodal, **settings)
-        tensors = build_loader(source, generator=g_tensor, collate_fn=collate_multimodal, **settings)
+        tensors = build_loader(
+            source, generator=g_tensor, collate_fn=collate_multimodal, **settings
+        )
         assert isinstance(tensors, TensorBatches) and len(tensors) == len(loader)
         for _ in range(2):  # two epochs: the same random draws in the same order
             torch.manual_seed(0)
@@ -113,10 +115,14 @@ def test_where_the_tensor_path_does_not_apply() -> None:
         DataLoader,
     )
     shifted = _Shifted({"x": torch.randn(6, 2)}, torch.zeros(6, dtype=torch.long))
-    assert isinstance(build_loader(shifted, batch_size=4, collate_fn=collate_multimodal), DataLoader)
+    assert isinstance(
+        build_loader(shifted, batch_size=4, collate_fn=collate_multimodal), DataLoader
+    )
     # a list modality of varying length without declared lengths: collate pads it per batch
     varying = MultimodalDataset({"x": [torch.randn(t, 2) for t in (1, 2, 3)]}, torch.zeros(3))
-    assert isinstance(build_loader(varying, batch_size=2, collate_fn=collate_multimodal), DataLoader)
+    assert isinstance(
+        build_loader(varying, batch_size=2, collate_fn=collate_multimodal), DataLoader
+    )
     with pytest.raises(ValueError, match="loader 'tensor' needs an in-memory MultimodalDataset"):
         build_loader(varying, batch_size=2, collate_fn=collate_multimodal, mode="tensor")
 

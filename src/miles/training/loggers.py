@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miles.extras import MissingExtraError
+from miles.extras import MissingExtraError, require
 from miles.registry import Registry
 
 __all__ = [
@@ -119,13 +119,9 @@ class TensorBoardLogger(Logger):
 
     def __init__(self, out_dir: Path, *, first_epoch: int = 1, config: Mapping[str, Any]) -> None:
         super().__init__(out_dir, first_epoch=first_epoch, config=config)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ModuleNotFoundError as exc:
-            raise MissingExtraError(
-                "the tensorboard logger needs tensorboard, which is not installed: "
-                "pip install tensorboard"
-            ) from exc
+        require("tensorboard", what="the tensorboard logger")
+        from torch.utils.tensorboard import SummaryWriter
+
         purge = first_epoch if first_epoch > 1 else None
         self.writer = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=purge)
         if first_epoch == 1:

@@ -616,7 +616,7 @@ class Trainer:
                 "last.pt was saved with a different base schedule setting than this run's "
                 f"(schedule {self.config.schedule!r}, warm-up): resume with the same settings"
             )
-        if schedule is not None:
+        if schedule is not None and saved is not None:
             wanted = schedule.state_dict()["lr_lambdas"]
             if saved["lr_lambdas"] != wanted:
                 raise ValueError(
