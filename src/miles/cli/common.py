@@ -299,12 +299,7 @@ def engine_options(*, device: str | None = "cpu", distributed: bool = False) -> 
     p.add_argument("--warmup-epochs", type=non_negative_int, help="linear LR warm-up, in epochs")
     p.add_argument("--warmup-steps", type=non_negative_int, help="linear LR warm-up, in batches")
     p.add_argument("--num-workers", type=non_negative_int, help="DataLoader worker processes")
-    p.add_argument(
-        "--pin-memory",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="pinned host memory for the batches (CUDA only; on by default)",
-    )
+    _switch(p, "--pin-memory", "pinned host memory for the batches (CUDA only; on by default)")
     p.add_argument(
         "--loader",
         choices=list(LOADERS),
@@ -323,13 +318,17 @@ def engine_options(*, device: str | None = "cpu", distributed: bool = False) -> 
             choices=list(BACKENDS),
             help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
         )
-        p.add_argument(
+        _switch(
+            p,
             "--find-unused-parameters",
-            action=argparse.BooleanOptionalAction,
-            default=None,
-            help="DDP's find_unused_parameters (default: when the method may leave some unused)",
+            "DDP's find_unused_parameters (default: when the method may leave some unused)",
         )
     return p
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """``--flag`` / ``--no-flag``, ``None`` when neither is given (the config decides)."""
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
 
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 Two paths give the same batches, bit for bit, in the same order:
 
-* :func:`data_loader`: a ``torch.utils.data.DataLoader`` with optional workers (each seeded by
+* a ``torch.utils.data.DataLoader`` with optional workers (each seeded by
   :func:`seed_worker` from the loader's generator, so resuming stays exact) and pinned memory.
   Prepared (memory-mapped) datasets read their samples in the workers.
 * :class:`TensorBatches`: for a small :class:`~miles.data.MultimodalDataset` held in memory, the
@@ -37,7 +37,7 @@ from torch.utils.data import (
 
 from miles.validation import check_choice
 
-__all__ = ["LOADERS", "TensorBatches", "build_loader", "data_loader", "seed_worker"]
+__all__ = ["LOADERS", "TensorBatches", "build_loader", "seed_worker"]
 
 #: ``loader`` settings: ``auto`` indexes in-memory tensors where it can, else a DataLoader
 LOADERS = ("auto", "dataloader", "tensor")
@@ -60,31 +60,6 @@ def seed_worker(worker_id: int) -> None:
     except ModuleNotFoundError:  # pragma: no cover - numpy comes with the train extra
         return
     np.random.seed(seed)
-
-
-def data_loader(
-    dataset: Dataset,
-    *,
-    batch_size: int,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    sampler: Sampler[int] | None = None,
-    collate_fn: Callable[[list[Any]], Any] | None = None,
-    num_workers: int = 0,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A ``DataLoader`` with the trainer's settings (workers seeded by :func:`seed_worker`)."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
-        generator=generator,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        worker_init_fn=seed_worker if num_workers > 0 else None,
-    )
 
 
 class _Table:
@@ -231,15 +206,16 @@ def build_loader(
                 "loader 'tensor' needs an in-memory MultimodalDataset (or a Subset of one), "
                 "collate_multimodal and num_workers 0; use loader 'auto' or 'dataloader'"
             )
-        return data_loader(
+        return DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            shuffle=shuffle if sampler is None else False,
             sampler=sampler,
+            generator=generator,
             collate_fn=collate_fn,
             num_workers=num_workers,
             pin_memory=pin_memory,
+            worker_init_fn=seed_worker if num_workers > 0 else None,
         )
     if sampler is None:
         n = len(dataset)  # type: ignore[arg-type]
