@@ -402,3 +402,32 @@ def test_history_losses_match_a_python_float_sum(data: Any) -> None:
         count += step.batch_size
     assert result.history[0]["train_loss"] == total / count
     assert result.history[0]["strategy"] == {"steps": math.ceil(len(data.train) / 32)}
+
+
+class _CopyEachEpoch(JointAux):
+    """Trains a copy of the model on the side at every epoch start (as G-Blend does)."""
+
+    name = "copy-each-epoch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.copies: list[JointFusionModel] = []
+
+    def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
+        from miles.training.copies import train_copy
+
+        self.copies.append(
+            train_copy(ctx, lambda losses, output, batch: losses["strong"], epochs=1, seed=epoch)
+        )
+
+
+def test_copies_trained_on_the_side_get_the_runs_precision(data: Any) -> None:
+    """Under 16-mixed a copy's own optimizer steps on unscaled gradients (SGD would otherwise
+    move 65536 times too far), and the run's scaler is left alone."""
+    full, half = _CopyEachEpoch(), _CopyEachEpoch()
+    _fit(data, full, epochs=2, optimizer="sgd")
+    result, _, _ = _fit(data, half, epochs=2, optimizer="sgd", precision="16-mixed")
+    assert all(math.isfinite(r["train_loss"]) for r in result.history)
+    for a, b in zip(full.copies, half.copies, strict=True):
+        for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert torch.allclose(p, q, rtol=0.05, atol=2e-3), name

@@ -90,6 +90,6 @@ def train_copy(
                 output = ctx.forward(batch, model=net)
                 loss = loss_fn(ctx.head_losses(output, batch), output, batch)
                 ctx.zero_grad(optimizer)
-                ctx.backward(loss)
+                ctx.backward(loss, optimizer)
                 ctx.optimizer_step(optimizer)
     return net

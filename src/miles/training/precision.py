@@ -114,7 +114,9 @@ class Precision:
             raise RuntimeError(
                 "backward was called twice before the optimizer stepped, with precision "
                 "'16-mixed': the gradient scaler unscales once per step. Add the losses and call "
-                "ctx.backward once per optimizer step (or use bf16-mixed, which needs no scaler)"
+                "ctx.backward once per optimizer step (or use bf16-mixed, which needs no scaler); "
+                "a backward for another optimizer's parameters (a side model) must name it: "
+                "ctx.backward(loss, optimizer)"
             )
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
