@@ -38,7 +38,9 @@ they compose it from the context's primitives (``ctx.forward``, ``ctx.head_losse
 ``ctx.zero_grad``, ``ctx.backward``, ``ctx.optimizer_step``), so device placement, mixed
 precision and gradient clipping stay in one place whatever the method does. Methods that train
 copies of the model (per-head copies, teachers) build their optimizers with
-``ctx.make_optimizer`` and read ``ctx.train_loader``.
+``ctx.make_optimizer``, name them in ``ctx.backward(loss, optimizer)`` and
+``ctx.optimizer_step(optimizer)`` (the loss scaler keeps one scale per optimizer), and read
+``ctx.train_loader``; :func:`miles.training.copies.train_copy` does all of it.
 
 Class attributes state what a method needs from the trainer: ``uses_aux_losses`` (its loss
 includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs_latents``,
