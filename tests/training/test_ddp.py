@@ -130,6 +130,11 @@ def _worker(tmp: Path) -> None:
         out["test"] = full.test
         with contextlib.suppress(_Stop):
             _fit(build_strategy("miles", tau=0.02), tmp / "part", epochs=4, stop_after=2)
+        try:  # rank 1 does not see rank 0's last.pt (as on a file system of its own)
+            unshared = tmp / ("part" if rank == 0 else "elsewhere")
+            _fit(build_strategy("miles", tau=0.02), unshared, epochs=4)
+        except RuntimeError as exc:
+            out["unshared"] = str(exc)
         resumed, _ = _fit(build_strategy("miles", tau=0.02), tmp / "part", epochs=4)
         out["resumed"] = strip_times(resumed.history)
         out["writes"] = writes
@@ -188,6 +193,10 @@ def test_a_resumed_distributed_run_is_the_uninterrupted_one(
 ) -> None:
     _, (zero, one) = ranks
     assert zero["resumed"] == zero["full"] and one["resumed"] == one["full"]
+    for rank in (zero, one):
+        assert rank["unshared"].startswith(
+            "the ranks disagree on the epoch to start from: [3.0, 1.0] (by rank)"
+        )
 
 
 def test_unused_parameters_and_drifting_replicas(

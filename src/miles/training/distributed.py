@@ -38,6 +38,7 @@ __all__ = [
     "all_gather_tensors",
     "broadcast_buffers",
     "check_replicas",
+    "check_same_on_every_rank",
     "current_ranks",
     "is_main_process",
     "join_process_group",
@@ -178,3 +179,14 @@ def check_replicas(model: nn.Module, what: str) -> None:
             "gradient hook or side model computed from the rank's own batch. Each rank would go "
             "on training a different model; run this method on one process"
         )
+
+
+def check_same_on_every_rank(value: float, what: str, hint: str) -> None:
+    """Raise on every rank unless ``value`` is the same on all of them."""
+    if current_ranks().world_size <= 1:
+        return
+    from miles.integrations.distributed import gather_floats
+
+    values = [row[0] for row in gather_floats([float(value)])]
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"the ranks disagree on {what}: {values} (by rank); {hint}")

@@ -36,6 +36,7 @@ from miles.training.distributed import (
     all_gather_tensors,
     broadcast_buffers,
     check_replicas,
+    check_same_on_every_rank,
     current_ranks,
     join_process_group,
     rank_device,
@@ -456,6 +457,12 @@ class Trainer:
         checkpoint = self._load_last() if resume else None
         if checkpoint is not None:
             self._restore(run, checkpoint)
+        check_same_on_every_rank(
+            run.first_epoch,
+            "the epoch to start from",
+            "every rank reads out_dir/last.pt when resuming: put out_dir on a file system "
+            "all of them see",
+        )
         self.strategy.on_fit_start(run.ctx)
         if checkpoint is not None:
             self._restore_rng(run, checkpoint)
