@@ -66,7 +66,6 @@ class MiniPreparer(Preparer):
         self.name = real.name  # type: ignore[misc]  # the builders check the cache's dataset name
         self._specs = {m: _reduced(s) for m, s in real.specs().items()}
         self._label = real.label_spec()
-        self._rng = np.random.default_rng(0)
 
     def options(self) -> dict[str, Any]:
         return {"test": "miniature"}
@@ -88,17 +87,19 @@ class MiniPreparer(Preparer):
         return items
 
     def process(self, item: RawItem) -> dict[str, np.ndarray]:
+        # a pure function of the sample (as Preparer.process must be): seeded by its number
+        rng = np.random.default_rng(int(item.key.rsplit("_", 1)[1]))
         out: dict[str, np.ndarray] = {}
         for m, spec in self._specs.items():
             if m == "text":  # (2, L): token ids, then the attention mask (a padded tail)
-                ids = self._rng.integers(5, SMALL_BERT["vocab_size"], size=spec.shape[1:])
+                ids = rng.integers(5, SMALL_BERT["vocab_size"], size=spec.shape[1:])
                 mask = np.ones(spec.shape[1:], dtype=np.int64)
                 mask[spec.shape[-1] // 2 :] = 0
                 out[m] = np.stack([ids * mask, mask]).astype(spec.dtype)
             elif np.issubdtype(np.dtype(spec.dtype), np.integer):
-                out[m] = self._rng.integers(0, 256, size=spec.shape).astype(spec.dtype)
+                out[m] = rng.integers(0, 256, size=spec.shape).astype(spec.dtype)
             else:
-                out[m] = self._rng.standard_normal(spec.shape).astype(spec.dtype)
+                out[m] = rng.standard_normal(spec.shape).astype(spec.dtype)
         return out
 
     def manifest_extra(self, items: Sequence[RawItem]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ __all__ = ["EXTRA_OF", "MissingExtraError", "require"]
 EXTRA_OF = {
     "matplotlib": "plot",
     "optuna": "sweep",
+    "filelock": "sweep",
+    "psycopg2": "sweep-pg",
     "yaml": "cli",
     "torchmetrics": "train",
     "numpy": "train",

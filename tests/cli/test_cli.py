@@ -17,6 +17,7 @@ import pytest
 from miles.cli import build_parser, main
 from miles.cli.common import key_value
 from miles.cli.yamlio import apply_overrides, load_yaml, parse_scalar
+from miles.models.fusions import available_fusions
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {
@@ -105,7 +106,7 @@ def test_usage_error_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.returncode == 2
     assert out.stderr.splitlines() == [
         "miles compare: error: argument --fusion: unknown fusions ['attention']; available: "
-        "['concat', 'sum'] (see 'miles compare --help')"
+        f"{available_fusions()} (see 'miles compare --help')"
     ]
     with pytest.raises(SystemExit) as exc:
         main(["nosuch"])
@@ -361,5 +362,5 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "fsdd-mnist" in out and "miles" in out and "joint+aux" in out
-    assert "fusions:      concat, sum" in out
+    assert "fusions:      " + ", ".join(available_fusions()) in out
     assert "report kinds: ablate, compare, demo, run, sweep" in out

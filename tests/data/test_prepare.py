@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +18,7 @@ import torch
 
 from miles.data.prepare import (
     ArraySpec,
+    DecodeError,
     Preparer,
     RawDataError,
     RawItem,
@@ -194,3 +200,109 @@ def test_dtype_and_split_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shared indices"):
         prepare(bad, raw, tmp_path / "b", progress=False)
     assert bad.calls == 0  # refused before any decoding
+
+
+class _Recording(TextPreparer):
+    """Records which process decoded each sample (a file per pid), and can fail in a way the
+    preparer does not anticipate (a reader bug) or decode slowly."""
+
+    def __init__(
+        self, pids: Path, crash_on: str | None = None, delay: float = 0.0, **kw: Any
+    ) -> None:
+        super().__init__(**kw)
+        self.pids, self.crash_on, self.delay = pids, crash_on, delay
+
+    def process(self, item: RawItem) -> dict[str, np.ndarray]:
+        self.pids.mkdir(exist_ok=True)
+        (self.pids / str(os.getpid())).touch()
+        if item.key == self.crash_on:
+            return {"vec": np.zeros(4, np.float32) / 0, "twice": np.zeros((2, 4))}[1]  # KeyError
+        time.sleep(self.delay)
+        return super().process(item)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 3 workers on 2 cores
+def test_workers_decode_in_other_processes_into_the_same_cache(tmp_path: Path) -> None:
+    raw = _raw(tmp_path, bad=13)
+    caches = {}
+    for workers in (1, 2, 3):
+        out = tmp_path / f"w{workers}"
+        pids = tmp_path / f"pids{workers}"
+        prepare(
+            _Recording(pids, scale=0.5),
+            raw,
+            out,
+            skip_bad=True,
+            progress=False,
+            chunk=8,
+            workers=workers,
+        )
+        decoders = {int(p.name) for p in pids.iterdir()}
+        assert (
+            decoders == {os.getpid()} if workers == 1 else len(decoders - {os.getpid()}) == workers
+        )
+        caches[workers] = _files(out)
+    assert set(caches[1]) == {"vec.npy", "twice.npy", "labels.npy", "splits.json", "manifest.json"}
+    assert caches[2] == caches[1] and caches[3] == caches[1]  # byte for byte, manifest included
+    assert list(json.loads(caches[2]["manifest.json"])["skipped"]) == ["1_013"]
+
+
+def test_worker_errors_name_the_sample_and_its_file(tmp_path: Path) -> None:
+    raw = _raw(tmp_path, bad=13)
+    order = sorted(p.stem for p in raw.glob("*.txt"))  # the samples' rows
+    with pytest.raises(RawDataError, match=r"1_013\.txt: expected 4 numbers, found 2"):
+        prepare(TextPreparer(), raw, tmp_path / "strict", progress=False, chunk=8, workers=2)
+    committed = json.loads((tmp_path / "strict" / "progress.json").read_text())["done"]
+    assert committed == order.index("1_013") // 8 * 8  # every chunk before the bad sample's
+    # an error the preparer did not anticipate (never skipped: it may be a bug): the sample, its
+    # files, the worker's traceback
+    with pytest.raises(DecodeError, match=r"sample '2_020' \(vec: .*2_020\.txt.*KeyError") as err:
+        prepare(
+            _Recording(tmp_path / "pids", crash_on="2_020"),
+            raw,
+            tmp_path / "bug",
+            skip_bad=True,
+            progress=False,
+            chunk=8,
+            workers=2,
+        )
+    assert "in process" in err.value.worker_traceback  # where it happened, in the worker
+    assert "in process" in str(err.value.__cause__)
+    committed = json.loads((tmp_path / "bug" / "progress.json").read_text())["done"]
+    assert committed == order.index("2_020") // 8 * 8
+    with pytest.raises(ValueError, match="workers"):
+        prepare(TextPreparer(), raw, tmp_path / "w0", progress=False, workers=0)
+
+
+def test_ctrl_c_during_parallel_decoding_stops_the_workers_and_resumes(tmp_path: Path) -> None:
+    """SIGINT while workers decode: KeyboardInterrupt in the caller, the workers are gone, the
+    committed chunks stay, and a resume (with another number of workers) gives the same cache."""
+    raw = _raw(tmp_path)
+    out = tmp_path / "out"
+    progress = out / "progress.json"
+
+    def interrupt_after_first_chunk() -> None:
+        deadline = time.monotonic() + 60
+        while not progress.is_file() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does to the main process
+
+    pinger = threading.Thread(target=interrupt_after_first_chunk)
+    pinger.start()
+    slow = _Recording(tmp_path / "pids", delay=0.05)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        prepare(slow, raw, out, progress=False, chunk=8, workers=2)
+    pinger.join()
+    # no decoding worker left behind, even while the caller still holds the traceback
+    assert interrupted.tb is not None and multiprocessing.active_children() == []
+    done = json.loads(progress.read_text())["done"]
+    assert 8 <= done < 40 and done % 8 == 0
+    resumed = _Recording(tmp_path / "pids-resumed")
+    prepare(resumed, raw, out, progress=False, chunk=8, workers=1)
+    assert resumed.calls == 40 - done
+    prepare(TextPreparer(), raw, tmp_path / "ref", progress=False, chunk=8)
+    assert _files(out) == _files(tmp_path / "ref")

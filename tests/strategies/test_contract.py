@@ -57,6 +57,15 @@ EXAMPLES: dict[str, Example] = {
     "ogm-ge": Example({"alpha": 1.0}, optimizer="sgd"),
     "gblend": Example({"super_epoch": 1}),
     "miles": Example({"tau": 0.0}),
+    # newer methods (issue 13): the authors' SGD
+    "agm": Example({"alpha": 1.0}, optimizer="sgd"),
+    "pmr": Example({"alpha": 1.0, "momentum": 0.5}, optimizer="sgd"),
+    "mla": Example(optimizer="sgd"),
+    "mmpareto": Example(optimizer="sgd"),
+    # boost a, rectify a twice, boost b: the cut at epoch 2 falls inside a phase
+    "reconboost": Example({"boost_epochs": 1, "rectify_epochs": 2}, optimizer="sgd"),
+    # 4 batches an epoch: the 5-step re-balancing window triggered in epoch 2 crosses the cut
+    "greedy": Example({"epsilon": 0.0, "window": 5}, optimizer="sgd"),
 }
 
 
@@ -89,6 +98,11 @@ NEUTRAL = [
     ),
     Neutral("mses", {"patience": 10}, "joint+aux", {"patience": 1, "min_delta": 1.0}),
     Neutral("miles", {"mu": 1.0, "tau": 0.0}, "joint+aux", {"mu": 0.5, "tau": 0.0}),
+    Neutral("agm", {"alpha": 0.0, "clip": None}, "joint", {"alpha": 1.0}, optimizer="sgd"),
+    Neutral("pmr", {"alpha": 0.0}, "joint", {"alpha": 1.0}, optimizer="sgd"),
+    Neutral(
+        "mmpareto", {"gamma": 1.0, "resolve_conflicts": False}, "joint+aux", {}, optimizer="sgd"
+    ),
 ]
 
 

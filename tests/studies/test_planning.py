@@ -79,3 +79,14 @@ def test_register_a_plan(tmp_path: Path) -> None:
         register_plan("ogm", MethodPlan())
     with pytest.raises(TypeError, match="MethodPlan"):
         register_plan("ogm", lambda ctx: [])  # type: ignore[arg-type]
+
+
+def test_methods_with_their_own_fusion_run_once_for_every_fusion(tmp_path: Path) -> None:
+    """MLA, ReconBoost and Greedy install their own fusion: one run, shown under every fusion."""
+    methods = ["mla", "reconboost", "greedy", "agm", "pmr", "mmpareto"]
+    config = CompareConfig(
+        methods=methods, fusions=["concat", "sum"], seeds=[0], out_dir=str(tmp_path)
+    )
+    runs = plan_runs(config, _ctx([]))
+    count = {m: sum(r.config.strategy == m for r in runs) for m in methods}
+    assert count == {"mla": 1, "reconboost": 1, "greedy": 1, "agm": 2, "pmr": 2, "mmpareto": 2}

@@ -314,6 +314,25 @@ def test_killed_sweep_resumes_once_its_trial_is_stale(
     assert payload["finished"] == 3 and payload["aggregate"][0]["n"] == 1
 
 
+def test_waiting_worker_reruns_a_killed_trial_once_it_is_stale(
+    tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``wait=True``: with no trial left to start but one still RUNNING (its process killed),
+    the sweep polls until the heartbeat check fails it, re-runs it, and finishes."""
+    fake = FakeRuns(fail_on_call=2, exc=ProcessKilled())
+    monkeypatch.setattr(experiment, "run_experiment", fake)
+    with pytest.raises(ProcessKilled):
+        run_sweep(_config(tmp_path, trials=2, stale_after=1), data=data, **quiet)
+    resumed = FakeRuns()
+    monkeypatch.setattr(experiment, "run_experiment", resumed)
+    payload = run_sweep(_config(tmp_path, trials=2, stale_after=1, wait=True), data=data, **quiet)
+    assert resumed.calls == [fake.calls[1]]  # only the killed trial, with its parameters
+    assert [t["state"] for t in payload["trials"]] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert payload["finished"] == 2 and payload["rerun_note"] is None
+    with pytest.raises(TypeError, match="wait must be a bool"):
+        _config(tmp_path, wait="yes")
+
+
 def test_diverged_trial_counts_and_is_not_rerun(
     tmp_path: Path, data: DatasetSplits, monkeypatch: pytest.MonkeyPatch
 ) -> None:

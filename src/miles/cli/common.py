@@ -154,7 +154,7 @@ def fusion(text: str) -> str:
 
 
 def methods(text: str) -> list[str]:
-    """``all`` (the paper's comparison) or comma-separated registered strategy names."""
+    """``all`` (every method of the comparison) or comma-separated registered strategy names."""
     from miles.studies.checks import check_methods
     from miles.studies.compare import ALL_METHODS
 

@@ -21,7 +21,7 @@ from miles.cli.registry import Command, register_command
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--methods", type=methods, default="all", help="comma-separated, or 'all' (the paper's)"
+        "--methods", type=methods, default="all", help="comma-separated, or 'all' (every method)"
     )
     p.add_argument(
         "--sweep-lrs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from miles.cli.common import key_values, show
+from miles.cli.common import key_values, positive_int, show
 from miles.cli.registry import Command, register_command
 
 
@@ -19,6 +19,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip unreadable samples (listed in the manifest) instead of stopping",
     )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="decode in N processes (default 1: in this one); the cache is the same for any N",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -28,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
     preparer = build_preparer(args.dataset, **dict(args.option))
     manifest = prepare(
-        preparer, args.raw, args.out, skip_bad=args.skip_bad, progress=not args.quiet
+        preparer,
+        args.raw,
+        args.out,
+        skip_bad=args.skip_bad,
+        progress=not args.quiet,
+        workers=args.workers,
     )
     show(
         f"{args.dataset}: {manifest['sizes']} samples per split, "

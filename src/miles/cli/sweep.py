@@ -41,6 +41,12 @@ def arguments(p: argparse.ArgumentParser) -> None:
         default=120,
         help="seconds without heartbeat after which a running trial counts as killed",
     )
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="when no trial is left to start, wait for the trials running elsewhere (re-running "
+        "those whose worker died) instead of stopping",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from miles.studies.sweep import Sweep
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # we print our own progress lines
-    copied = ("method", "trials", "sampler", "rerun_seeds", "storage", "study_name", "stale_after")
+    copied = (
+        "method",
+        "trials",
+        "sampler",
+        "rerun_seeds",
+        "storage",
+        "study_name",
+        "stale_after",
+        "wait",
+    )
     return run_study_command(args, Sweep, copy=copied)
 
 
@@ -66,7 +81,7 @@ COMMAND = register_command(
             engine_options,
             lambda: output_options("sweep-out"),
         ),
-        needs=("torchmetrics", "numpy", "tqdm", "optuna"),
+        needs=("torchmetrics", "numpy", "tqdm", "optuna", "filelock"),
         description="Sample a method's hyper-parameters, keep the best trial on validation, "
         "report its test result and re-run it over seeds. Trials live in an Optuna storage: "
         "re-run the same command to resume, or start it on several machines sharing one "

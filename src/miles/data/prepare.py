@@ -12,6 +12,12 @@ sample into fixed-shape arrays, ``split`` assigns samples to train/val/test. The
 the rest: progress bar, resumption from the last committed chunk after an interruption, skipping
 unreadable samples only when asked (``skip_bad``, with their names and reasons in the manifest),
 checksums, and refusing to mix caches made with different options.
+
+Decoding runs in ``workers`` processes when asked (a ``torch.utils.data.DataLoader`` over the
+samples: ordered results, bounded prefetch, workers shut down on Ctrl-C or on an error). The
+main process alone writes the arrays and commits chunks in sample order, so the cache, its
+checksums and the manifest are byte-identical for any number of workers, and a run interrupted
+with one number of workers resumes with another.
 """
 
 from __future__ import annotations
@@ -19,14 +25,19 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import multiprocessing
 import os
+import pickle
+import traceback
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from miles.registry import Registry
 
@@ -45,6 +56,23 @@ class RawDataError(ValueError):
         super().__init__(f"{path}: {why}")
         self.path = str(path)
         self.why = why
+
+    def __reduce__(self) -> tuple[Any, ...]:  # travels from a decoding worker intact
+        return (type(self), (self.path, self.why))
+
+
+class DecodeError(RuntimeError):
+    """Decoding one sample failed with an error that is not a :class:`RawDataError` (a reader
+    bug, or a damage the preparer does not recognise): names the sample and its files.
+    ``worker_traceback`` is where it happened, in whichever process decoded the sample."""
+
+    def __init__(self, key: str, files: str, error: str, worker_traceback: str) -> None:
+        super().__init__(f"sample {key!r} ({files}): decoding failed with {error}")
+        self.key, self.files, self.error = key, files, error
+        self.worker_traceback = worker_traceback
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.key, self.files, self.error, self.worker_traceback))
 
 
 @dataclass(frozen=True)
@@ -89,7 +117,12 @@ class Preparer(ABC):
 
     @abstractmethod
     def process(self, item: RawItem) -> dict[str, np.ndarray]:
-        """Decode one sample to arrays matching :meth:`specs`; raise RawDataError if unreadable."""
+        """Decode one sample to arrays matching :meth:`specs`; raise RawDataError if unreadable.
+
+        The result must depend on ``item`` (and on what :meth:`scan` set up) only: with
+        ``workers > 1`` samples are decoded in other processes, each on its own copy of the
+        preparer made after ``scan``, in no particular order.
+        """
 
     @abstractmethod
     def split(self, items: Sequence[RawItem]) -> dict[str, list[int]]:
@@ -186,6 +219,102 @@ def _check_split(split: Mapping[str, list[int]], n: int) -> None:
         seen |= set(idx)
 
 
+def decode_sample(
+    preparer: Preparer, specs: Mapping[str, ArraySpec], item: RawItem
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One sample's arrays and label, checked against ``specs`` (shape, dtype, finite values)."""
+    decoded = preparer.process(item)
+    arrays = {}
+    for m, spec in specs.items():
+        value = np.asarray(decoded[m])
+        where = item.files.get(m, item.key)
+        if value.shape != spec.shape or value.dtype != np.dtype(spec.dtype):
+            raise RawDataError(
+                where,
+                f"decoded to {value.dtype}{list(value.shape)}, expected "
+                f"{spec.dtype}{list(spec.shape)}",
+            )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise RawDataError(where, "decoded to non-finite values")
+        arrays[m] = value
+    return arrays, preparer.encode_label(item)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """One decoded sample, or why it could not be: returned, not raised, so that a worker's
+    error reaches the main process whole and the main process decides (skip or stop)."""
+
+    index: int
+    arrays: dict[str, np.ndarray] | None = None
+    label: np.ndarray | None = None
+    bad: RawDataError | None = None
+    failed: DecodeError | None = None
+
+
+class _Samples(Dataset[_Decoded]):
+    """Samples ``start..n-1`` of a raw copy, each decoded on access (in a DataLoader worker)."""
+
+    def __init__(self, preparer: Preparer, items: Sequence[RawItem], start: int) -> None:
+        self.preparer, self.items, self.start = preparer, items, start
+        self.specs = preparer.specs()
+
+    def __len__(self) -> int:
+        return len(self.items) - self.start
+
+    def __getitem__(self, j: int) -> _Decoded:
+        i = self.start + j
+        item = self.items[i]
+        try:
+            arrays, label = decode_sample(self.preparer, self.specs, item)
+        except RawDataError as exc:
+            return _Decoded(i, bad=exc)
+        except Exception as exc:
+            files = ", ".join(f"{m}: {path}" for m, path in item.files.items()) or "no files"
+            error = f"{type(exc).__name__}: {exc}"
+            return _Decoded(i, failed=DecodeError(item.key, files, error, traceback.format_exc()))
+        return _Decoded(i, arrays=arrays, label=label)
+
+
+def _as_is(sample: Any) -> Any:
+    """The DataLoader's collate function: a decoded sample passes unchanged (no tensors)."""
+    return sample
+
+
+def _decoded(samples: _Samples, workers: int) -> Iterator[_Decoded]:
+    """The samples decoded in order: in this process (``workers == 1``), else in ``workers``
+    processes (DataLoader workers: one torch thread each; they leave on Ctrl-C; :func:`_stop`
+    shuts them down)."""
+    method = multiprocessing.get_start_method(allow_none=True)  # None: not fixed yet, and
+    method = method or multiprocessing.get_all_start_methods()[0]  # asking must not fix it
+    if workers > 1 and method != "fork":
+        try:  # the workers receive the preparer pickled: say so now, not from inside a worker
+            pickle.dumps(samples)
+        except Exception as exc:
+            raise TypeError(
+                f"workers={workers} needs a picklable preparer on this platform "
+                f"({type(samples.preparer).__name__}: {exc}); use workers=1"
+            ) from exc
+    loader = DataLoader(
+        samples,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers if workers > 1 else 0,
+        collate_fn=_as_is,
+        generator=torch.Generator(),  # leaves the caller's global RNG untouched
+    )
+    return iter(loader)
+
+
+def _stop(decoded: Iterator[_Decoded]) -> None:
+    """Shut the decoding workers down now, also on Ctrl-C or an error. Dropping the iterator
+    would not do: the exception's traceback keeps it alive in its frames. (A private method of
+    the DataLoader's iterator, as PyTorch Lightning also calls it.)"""
+    shutdown = getattr(decoded, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 def prepare(
     preparer: Preparer,
     raw: Path | str,
@@ -194,15 +323,25 @@ def prepare(
     skip_bad: bool = False,
     progress: bool = True,
     chunk: int = 64,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Build (or finish building) the cache of ``preparer``'s dataset from ``raw`` into ``out``.
 
     Returns the manifest. A finished cache with the same options is left as is; one made with other
     options is refused (use another ``out``). Interrupted runs continue from the last committed
-    chunk of ``chunk`` samples.
+    chunk of ``chunk`` samples. ``workers > 1`` decodes in that many processes; the cache is the
+    same byte for byte.
+
+    Raises:
+        RawDataError: a raw file is missing or unreadable (unless ``skip_bad``), naming it.
+        DecodeError: decoding a sample failed otherwise, naming the sample and its files.
     """
     from tqdm.auto import tqdm
 
+    from miles.validation import check_positive_int
+
+    check_positive_int("workers", workers)
+    check_positive_int("chunk", chunk)
     raw, out = Path(raw), Path(out)
     if not raw.is_dir():
         raise FileNotFoundError(f"raw dataset folder {raw} does not exist")
@@ -262,37 +401,34 @@ def prepare(
     labels = np.lib.format.open_memmap(
         out / LABELS, mode=mode, dtype=np.dtype(label_spec.dtype), shape=(n, *label_spec.shape)
     )
+    decoded = _decoded(_Samples(preparer, items, state["done"]), workers)
     bar = tqdm(
         total=n, initial=state["done"], desc=f"prepare {preparer.name}", disable=not progress
     )
-    for start in range(state["done"], n, chunk):
-        for i in range(start, min(start + chunk, n)):
-            item = items[i]
-            try:
-                decoded = preparer.process(item)
-                for m, spec in specs.items():
-                    value = np.asarray(decoded[m])
-                    where = item.files.get(m, item.key)
-                    if value.shape != spec.shape or value.dtype != np.dtype(spec.dtype):
-                        raise RawDataError(
-                            where,
-                            f"decoded to {value.dtype}{list(value.shape)}, expected "
-                            f"{spec.dtype}{list(spec.shape)}",
-                        )
-                    if value.dtype.kind == "f" and not np.isfinite(value).all():
-                        raise RawDataError(where, "decoded to non-finite values")
-                    arrays[m][i] = value
-                labels[i] = preparer.encode_label(item)
-            except RawDataError as exc:
-                if not skip_bad:
-                    raise
-                state["skipped"][item.key] = str(exc)
-            bar.update(1)
-        for array in (*arrays.values(), labels):
-            array.flush()
-        state["done"] = min(start + chunk, n)
-        _write_json(progress_path, state)
-    bar.close()
+    try:
+        for start in range(state["done"], n, chunk):
+            for i in range(start, min(start + chunk, n)):
+                sample = next(decoded)
+                assert sample.index == i, (sample.index, i)  # results come in sample order
+                if sample.failed is not None:
+                    raise sample.failed from _WorkerTraceback(sample.failed.worker_traceback)
+                if sample.bad is not None:
+                    if not skip_bad:
+                        raise sample.bad
+                    state["skipped"][items[i].key] = str(sample.bad)
+                else:
+                    assert sample.arrays is not None
+                    for m, value in sample.arrays.items():
+                        arrays[m][i] = value
+                    labels[i] = sample.label
+                bar.update(1)
+            for array in (*arrays.values(), labels):
+                array.flush()
+            state["done"] = min(start + chunk, n)
+            _write_json(progress_path, state)
+    finally:
+        _stop(decoded)
+        bar.close()
 
     skipped_idx = {i for i, item in enumerate(items) if item.key in state["skipped"]}
     split = {name: [i for i in idx if i not in skipped_idx] for name, idx in split.items()}
@@ -317,6 +453,13 @@ def prepare(
             f"(listed in {manifest_path})"
         )
     return manifest
+
+
+class _WorkerTraceback(Exception):
+    """The traceback of a failed decode, shown as the cause of its :class:`DecodeError`."""
+
+    def __str__(self) -> str:
+        return "\n" + str(self.args[0])
 
 
 def verify(out: Path | str) -> dict[str, Any]:

@@ -115,13 +115,10 @@ class JointFusionModel(nn.Module):
         # the unimodal heads first, then the fused head: the order parameters are created (and
         # the global RNG is drawn) in, which seeded results depend on
         self.heads = nn.ModuleDict({n: nn.Linear(d, num_classes) for n, d in sizes.items()})
-        if isinstance(fusion, str):
-            fusion = build_fusion(fusion, sizes, num_classes)
-        else:
-            _check_fusion_fits(fusion, sizes, num_classes)
-        self.fusion: Fusion = fusion
         self.register_buffer("frozen_mask", torch.zeros(len(sizes), dtype=torch.bool))
         self._frozen: set[str] = set()
+        self.fusion: Fusion
+        self.set_fusion(fusion)
         self.register_load_state_dict_post_hook(_apply_loaded_freezes)
 
     @property
@@ -131,8 +128,40 @@ class JointFusionModel(nn.Module):
 
     @property
     def fused_head(self) -> nn.Linear:
-        """The fused linear head (owned by ``self.fusion``)."""
+        """The fused linear head (owned by ``self.fusion``); ``NotImplementedError`` for a fusion
+        without one (e.g. branch heads averaged)."""
+        if not self.fusion.has_fused_head:
+            raise NotImplementedError(
+                f"fusion {self.fusion.name or type(self.fusion).__name__!r} has no single fused "
+                "linear head"
+            )
         return self.fusion.head
+
+    def set_fusion(self, fusion: str | Fusion, **params: Any) -> None:
+        """Use ``fusion`` (a registered name, built with ``params``, or a built
+        :class:`~miles.models.fusions.Fusion`) from now on.
+
+        Balancing methods whose prediction is not one linear head call it in ``configure_model``
+        (MLA's uncertainty-weighted shared head, ReconBoost's boosted sum, Greedy's MMTM). When the
+        fusion computes each modality's own logits (``owns_unimodal``) the model reports them as
+        its unimodal outputs and freezes its auxiliary heads, which are then unused.
+        """
+        if isinstance(fusion, str):
+            fusion = build_fusion(fusion, self.latent_sizes, self.num_classes, **params)
+        elif not isinstance(fusion, Fusion):
+            raise TypeError(
+                f"fusion must be a registered name {available_fusions()} or a Fusion module, got "
+                f"{type(fusion).__name__}"
+            )
+        elif params:
+            raise TypeError(f"parameters {sorted(params)} apply to a fusion built by name only")
+        else:
+            _check_fusion_fits(fusion, self.latent_sizes, self.num_classes)
+        device = next(self.heads.parameters()).device
+        self.fusion = fusion.to(device)
+        for name, head in self.heads.items():
+            if name not in self._frozen:
+                head.requires_grad_(not fusion.owns_unimodal)
 
     def encode(
         self, inputs: Mapping[str, Tensor], lengths: Mapping[str, Tensor] | None = None
@@ -162,7 +191,10 @@ class JointFusionModel(nn.Module):
         return out
 
     def unimodal_logits(self, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Each auxiliary head on its own modality's latent."""
+        """Each auxiliary head on its own modality's latent, or the fusion's own per-modality
+        logits when it computes them (``fusion.owns_unimodal``)."""
+        if self.fusion.owns_unimodal:
+            return self.fusion.unimodal_logits(latents)
         out = {}
         for name, head in self.heads.items():
             z = latents[name].detach() if self.detach_unimodal_heads else latents[name]
@@ -173,6 +205,9 @@ class JointFusionModel(nn.Module):
         self, inputs: Mapping[str, Tensor], lengths: Mapping[str, Tensor] | None = None
     ) -> FusionOutput:
         latents = self.encode(inputs, lengths)
+        if self.fusion.owns_unimodal:
+            fused, unimodal = self.fusion.forward_with_unimodal(latents)
+            return FusionOutput(fused, unimodal, latents)
         return FusionOutput(self.fused_logits(latents), self.unimodal_logits(latents), latents)
 
     # -- freezing (used by strategies such as modality-specific early stopping) --------------------

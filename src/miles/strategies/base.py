@@ -87,6 +87,16 @@ class StepOutput:
     losses: dict[str, Tensor]
     batch_size: int
 
+    @classmethod
+    def of(cls, loss: Tensor, losses: Mapping[str, Tensor], batch: Mapping[str, Any]) -> StepOutput:
+        """The step's loss and per-head losses, detached, for ``batch`` (a method's own
+        ``training_step`` ends with it)."""
+        return cls(
+            loss=loss.detach(),
+            losses={name: value.detach() for name, value in losses.items()},
+            batch_size=int(batch["target"].shape[0]),
+        )
+
 
 @dataclass
 class StrategyContext:
@@ -232,11 +242,7 @@ class Strategy:
         ctx.backward(loss)
         self.on_after_backward(ctx, output, batch)
         ctx.optimizer_step()
-        return StepOutput(
-            loss=loss.detach(),
-            losses={name: value.detach() for name, value in losses.items()},
-            batch_size=int(batch["target"].shape[0]),
-        )
+        return StepOutput.of(loss, losses, batch)
 
     def step_lr_schedule(self, ctx: StrategyContext) -> None:
         """Advance the trainer's base schedule (``ctx.lr_schedule``) after a training batch.

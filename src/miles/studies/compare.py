@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 KIND = "compare"
-#: the paper's comparison: references, the seven baselines, MILES (in table order)
+#: every method (table order): the paper's references and seven baselines, the newer methods
+#: (issue 13), MILES last
 ALL_METHODS = (
     "joint",
     "joint+aux",
@@ -50,6 +51,12 @@ ALL_METHODS = (
     "ogm",
     "ogm-ge",
     "gblend",
+    "agm",
+    "pmr",
+    "mla",
+    "mmpareto",
+    "reconboost",
+    "greedy",
     "miles",
 )
 

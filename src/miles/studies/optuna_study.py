@@ -6,18 +6,25 @@
   with the random sampler the parameters of the ``k``-th fresh trial are a pure function of
   ``(seed, k)``: the same in one process, after a crash and resume, or on another machine.
 - **Storage**: an Optuna RDB storage with a heartbeat (:func:`open_study`), so a sweep resumes
-  after a crash and can be spread over processes or machines sharing one database. A trial
-  interrupted by Ctrl-C, or left running by a killed process (silent for ``stale_after``
-  seconds), is re-queued once with the *same* parameters (:func:`requeue_interrupted`).
+  after a crash and can be spread over processes or machines sharing one database (SQLite on
+  one machine, PostgreSQL across machines). A trial interrupted by Ctrl-C, or left running by a
+  killed process (silent for ``stale_after`` seconds), is re-queued once with the *same*
+  parameters (:func:`requeue_interrupted`).
+- **Workers**: each worker claims its trials one at a time under the storage's lock
+  (:meth:`SharedStudy.claim`, :mod:`miles.studies.storage`), so workers starting together never
+  start more than ``--trials`` trials, nor re-queue one interrupted trial twice.
 
 Optuna is imported inside functions only, so ``import miles`` (and ``miles --help``) stay light.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -27,6 +34,8 @@ __all__ = [
     "RETRY_OF",
     "SAMPLERS",
     "SETTINGS_ATTR",
+    "Claim",
+    "SharedStudy",
     "make_sampler",
     "open_study",
     "requeue_interrupted",
@@ -128,23 +137,119 @@ def make_sampler(kind: str, seed: int) -> optuna.samplers.BaseSampler:
     return PerTrialSeeded()
 
 
-def _storage(url: str, stale_after: int) -> optuna.storages.RDBStorage:
-    """RDB storage with Optuna's heartbeat, so trials of killed processes are detected."""
-    import optuna
+@dataclass
+class Claim:
+    """What one worker found and took under the storage lock (:meth:`SharedStudy.claim`)."""
 
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        # several local processes may share the file: wait for its lock instead of failing
-        engine_kwargs = {"connect_args": {"timeout": 60}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=max(1, stale_after // 4),
-            grace_period=stale_after,
-        )
+    #: the trial this worker is now running, or ``None`` when none was left to start
+    trial: optuna.Trial | None
+    #: interrupted trials this worker re-queued with their parameters
+    requeued: list[int]
+    #: trials finished (complete or diverged) and running elsewhere, before this claim
+    finished: int
+    running: int
+
+
+@dataclass
+class SharedStudy:
+    """An Optuna study that several processes, on one machine or many, work on together.
+
+    ``lock`` (:func:`~miles.studies.storage.storage_lock`; ``None`` for a backend without one)
+    serialises what the workers decide together: which trial to start and which interrupted
+    trial to re-queue, so no trial is started twice or re-queued twice.
+    """
+
+    study: optuna.Study
+    storage: optuna.storages.RDBStorage
+    lock: AbstractContextManager[Any] | None
+    heartbeat_interval: int
+
+    def _locked(self) -> AbstractContextManager[Any]:
+        return self.lock if self.lock is not None else contextlib.nullcontext()
+
+    def claim(self, trials: int) -> Claim:
+        """Under the lock: fail the trials of killed workers (silent past the grace period),
+        re-queue the interrupted trials, and start a trial if fewer than ``trials`` are finished
+        or running (a re-queued trial first). Its first heartbeat is written before the lock is
+        released, so a worker killed right after the claim is found by the others."""
+        import optuna
+
+        with self._locked():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(self.study)
+            requeued = requeue_interrupted(self.study)
+            finished, running = trial_counts(self.study)
+            trial = None
+            if finished + running < trials:
+                with warnings.catch_warnings():
+                    # we run the heartbeat ourselves (run), as Study.optimize would
+                    warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
+                    trial = self.study.ask()
+                self.storage.record_heartbeat(self._trial_id(trial))
+        return Claim(trial, requeued, finished, running)
+
+    def _trial_id(self, trial: optuna.Trial) -> int:
+        study_id = self.storage.get_study_id_from_name(self.study.study_name)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+
+    def run(self, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> None:
+        """Run a claimed trial with a heartbeat, and record how it ended.
+
+        A value: COMPLETE. ``optuna.TrialPruned`` (a diverged setting): PRUNED. An error or
+        Ctrl-C: FAIL (re-queued later with the same parameters), then re-raised. Anything
+        else tearing the process down leaves it RUNNING, as a killed process does, for the
+        heartbeat check to find. A trial failed meanwhile by another worker (this one was
+        silent past the grace period, e.g. paused) keeps that state: its re-run counts.
+        """
+        import optuna
+        from optuna.trial import TrialState
+
+        state, value = TrialState.COMPLETE, None
+        trial_id = self._trial_id(trial)
+        with _heartbeat(self.storage, trial_id, self.heartbeat_interval):
+            try:
+                value = objective(trial)
+            except optuna.TrialPruned:
+                state = TrialState.PRUNED
+            except (Exception, KeyboardInterrupt):
+                self._tell(trial, trial_id, TrialState.FAIL, None)
+                raise
+        self._tell(trial, trial_id, state, value)
+
+    def _tell(self, trial: optuna.Trial, trial_id: int, state: Any, value: float | None) -> None:
+        stored = self.storage.get_trial(trial_id).state
+        if stored.is_finished():
+            warnings.warn(
+                f"trial {trial.number} was declared dead by another worker while it ran here "
+                f"(silent for longer than the grace period) and is re-run; this run's outcome "
+                f"({state.name}) is not recorded",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        # skip_if_finished: the same can still happen between the check and this write
+        self.study.tell(trial, value, state=state, skip_if_finished=True)
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: Any, trial_id: int, interval: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``interval`` seconds from a thread, while the body
+    runs: the other workers take a trial whose heartbeat stops for one whose process died."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            with contextlib.suppress(Exception):  # a database blip: the next beat retries
+                storage.record_heartbeat(trial_id)
+
+    thread = threading.Thread(target=beat, name=f"miles-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def open_study(
@@ -155,30 +260,48 @@ def open_study(
     seed: int,
     stale_after: int,
     settings: Mapping[str, Any],
-) -> optuna.Study:
+) -> SharedStudy:
     """Create the study, or join the existing one after checking it was made with ``settings``
-    (what every worker of one study must share)."""
+    (what every worker of one study must share).
+
+    Safe for any number of workers starting at the same instant on a fresh database: the
+    storage, the study and its settings are created under the storage lock
+    (:mod:`miles.studies.storage`).
+    """
     import optuna
 
-    study = optuna.create_study(
-        storage=_storage(url, stale_after),
-        study_name=name,
-        sampler=make_sampler(sampler, seed),
-        direction="maximize",
-        load_if_exists=True,
-    )
-    stored = study.user_attrs.get(SETTINGS_ATTR)
-    if stored is None:
-        study.set_user_attr(SETTINGS_ATTR, dict(settings))
-    elif stored != settings:
+    from miles.studies.storage import heartbeat_interval, open_storage, shown, storage_lock
+
+    lock = storage_lock(url)
+    if lock is None:
+        warnings.warn(
+            f"no lock for the storage {shown(url)} (only SQLite and PostgreSQL have one): workers "
+            "claiming trials at the same instant may start one trial more than --trials, or "
+            "re-run an interrupted trial twice",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    with lock if lock is not None else contextlib.nullcontext():
+        storage = open_storage(url, stale_after, retry=lock is None)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=name,
+            sampler=make_sampler(sampler, seed),
+            direction="maximize",
+            load_if_exists=True,
+        )
+        stored = study.user_attrs.get(SETTINGS_ATTR)
+        if stored is None:
+            study.set_user_attr(SETTINGS_ATTR, dict(settings))
+    if stored is not None and stored != settings:
         from miles.studies.runner import settings_diff
 
         diff = settings_diff(stored, settings)
         raise ValueError(
-            f"study {name!r} in {url} was started with different settings (differs in {diff}); "
-            "use another --study-name or --storage to sweep under new settings"
+            f"study {name!r} in {shown(url)} was started with different settings (differs in "
+            f"{diff}); use another --study-name or --storage to sweep under new settings"
         )
-    return study
+    return SharedStudy(study, storage, lock, heartbeat_interval(stale_after))
 
 
 def requeue_interrupted(study: optuna.Study) -> list[int]:
@@ -189,10 +312,11 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     errors stop the sweep, so re-running its parameters is what the uninterrupted sweep would
     have measured.
 
-    Another worker sharing the storage may re-queue the same trial meanwhile, so the trials are
-    read again right before each enqueue and a trial some other trial already re-runs is
-    skipped. Optuna has no atomic claim, so two workers enqueueing within the same instant can
-    still both re-queue it (the residual race documented in ``docs/sweep.md``).
+    Workers call it holding the storage lock (:meth:`SharedStudy.claim`), so one interrupted
+    trial is re-queued once. On a backend without a lock, another worker may re-queue the same
+    trial meanwhile: the trials are read again right before each enqueue and a trial some other
+    trial already re-runs is skipped, which leaves only a race within the same instant
+    (documented in ``docs/sweep.md``).
     """
     import optuna
 

@@ -7,7 +7,10 @@ default parameters, unless its entry here says otherwise:
   fused head is never trained, so the run is made once and shown under every fusion;
 - ``mslr-k``, ``mslr-s``, ``mslr-d``: one run started from each modality's best unimodal learning
   rate, which the comparison's unimodal LR sweep finds (:mod:`miles.studies.lr_sweep`), run only
-  when such a method is planned.
+  when such a method is planned;
+- ``mla``, ``reconboost``, ``greedy``: *fusion-independent*: each installs its own fusion (a shared
+  head with an uncertainty-weighted or boosted sum, the MMTM branches), so the run is made once
+  and shown under every fusion.
 
 The strategies themselves know nothing about comparisons. A new method that needs more than one
 run, or extra inputs, registers its :class:`MethodPlan` with :func:`register_plan`.
@@ -81,5 +84,7 @@ def _from_unimodal_lrs(ctx: PlanContext) -> list[tuple[str, dict[str, Any]]]:
 
 
 register_plan("unimodal", MethodPlan(_per_modality, fusion_independent=True))
+for _own_fusion in ("mla", "reconboost", "greedy"):
+    register_plan(_own_fusion, MethodPlan(fusion_independent=True))
 for _mslr in ("mslr-k", "mslr-s", "mslr-d"):
     register_plan(_mslr, MethodPlan(_from_unimodal_lrs))

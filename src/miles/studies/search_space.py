@@ -66,6 +66,18 @@ SEARCH_SPACES: dict[str, tuple[Param, ...]] = {
     "mslr-k": (LR, UNIMODAL_LRS),
     "mslr-s": (LR, UNIMODAL_LRS, Param("smoothing", 0.0, 1.0)),
     "mslr-d": (LR, UNIMODAL_LRS, Param("window", 2, 10, integer=True)),
+    # newer methods (issue 13): the ranges span the values their authors and BalanceBenchmark use
+    "agm": (LR, Param("alpha", 0.1, 5.0, log=True)),
+    "pmr": (LR, Param("alpha", 0.1, 3.0, log=True), Param("momentum", 0.0, 0.9)),
+    "mla": (LR,),
+    "mmpareto": (LR, Param("gamma", 1.0, 2.0)),
+    "reconboost": (
+        LR,
+        Param("weight1", 1.0, 10.0),
+        Param("boost_epochs", 1, 4, integer=True),
+        Param("rectify_epochs", 1, 4, integer=True),
+    ),
+    "greedy": (LR, Param("epsilon", 1e-3, 0.1, log=True), Param("window", 1, 10, integer=True)),
 }
 #: methods that exist but cannot be swept, and why
 NOT_SWEEPABLE = {

@@ -21,7 +21,6 @@ import json
 import math
 import re
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,15 +29,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from miles.report.document import Document, Table
 from miles.report.tables import pct
 from miles.studies.config import StudyConfig, quiet_base
-from miles.studies.optuna_study import (
-    RETRY_OF,
-    SAMPLERS,
-    open_study,
-    requeue_interrupted,
-    trial_counts,
-)
+from miles.studies.optuna_study import RETRY_OF, SAMPLERS, open_study, trial_counts
 from miles.studies.runner import Echo, PlannedRun, Progress, RunBatch, run_one
 from miles.studies.search_space import run_settings, search_space, suggest
+from miles.studies.storage import shown
 from miles.studies.study import Study, run_study
 from miles.studies.summary import Summary, summary_table
 from miles.training.experiment import ExperimentConfig
@@ -69,7 +63,9 @@ class SweepConfig(StudyConfig):
     """One sweep: ``method`` from ``base`` (dataset, fusion, budget; its trainer seed seeds the
     sampler and every trial; its learning rate is searched), ``trials`` sampled settings, then
     ``rerun_seeds`` re-runs of the best one. ``storage`` defaults to ``sqlite:///OUT/sweep.db``
-    and ``study_name`` to ``dataset-method-fusion``."""
+    and ``study_name`` to ``dataset-method-fusion``. ``wait``: when no trial is left to start
+    but some run elsewhere, keep polling (re-running those whose worker died) until all have
+    finished, instead of stopping."""
 
     base: ExperimentConfig = field(default_factory=_sweep_base)
     method: str = "miles"
@@ -79,6 +75,7 @@ class SweepConfig(StudyConfig):
     storage: str | None = None
     study_name: str | None = None
     stale_after: int = 120
+    wait: bool = False
     out_dir: str = "sweep-out"
 
     #: may differ between the workers of one study: they do not change what a trial measures
@@ -88,6 +85,7 @@ class SweepConfig(StudyConfig):
         "storage",
         "study_name",
         "stale_after",
+        "wait",
         "out_dir",
     )
 
@@ -102,6 +100,8 @@ class SweepConfig(StudyConfig):
                 raise TypeError(f"{name} must be an int, got {value!r}")
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value!r}")
+        if not isinstance(self.wait, bool):
+            raise TypeError(f"wait must be a bool, got {self.wait!r}")
         self.run_config(strategy=self.method)  # validates the method with the base
 
     @property
@@ -122,6 +122,13 @@ class SweepConfig(StudyConfig):
     def study_dir(self) -> Path:
         """``OUT/<slug of the study name>``: the run folders and reports of this study only."""
         return Path(self.out_dir) / study_slug(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored in ``sweep.json``: a password in ``storage`` is masked."""
+        raw = super().to_dict()
+        if raw["storage"]:
+            raw["storage"] = shown(raw["storage"])
+        return raw
 
     def shared_settings(self) -> dict[str, Any]:
         """What every process working on one study must agree on: the base experiment (but the
@@ -272,10 +279,8 @@ class Sweep(Study[SweepConfig]):
     def plan(self) -> list[PlannedRun]:
         """Run (or resume, or join) the search; then the best trial's re-runs, once every
         trial has finished (else none: the sweep says the re-runs wait)."""
-        import optuna
-
         cfg = self.config
-        study = open_study(
+        shared = open_study(
             cfg.storage_url,
             cfg.name,
             sampler=cfg.sampler,
@@ -283,26 +288,32 @@ class Sweep(Study[SweepConfig]):
             stale_after=cfg.stale_after,
             settings=cfg.shared_settings(),
         )
+        study = shared.study
         finished, running = trial_counts(study)
         self.progress.to_train = max(cfg.trials - finished - running, 0)
-        announced = False
+        announced = waiting = False
         while True:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                optuna.storages.fail_stale_trials(study)
-            requeued = requeue_interrupted(study)
-            if requeued:
-                self.echo(f"interrupted trials {requeued}: re-run with the same parameters")
-            finished, running = trial_counts(study)
-            if finished + running >= cfg.trials:
-                break
+            claim = shared.claim(cfg.trials)
+            if claim.requeued:
+                self.echo(f"interrupted trials {claim.requeued}: re-run with the same parameters")
+            if claim.trial is None:
+                if not (cfg.wait and claim.running and claim.finished < cfg.trials):
+                    break
+                if not waiting:
+                    self.echo(
+                        f"waiting for {claim.running} trials running elsewhere (one silent for "
+                        f"{cfg.stale_after} s is re-run here)"
+                    )
+                    waiting = True
+                time.sleep(shared.heartbeat_interval)
+                continue
             if not announced:
                 self.echo(
-                    f"study {cfg.name!r}: {finished} of {cfg.trials} trials finished, "
-                    f"{running} running elsewhere; storage {cfg.storage_url}"
+                    f"study {cfg.name!r}: {claim.finished} of {cfg.trials} trials finished, "
+                    f"{claim.running} running elsewhere; storage {shown(cfg.storage_url)}"
                 )
                 announced = True
-            study.optimize(self._objective, n_trials=1)
+            shared.run(claim.trial, self._objective)
         self.trials = _trial_rows(study)
         self.best = select_best(self.trials)
         self.finished, self.running = trial_counts(study)
@@ -328,11 +339,12 @@ class Sweep(Study[SweepConfig]):
         note = (
             f"Re-runs wait until all {cfg.trials} trials have finished ({self.finished} "
             f"finished, {self.running} running elsewhere or left by a killed process, which is "
-            f"re-run once silent for {cfg.stale_after} s): run the same command again."
+            f"re-run once silent for {cfg.stale_after} s): run the same command again, or with "
+            "--wait to poll until they finish."
         )
         return {
             "study_name": cfg.name,
-            "storage": cfg.storage_url,
+            "storage": shown(cfg.storage_url),
             "search_space": [p.describe() for p in search_space(cfg.method)],
             "finished": self.finished,
             "best": self.best,

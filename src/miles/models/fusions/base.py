@@ -7,6 +7,15 @@ per modality also define :meth:`Fusion.modality_logits`, each modality's additiv
 OGM's scores and the fused-head slice readout read. A new fusion is one file: subclass, implement
 those methods, decorate with ``@register_fusion("name")``; ``JointFusionModel(..., fusion="name")``
 then builds it.
+
+Some methods predict with something other than one linear head over the fused latents: a head that
+every modality shares, read out per modality and combined (MLA's uncertainty-weighted sum,
+ReconBoost's boosted sum), or one branch head per modality averaged (Greedy's MMTM model). Such a
+fusion subclasses :class:`PerModalityFusion`: it computes each modality's own logits, which the
+model then reports as its unimodal outputs in place of its auxiliary heads, and combines them into
+the fused logits. A strategy installs it with
+:meth:`~miles.models.fusion.JointFusionModel.set_fusion` in ``configure_model``, so training,
+evaluation and every table read the method's own readouts with no other change.
 """
 
 from __future__ import annotations
@@ -19,7 +28,14 @@ from torch import Tensor, nn
 from miles.registry import Registry
 from miles.validation import check_mapping, check_positive_int
 
-__all__ = ["Fusion", "available_fusions", "build_fusion", "fusion_class", "register_fusion"]
+__all__ = [
+    "Fusion",
+    "PerModalityFusion",
+    "available_fusions",
+    "build_fusion",
+    "fusion_class",
+    "register_fusion",
+]
 
 
 class Fusion(nn.Module):
@@ -36,12 +52,21 @@ class Fusion(nn.Module):
 
     #: registered name (set by :func:`register_fusion`)
     name: ClassVar[str] = ""
+    #: the fusion computes each modality's own logits (:meth:`unimodal_logits`); the model reports
+    #: them in place of its auxiliary heads (see :class:`PerModalityFusion`)
+    owns_unimodal: ClassVar[bool] = False
+    #: the fusion predicts through one linear head, ``self.head`` (False: e.g. branch heads
+    #: averaged; ``JointFusionModel.fused_head`` then raises)
+    has_fused_head: ClassVar[bool] = True
+
+    head: nn.Linear
 
     def __init__(self, latent_sizes: Mapping[str, int], num_classes: int) -> None:
         super().__init__()
         self.latent_sizes = check_mapping("latent_sizes", latent_sizes, check_positive_int)
         self.num_classes = check_positive_int("num_classes", num_classes)
-        self.head = nn.Linear(self.fused_features(self.latent_sizes), self.num_classes)
+        if self.has_fused_head:
+            self.head = nn.Linear(self.fused_features(self.latent_sizes), self.num_classes)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -69,15 +94,31 @@ class Fusion(nn.Module):
             "use an additive fusion such as 'concat' or 'sum'"
         )
 
+    def unimodal_logits(self, latents: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Each modality's own logits, for fusions that compute them (``owns_unimodal``)."""
+        raise NotImplementedError(
+            f"fusion {self.name or type(self).__name__!r} has no per-modality logits of its own; "
+            "the model's auxiliary heads give them"
+        )
+
+    def forward_with_unimodal(
+        self, latents: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """The fused logits and :meth:`unimodal_logits`, computed once (``owns_unimodal``)."""
+        return self(latents), self.unimodal_logits(latents)
+
     # -- shared ----------------------------------------------------------------------------------
     def forward(self, latents: Mapping[str, Tensor]) -> Tensor:
+        self._check_latents(latents)
+        out: Tensor = self.head(self.fuse(latents))
+        return out
+
+    def _check_latents(self, latents: Mapping[str, Tensor]) -> None:
         missing = [m for m in self.modalities if m not in latents]
         if missing:
             raise ValueError(
                 f"latents lack modalities {missing}; fusion reads {list(self.modalities)}"
             )
-        out: Tensor = self.head(self.fuse(latents))
-        return out
 
     def _linear_share(self, latent: Tensor, weight: Tensor) -> Tensor:
         """``latent W^T + b / N``: one modality's term of an additive linear fusion."""
@@ -91,6 +132,32 @@ class Fusion(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, latent_sizes={self.latent_sizes}"
+
+
+class PerModalityFusion(Fusion):
+    """A fusion that predicts from each modality's own logits, combined (``owns_unimodal``).
+
+    Subclasses define :meth:`unimodal_logits` (e.g. a head shared by every modality, read on each
+    latent) and :meth:`combine` (how those logits make the fused prediction). The model reports
+    the per-modality logits as its unimodal outputs, so the heads column of every table is the
+    method's own unimodal readout, and its auxiliary heads are frozen, unused.
+    """
+
+    owns_unimodal = True
+
+    def combine(self, logits: Mapping[str, Tensor]) -> Tensor:
+        """The fused logits from every modality's logits."""
+        raise NotImplementedError(f"{type(self).__name__} must define combine")
+
+    def forward_with_unimodal(
+        self, latents: Mapping[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        self._check_latents(latents)
+        logits = self.unimodal_logits(latents)
+        return self.combine(logits), logits
+
+    def forward(self, latents: Mapping[str, Tensor]) -> Tensor:
+        return self.forward_with_unimodal(latents)[0]
 
 
 F = TypeVar("F", bound=type[Fusion])
