@@ -10,7 +10,14 @@ Scheduler for Balancing Multimodal Learning", arXiv 2510.17394, 2025.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
+
+with warnings.catch_warnings():
+    # torch warns when it is imported without NumPy, which the core install (torch alone) lacks
+    # and nothing imported here needs: `miles` there says one line (which extra to install)
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
 
 from miles._lazy import lazy_attributes
 from miles.models import (

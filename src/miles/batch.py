@@ -10,14 +10,24 @@ import torch
 __all__ = ["move_batch"]
 
 
-def move_batch(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+def move_batch(
+    batch: Mapping[str, Any], device: torch.device, *, channels_last: bool = False
+) -> dict[str, Any]:
     """Send inputs and target to ``device``; lengths stay on the CPU (packed RNNs want them).
 
-    A training plan's batches (:mod:`miles.strategies.data`) also carry ``"index"`` (row
-    positions, kept on the CPU) and ``"keep"`` (modality keep masks, sent to ``device``).
+    The copies are ``non_blocking`` (asynchronous from pinned memory to a GPU). With
+    ``channels_last``, 4-D inputs (images) are laid out channels-last, as the model is. A training
+    plan's batches (:mod:`miles.strategies.data`) also carry ``"index"`` (row positions, kept on
+    the CPU) and ``"keep"`` (modality keep masks, sent to ``device``).
     """
+
+    def move(x: torch.Tensor) -> torch.Tensor:
+        if channels_last and x.dim() == 4:
+            return x.to(device, non_blocking=True, memory_format=torch.channels_last)
+        return x.to(device, non_blocking=True)
+
     moved = {
-        "inputs": {m: x.to(device, non_blocking=True) for m, x in batch["inputs"].items()},
+        "inputs": {m: move(x) for m, x in batch["inputs"].items()},
         "lengths": dict(batch.get("lengths", {})),
         "target": batch["target"].to(device, non_blocking=True),
     }

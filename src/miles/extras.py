@@ -22,6 +22,7 @@ EXTRA_OF = {
     "torchmetrics": "train",
     "numpy": "train",
     "tqdm": "train",
+    "tensorboard": "log",
 }
 
 

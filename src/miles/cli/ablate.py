@@ -6,6 +6,7 @@ import argparse
 
 from miles.cli.common import (
     data_options,
+    engine_options,
     fusion_option,
     output_options,
     run_study_command,
@@ -46,6 +47,7 @@ COMMAND = register_command(
             lambda: fusion_option("concat", many=False),
             seeds_option,
             lambda: training_options(epochs=15),
+            engine_options,
             lambda: output_options("ablate-out"),
         ),
         needs=("torchmetrics", "numpy", "tqdm"),

@@ -2,9 +2,9 @@
 
 Options that several commands take are declared once here, as *parent parsers* built per command
 (so each command can show its own defaults without touching another's): :func:`data_options`,
-:func:`fusion_option`, :func:`seeds_option`, :func:`training_options`, :func:`output_options`,
-:func:`global_options`. Argument types fail the way argparse expects (``ArgumentTypeError``), so a
-bad value is a one-line usage error.
+:func:`fusion_option`, :func:`seeds_option`, :func:`training_options`, :func:`engine_options`,
+:func:`output_options`, :func:`global_options`. Argument types fail the way argparse expects
+(``ArgumentTypeError``), so a bad value is a one-line usage error.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ __all__ = [
     "csv_list",
     "data_options",
     "echo_for",
+    "engine_options",
+    "engine_settings",
     "floats",
     "fusion_option",
     "global_options",
@@ -36,6 +38,7 @@ __all__ = [
     "non_negative_int",
     "output_options",
     "positive_int",
+    "refuse_torchrun",
     "run_study_command",
     "seeds_option",
     "show",
@@ -286,12 +289,111 @@ def training_options(
     p.add_argument(
         "--latent-dim", type=positive_int, default=latent_dim, help="latent size per encoder"
     )
-    p.add_argument("--optimizer", default=optimizer, help="adam or sgd")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cuda or cuda:1")
+    p.add_argument("--optimizer", default=optimizer, help="adam, adamw or sgd")
     p.add_argument(
         "--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)"
     )
     return p
+
+
+#: engine options: argparse destination -> TrainerConfig field (given ones override the config)
+ENGINE_FIELDS = {
+    "device": "device",
+    "precision": "precision",
+    "grad_clip_norm": "grad_clip_norm",
+    "schedule": "schedule",
+    "warmup_epochs": "warmup_epochs",
+    "warmup_steps": "warmup_steps",
+    "num_workers": "num_workers",
+    "pin_memory": "pin_memory",
+    "loader": "loader",
+    "compile": "compile",
+    "logger": "loggers",
+    "backend": "backend",
+    "find_unused_parameters": "find_unused_parameters",
+}
+
+
+def engine_options(*, device: str | None = "cpu", distributed: bool = False) -> Parser:
+    """Where and how runs train: device, precision, clipping, base schedule, loading, logging;
+    with ``distributed``, the options of a data-parallel run under ``torchrun``.
+
+    Options left out keep the config's value (``device=None``: no default device either).
+    """
+    from miles.training.distributed import BACKENDS
+    from miles.training.loaders import LOADERS
+    from miles.training.precision import PRECISIONS
+    from miles.training.schedules import SCHEDULES
+
+    p = _parent()
+    p.add_argument(
+        "--device",
+        default=device,
+        help="torch device, e.g. cuda or cuda:1 (under torchrun, cuda is each process's GPU)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="32 (default), bf16-mixed, or 16-mixed (float16 with a gradient scaler)",
+    )
+    p.add_argument("--grad-clip-norm", type=float, metavar="NORM", help="clip the gradient norm")
+    p.add_argument("--schedule", choices=list(SCHEDULES), help="base LR schedule (per batch)")
+    p.add_argument("--warmup-epochs", type=non_negative_int, help="linear LR warm-up, in epochs")
+    p.add_argument("--warmup-steps", type=non_negative_int, help="linear LR warm-up, in batches")
+    p.add_argument("--num-workers", type=non_negative_int, help="DataLoader worker processes")
+    _switch(p, "--pin-memory", "pinned host memory for the batches (CUDA only; on by default)")
+    p.add_argument(
+        "--loader",
+        choices=list(LOADERS),
+        help="auto (default): in-memory datasets indexed as tensors, else a DataLoader",
+    )
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument(
+        "--logger",
+        type=csv_list,
+        metavar="NAMES",
+        help="also log each epoch to: csv, tensorboard, wandb (comma-separated; into --out)",
+    )
+    if distributed:
+        p.add_argument(
+            "--backend",
+            choices=list(BACKENDS),
+            help="torch.distributed backend under torchrun (auto: nccl on CUDA, else gloo)",
+        )
+        _switch(
+            p,
+            "--find-unused-parameters",
+            "DDP's find_unused_parameters (default: when the method may leave some unused)",
+        )
+    return p
+
+
+def _switch(p: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """``--flag`` / ``--no-flag``, ``None`` when neither is given (the config decides)."""
+    p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+
+
+def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainerConfig fields given by :func:`engine_options` (the others are left out)."""
+    return {
+        field: getattr(args, dest)
+        for dest, field in ENGINE_FIELDS.items()
+        if getattr(args, dest, None) is not None
+    }
+
+
+def refuse_torchrun(command: str) -> None:
+    """Stop a study command started by ``torchrun``: every rank would run, and write, the whole
+    study."""
+    from miles.training.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        raise UserError(
+            f"miles {command} trains many runs, each in one process: under torchrun every rank "
+            "would run and write the whole study. Run one training on several processes with "
+            "`torchrun ... -m miles train`, and spread a study over machines with `miles sweep` "
+            "workers sharing one --storage"
+        )
 
 
 def output_options(out: str | None) -> Parser:
@@ -330,8 +432,8 @@ def base_config(args: argparse.Namespace, **fixed: Any) -> ExperimentConfig:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "optimizer": args.optimizer,
-        "device": args.device,
         "progress": getattr(args, "progress_bars", False) and not getattr(args, "quiet", False),
+        **engine_settings(args),
     }
     if getattr(args, "lr", None) is not None:
         trainer["lr"] = args.lr
@@ -349,6 +451,7 @@ def run_study_command(
     the report always."""
     from miles.studies.study import run_study
 
+    refuse_torchrun(getattr(getattr(args, "_command", None), "name", study.kind))
     fields |= {name: getattr(args, name) for name in copy}
     if hasattr(args, "seeds"):
         fields.setdefault("seeds", list(range(args.seeds)))

@@ -6,6 +6,7 @@ import argparse
 
 from miles.cli.common import (
     data_options,
+    engine_options,
     fusion_option,
     method_optimizer_option,
     methods,
@@ -53,6 +54,7 @@ COMMAND = register_command(
             lambda: fusion_option("concat,sum", many=True),
             seeds_option,
             lambda: training_options(epochs=10),
+            engine_options,
             lambda: output_options("compare-out"),
         ),
         needs=("torchmetrics", "numpy", "tqdm"),

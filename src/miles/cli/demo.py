@@ -7,6 +7,7 @@ import argparse
 
 from miles.cli.common import (
     csv_list,
+    engine_options,
     fusion_option,
     non_negative_int,
     output_options,
@@ -70,6 +71,7 @@ COMMAND = register_command(
         parents=(
             lambda: fusion_option("concat,sum", many=True),
             lambda: training_options(epochs=_demo_epochs()),
+            engine_options,
             lambda: output_options("demo-out"),
         ),
         needs=("torchmetrics", "numpy", "tqdm", "matplotlib"),

@@ -6,6 +6,7 @@ import argparse
 
 from miles.cli.common import (
     data_options,
+    engine_options,
     fusion_option,
     method_optimizer_option,
     non_negative_int,
@@ -85,6 +86,7 @@ COMMAND = register_command(
             data_options,
             lambda: fusion_option("concat", many=False),
             lambda: training_options(epochs=10, lr=None),
+            engine_options,
             lambda: output_options("sweep-out"),
         ),
         needs=("torchmetrics", "numpy", "tqdm", "optuna", "filelock"),

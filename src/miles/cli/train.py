@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from miles.cli.common import UserError, key_values, non_negative_int, show
+from miles.cli.common import (
+    UserError,
+    engine_options,
+    engine_settings,
+    key_values,
+    non_negative_int,
+    show,
+)
 from miles.cli.registry import Command, register_command
 
 __all__ = ["epoch_line"]
@@ -18,7 +26,6 @@ def arguments(p: argparse.ArgumentParser) -> None:
     key_values(p, "--set", "override one config value (KEY.SUB=VALUE)", "trainer.lr=1e-3")
     p.add_argument("--out", help="output folder (overrides the config's out_dir)")
     p.add_argument("--seed", type=non_negative_int, help="overrides trainer.seed")
-    p.add_argument("--device", help="torch device, e.g. cuda (overrides trainer.device)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only the result")
 
@@ -61,21 +68,28 @@ def run(args: argparse.Namespace) -> int:
     from miles.report.tables import column_notes
     from miles.results import run_row
     from miles.studies.summary import summarize, summary_table
+    from miles.training.distributed import is_main_process
     from miles.training.experiment import ExperimentConfig, run_experiment
+    from miles.training.trainer import TrainerConfig
 
     raw = apply_overrides(load_config_file(args.config), args.set)
     config = ExperimentConfig.from_dict(raw)
     if args.out:
         config.out_dir = args.out
+    overrides = engine_settings(args)
     if args.seed is not None:
-        config.trainer.seed = args.seed
-    if args.device:
-        config.trainer.device = args.device
-    config.trainer.progress = False  # the per-epoch lines replace the progress bar
+        overrides["seed"] = args.seed
+    # the per-epoch lines replace the progress bar
+    trainer = {**asdict(config.trainer), **overrides, "progress": False}
+    config.trainer = TrainerConfig(**trainer)
     if args.resume and not config.out_dir:
         raise UserError("--resume needs an output folder (--out or out_dir in the config)")
-    on_epoch = None if args.quiet else _printer(config.trainer.epochs)
+    # under torchrun every rank trains; rank 0 alone prints (and writes the files)
+    main = is_main_process()
+    on_epoch = None if args.quiet or not main else _printer(config.trainer.epochs)
     result = run_experiment(config, resume=args.resume, on_epoch_end=on_epoch).to_dict()
+    if not main:
+        return 0
     row = run_row(result) | {"label": ""}
     summary = summarize([row], result["extra"]["modalities"])
     table = summary_table(
@@ -101,10 +115,14 @@ COMMAND = register_command(
         "one run from a YAML config (resumable with --resume)",
         run,
         arguments,
+        parents=(lambda: engine_options(device=None, distributed=True),),
         needs=("torchmetrics", "numpy", "tqdm"),
         description="Train one run described by a YAML config (dataset, fusion, strategy and "
         "its parameters, trainer settings, out_dir; see the README). Each epoch prints the "
-        "validation metric of every head and, for MILES, its decision.",
+        "validation metric of every head and, for MILES, its decision. The engine options "
+        "override the config's trainer settings. Under torchrun (e.g. torchrun "
+        "--nproc_per_node=4 -m miles train ...) the run trains data-parallel on every process; "
+        "rank 0 alone prints and writes the files.",
         interrupted="re-run the same command with --resume to continue from the last epoch",
     )
 )

@@ -23,6 +23,7 @@ Order of calls in ``Trainer.fit``::
         per batch: training_step(ctx, batch) -> StepOutput; the default is
                    ctx.forward -> ctx.head_losses -> loss(losses, output, batch)
                    -> ctx.backward -> on_after_backward(ctx, output, batch) -> ctx.optimizer_step
+                   then step_lr_schedule(ctx)       (when the trainer has a base schedule)
         on_epoch_end(ctx, epoch, val, holdout) -> dict recorded in the history
         selection_score(val) -> float           the best epoch maximises this (default: fused)
         should_stop() -> bool
@@ -37,11 +38,13 @@ they compose it from the context's primitives (``ctx.forward``, ``ctx.head_losse
 ``ctx.zero_grad``, ``ctx.backward``, ``ctx.optimizer_step``), so device placement, mixed
 precision and gradient clipping stay in one place whatever the method does. Methods that train
 copies of the model (per-head copies, teachers) build their optimizers with
-``ctx.make_optimizer`` and read ``ctx.train_loader``.
+``ctx.make_optimizer``, name them in ``ctx.backward(loss, optimizer)`` and
+``ctx.optimizer_step(optimizer)`` (the loss scaler keeps one scale per optimizer), and read
+``ctx.train_loader``; :func:`miles.training.copies.train_copy` does all of it.
 
 Class attributes state what a method needs from the trainer: ``uses_aux_losses`` (its loss
-includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs_latents`` and
-``head_follows_encoder``.
+includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs_latents``,
+``head_follows_encoder`` and ``unused_parameters`` (under DDP).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from torch import Tensor
 from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.models.param_groups import modality_param_groups
+from miles.training.precision import Precision
 
 if TYPE_CHECKING:
     from miles.strategies.data import StrategyData
@@ -131,38 +135,58 @@ class StrategyContext:
     #: the training plan that replaces the next epochs' rows (:mod:`miles.strategies.data`)
     data: StrategyData | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    #: what :meth:`forward` calls for the run's model: its DistributedDataParallel and/or
+    #: ``torch.compile`` wrapper when the trainer uses one (``None``: :attr:`model` itself)
+    forward_module: Any | None = None
+    #: autocast, loss scaling and gradient clipping of the step primitives
+    precision: Precision = field(default_factory=Precision)
+    #: the trainer's base learning-rate schedule (warm-up, cosine, step), stepped after every
+    #: training batch through :meth:`Strategy.step_lr_schedule`; ``None``: constant rates
+    lr_schedule: Any | None = None
 
     # -- step primitives -------------------------------------------------------------------------
     def forward(
         self, batch: Mapping[str, Any], model: JointFusionModel | None = None
     ) -> FusionOutput:
-        """``model(inputs, lengths)`` on a batch already on :attr:`device` (default: the run's
-        model). A training plan's batch with a ``"keep"`` mask has its masked modalities' latents
+        """``model(inputs, lengths)`` on a batch already on :attr:`device`, under the run's
+        autocast (default model: the run's, through its DDP / compiled wrapper when there is
+        one). A training plan's batch with a ``"keep"`` mask has its masked modalities' latents
         zeroed before the fused head (:func:`miles.strategies.data.keep_modalities`)."""
-        net = self.model if model is None else model
-        output: FusionOutput = net(batch["inputs"], batch.get("lengths") or None)
-        keep = batch.get("keep")
-        if keep is None:
-            return output
-        from miles.strategies.data import keep_modalities
+        if model is None:
+            net = self.model if self.forward_module is None else self.forward_module
+        else:
+            net = model
+        with self.precision.autocast():
+            output: FusionOutput = net(batch["inputs"], batch.get("lengths") or None)
+            keep = batch.get("keep")
+            if keep is None:
+                return output
+            from miles.strategies.data import keep_modalities
 
-        return keep_modalities(net, output, keep)
+            return keep_modalities(self.model if model is None else model, output, keep)
 
     def head_losses(self, output: FusionOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per-head losses (``"fused"`` and one per modality) with the run's loss function."""
-        return head_losses(output, batch["target"], multilabel=self.multilabel)
+        with self.precision.autocast():
+            return head_losses(output, batch["target"], multilabel=self.multilabel)
 
     def zero_grad(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Clear the gradients of ``optimizer``'s parameters (default: the run's optimizer)."""
         (self.optimizer if optimizer is None else optimizer).zero_grad(set_to_none=True)
 
-    def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss``; gradients are left unscaled for the hooks that read them."""
-        loss.backward()
+    def backward(self, loss: Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Back-propagate ``loss`` into the parameters of ``optimizer`` (default: the run's).
+
+        With loss scaling (``"16-mixed"``) the loss is scaled and the gradients unscaled again
+        right away, so hooks that read or modulate gradients see their true values.
+        """
+        self.precision.backward(loss, self.optimizer if optimizer is None else optimizer)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Apply the gradients: one step of ``optimizer`` (default: the run's optimizer)."""
-        (self.optimizer if optimizer is None else optimizer).step()
+        """Apply the gradients: clip them (when the run clips), then one step of ``optimizer``
+        (default: the run's), through the loss scaler when there is one (which skips a step
+        whose gradients are not finite)."""
+        self.precision.step(self.optimizer if optimizer is None else optimizer)
 
 
 class Strategy:
@@ -182,6 +206,10 @@ class Strategy:
     #: (``TrainerConfig`` fields, e.g. OGM's SGD; ``None``: no preference); studies apply them
     #: on request (``miles compare --method-optimizer ogm=authors``), never silently
     authors_optimizer: ClassVar[dict[str, Any] | None] = None
+    #: some parameters may get no gradient in a step (one modality trained, an encoder frozen
+    #: during the run): under DistributedDataParallel the trainer then looks for them
+    #: (``find_unused_parameters=True``, which costs a graph traversal per step)
+    unused_parameters: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -238,6 +266,26 @@ class Strategy:
         self.on_after_backward(ctx, output, batch)
         ctx.optimizer_step()
         return StepOutput.of(loss, losses, batch)
+
+    def step_lr_schedule(self, ctx: StrategyContext) -> None:
+        """Advance the trainer's base schedule (``ctx.lr_schedule``) after a training batch.
+
+        The default steps it, and refuses to when the learning rates are not the ones it last
+        wrote: a method that sets rates itself would have them silently overwritten. Such a
+        method composes the schedule with its own rates here (MILES steps it with its factors
+        removed, through the scheduler's ``base=``).
+        """
+        schedule = ctx.lr_schedule
+        if schedule is None:
+            return
+        current = [float(group["lr"]) for group in ctx.optimizer.param_groups]
+        if current != [float(lr) for lr in schedule.get_last_lr()]:
+            raise RuntimeError(
+                f"strategy {self.name!r} sets learning rates itself, and the trainer's base "
+                "schedule would overwrite them at its next step; use schedule 'constant' with "
+                "this strategy (or override Strategy.step_lr_schedule to compose the two)"
+            )
+        schedule.step()
 
     # -- values ----------------------------------------------------------------------------------
     def loss(

@@ -110,17 +110,30 @@ class MILESStrategy(JointAux):
         self._restored: dict[str, Any] | None = None
 
     def on_fit_start(self, ctx: StrategyContext) -> None:
-        """Build the scheduler on the (restored, when resuming) optimizer; apply restored state."""
+        """Build the scheduler on the (restored, when resuming) optimizer; apply restored state.
+
+        The trainer's base schedule (``ctx.lr_schedule``: warm-up, cosine, ...) becomes the
+        scheduler's ``base=``: every group trains at ``schedule x factor``.
+        """
         self.scheduler = MILES(
             ctx.optimizer,
             tau=self.tau,
             mu=self.mu,
             reset_other=self.reset_other,
             options=self.options,
+            base=ctx.lr_schedule,
         )
         if self._restored is not None:
             self.scheduler.load_state_dict(self._restored)
             self._restored = None
+
+    def step_lr_schedule(self, ctx: StrategyContext) -> None:
+        """One step of the base schedule, taken by MILES with its factors removed."""
+        if ctx.lr_schedule is None:
+            return
+        if self.scheduler is None:
+            raise RuntimeError("MILESStrategy.on_fit_start was not called")
+        self.scheduler.step()
 
     def on_epoch_end(
         self, ctx: StrategyContext, epoch: int, val: EvalResult, holdout: EvalResult | None

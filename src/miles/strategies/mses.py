@@ -79,6 +79,7 @@ class MSES(JointAux):
 
     name = "mses"
     uses_aux_losses = True
+    unused_parameters = True  # the frozen parts get no gradient (matters under DDP)
 
     def __init__(
         self,

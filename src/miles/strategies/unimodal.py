@@ -51,6 +51,9 @@ class Unimodal(Strategy):
         for other in model.modalities:
             if other != self.modality:
                 model.freeze(other)
+        # L_m never reaches the fusion layer: freezing it changes no number, and lets
+        # DistributedDataParallel leave out parameters that would never get a gradient
+        model.fusion.requires_grad_(False)
 
     def loss(
         self, losses: Mapping[str, Tensor], output: FusionOutput, batch: Mapping[str, Any]

@@ -57,7 +57,16 @@ DONE = "done.json"
 RUN_CONFIG = "run_config.json"
 #: settings (dotted paths into ``ExperimentConfig.to_dict()``) that may differ between the
 #: invocations sharing a run folder: they do not change what a run measures
-IGNORED_SETTINGS = ("trainer.device", "trainer.progress")
+IGNORED_SETTINGS = (
+    "trainer.device",
+    "trainer.progress",
+    # how batches are loaded and where numbers are logged: the same numbers either way
+    "trainer.num_workers",
+    "trainer.pin_memory",
+    "trainer.loader",
+    "trainer.loggers",
+    "trainer.backend",
+)
 
 Echo = Callable[[str], None]
 

@@ -140,7 +140,7 @@ def train_copy(
                 output = ctx.forward(batch, model=net)
                 loss = loss_fn(ctx.head_losses(output, batch), output, batch)
                 ctx.zero_grad(optimizer)
-                ctx.backward(loss)
+                ctx.backward(loss, optimizer)
                 ctx.optimizer_step(optimizer)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, net)

@@ -16,6 +16,7 @@ import torch
 from miles.models.fusion import JointFusionModel
 from miles.models.fusions import available_fusions
 from miles.strategies.registry import build_strategy
+from miles.training.distributed import is_main_process
 from miles.training.trainer import RunResult, Trainer, TrainerConfig
 from miles.validation import check_choice, check_positive_int
 
@@ -127,7 +128,7 @@ def run_experiment(
         {"dataset": config.dataset, "fusion": config.fusion, "modalities": list(data.modalities)}
     )
     result.extra["readouts"] = run_readouts(model, data, config)
-    if config.out_dir is not None:
+    if config.out_dir is not None and is_main_process():  # under torchrun: rank 0 writes
         from miles.training.history import write_json
 
         write_json(Path(config.out_dir) / "result.json", result.to_dict())

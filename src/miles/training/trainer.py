@@ -11,14 +11,16 @@ from __future__ import annotations
 import copy
 import math
 import time
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 
 from miles.batch import move_batch
 from miles.metrics import METRICS, HeadMetrics
@@ -28,7 +30,24 @@ from miles.results import RunResult  # re-exported: it used to live here
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
 from miles.strategies.data import StrategyData
 from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from miles.training.distributed import (
+    BACKENDS,
+    Ranks,
+    ShardSampler,
+    all_gather_tensors,
+    broadcast_buffers,
+    check_replicas,
+    check_same_on_every_rank,
+    current_ranks,
+    join_process_group,
+    rank_device,
+    sum_across_ranks,
+)
 from miles.training.history import write_history, write_json
+from miles.training.loaders import LOADERS, build_loader
+from miles.training.loggers import Logger, check_loggers, epoch_scalars, start_loggers
+from miles.training.precision import Precision, check_precision
+from miles.training.schedules import SCHEDULES, build_schedule
 from miles.validation import (
     check_bool,
     check_choice,
@@ -40,35 +59,89 @@ from miles.validation import (
     check_str,
 )
 
-OPTIMIZERS = ("adam", "sgd")
+#: the optimizers a run can use, by name: ``(param groups, config) -> optimizer``
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], TrainerConfig], torch.optim.Optimizer]] = {
+    "adam": lambda groups, cfg: torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(
+        groups, lr=cfg.lr, weight_decay=cfg.weight_decay
+    ),
+    "sgd": lambda groups, cfg: torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    ),
+}
 
 
 @dataclass
 class TrainerConfig:
-    """Everything that shapes a run besides model, data and strategy."""
+    """Everything that shapes a run besides model, data and strategy.
+
+    The defaults train in float32 on one process, with constant rates and batches cut from
+    in-memory tensors where possible; every other setting is opt-in (see the README's trainer
+    section and ``docs/performance.md``).
+    """
 
     epochs: int = 10
     lr: float = 1e-3
     batch_size: int = 64
     eval_batch_size: int = 256
-    optimizer: str = "adam"
+    optimizer: str = "adam"  #: ``adam``, ``adamw`` (decoupled ``weight_decay``) or ``sgd``
     momentum: float = 0.9
     weight_decay: float = 0.0
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  #: under torchrun a bare ``cuda`` is each rank's ``cuda:LOCAL_RANK``
     progress: bool = True
+    #: ``"32"``, ``"bf16-mixed"`` (autocast) or ``"16-mixed"`` (autocast + gradient scaler)
+    precision: str = "32"
+    grad_clip_norm: float | None = None  #: clip the global gradient norm (``None``: never)
+    #: the base learning-rate schedule, stepped per batch: ``constant``, ``cosine`` or ``step``
+    schedule: str = "constant"
+    warmup_epochs: int = 0  #: linear warm-up over this many epochs (or use ``warmup_steps``)
+    warmup_steps: int = 0  #: linear warm-up over this many batches
+    min_lr_factor: float = 0.0  #: ``cosine``: the last batch's rate, as a fraction of the base
+    step_every: int = 30  #: ``step``: epochs between two decays
+    step_gamma: float = 0.1  #: ``step``: the factor of each decay
+    num_workers: int = 0  #: DataLoader worker processes (seeded; resume stays exact)
+    pin_memory: bool = True  #: pinned host memory for the batches (CUDA only)
+    #: ``auto``: batches cut from in-memory tensors where possible, else a DataLoader;
+    #: ``dataloader``: always a DataLoader; ``tensor``: in-memory tensors or an error
+    loader: str = "auto"
+    channels_last: bool = True  #: channels-last memory format for CNNs (CUDA only)
+    compile: bool = False  #: ``torch.compile`` the model
+    backend: str = "auto"  #: torch.distributed backend under torchrun (auto: NCCL on CUDA)
+    #: DDP's ``find_unused_parameters`` (``None``: when the strategy may leave some unused)
+    find_unused_parameters: bool | None = None
+    #: where each epoch's scalars also go: ``csv``, ``tensorboard``, ``wandb`` (rank 0 only)
+    loggers: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # validated, not converted: the values as given are what result.json records
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "step_every"):
             check_positive_int(name, getattr(self, name))
-        check_non_negative_int("seed", self.seed)
+        for name in ("seed", "warmup_epochs", "warmup_steps", "num_workers"):
+            check_non_negative_int(name, getattr(self, name))
         check_positive("lr", self.lr)
         check_non_negative("momentum", self.momentum)
         check_non_negative("weight_decay", self.weight_decay)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_str("device", self.device)
-        check_bool("progress", self.progress)
+        for name in ("progress", "pin_memory", "channels_last", "compile"):
+            check_bool(name, getattr(self, name))
+        check_precision(self.precision)
+        if self.grad_clip_norm is not None:
+            check_positive("grad_clip_norm", self.grad_clip_norm)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if self.warmup_epochs and self.warmup_steps:
+            raise ValueError(
+                "give warmup_epochs or warmup_steps, not both (got "
+                f"{self.warmup_epochs} and {self.warmup_steps})"
+            )
+        check_fraction("min_lr_factor", self.min_lr_factor, one=True)
+        check_positive("step_gamma", self.step_gamma)
+        check_choice("loader", self.loader, LOADERS)
+        check_choice("backend", self.backend, BACKENDS)
+        if self.find_unused_parameters is not None:
+            check_bool("find_unused_parameters", self.find_unused_parameters)
+        check_loggers(self.loggers)
 
 
 def group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
@@ -98,14 +171,19 @@ class Trainer:
     Args:
         model: the joint-fusion model (built after seeding, for reproducible initialisation).
         strategy: the balancing method (``joint``, ``joint+aux``, ``miles``, ...).
-        config: epochs, optimiser, batch sizes, seed, device.
+        config: epochs, optimiser, batch sizes, seed, device, precision, schedule, loaders,
+            loggers.
         metric: validation/test metric driving selection and MILES (``accuracy``, ``f1_micro``,
             ``f1_macro``).
         multilabel: targets are 0/1 vectors (BCE loss, thresholded metrics).
         out_dir: where history, checkpoints and ``result.json`` go (``None``: keep in memory).
         collate_fn: batch builder (``miles.data.collate_multimodal`` for our datasets).
         on_epoch_end: called with each epoch's history row once it is logged and saved (e.g. to
-            print the strategy's decision); it cannot change training.
+            print the strategy's decision); it cannot change training. Under ``torchrun`` it is
+            called on every rank (:func:`miles.training.distributed.is_main_process` tells rank 0).
+
+    Under ``torchrun`` (or inside an initialised process group) ``fit`` trains data-parallel:
+    see :mod:`miles.training.distributed`.
     """
 
     def __init__(
@@ -131,91 +209,229 @@ class Trainer:
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
         self.device = torch.device(self.config.device)
+        if self.config.loggers and self.out_dir is None:
+            raise ValueError(f"loggers {self.config.loggers} write into out_dir; give one")
+        self.precision = Precision(self.config.precision, self.device, self.config.grad_clip_norm)
+        #: one HeadMetrics per evaluated loader, reset before each pass
+        self._metrics: weakref.WeakKeyDictionary[Any, HeadMetrics] = weakref.WeakKeyDictionary()
+        self._eval_module: nn.Module | None = None
+        self._channels_last = False
 
     # -- building blocks -------------------------------------------------------------------------
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-        cfg = self.config
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        return torch.optim.SGD(
-            groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
+        return OPTIMIZERS[self.config.optimizer](groups, self.config)
 
     def _loader(
-        self, dataset: Dataset, *, train: bool, generator: torch.Generator | None = None
-    ) -> DataLoader:
-        size = self.config.batch_size if train else self.config.eval_batch_size
-        return DataLoader(
-            dataset, batch_size=size, shuffle=train, generator=generator, collate_fn=self.collate_fn
+        self,
+        dataset: Dataset,
+        *,
+        train: bool,
+        generator: torch.Generator | None = None,
+        ranks: Ranks | None = None,
+    ) -> Any:
+        """A training (shuffled) or evaluation loader; sharded over the ranks when distributed."""
+        cfg = self.config
+        ranks = current_ranks() if ranks is None else ranks
+        sampler: Sampler[int] | None = None
+        if ranks.distributed:
+            n = len(dataset)  # type: ignore[arg-type]
+            sampler = (
+                DistributedSampler(
+                    dataset, ranks.world_size, ranks.rank, shuffle=True, seed=cfg.seed
+                )
+                if train
+                else ShardSampler(n, ranks)
+            )
+        return build_loader(
+            dataset,
+            batch_size=cfg.batch_size if train else cfg.eval_batch_size,
+            shuffle=train,
+            generator=generator,
+            sampler=sampler,
+            collate_fn=self.collate_fn,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory and self.device.type == "cuda",
+            mode=cfg.loader,
         )
+
+    def _move(self, raw: Mapping[str, Any]) -> dict[str, Any]:
+        return move_batch(raw, self.device, channels_last=self._channels_last)
+
+    def _head_metrics(self, loader: Any) -> HeadMetrics:
+        """The loader's HeadMetrics (built once, reset for each pass)."""
+        metrics = self._metrics.get(loader)
+        if metrics is None:
+            model = self.model
+            metrics = HeadMetrics(
+                model.modalities, model.num_classes, self.metric, multilabel=self.multilabel
+            ).to(self.device)
+            self._metrics[loader] = metrics
+        metrics.reset()
+        return metrics
 
     @torch.no_grad()
     def evaluate(
         self,
-        loader: DataLoader,
+        loader: Any,
         *,
         keep_latents: bool = False,
         model: JointFusionModel | None = None,
     ) -> EvalResult:
         """Metric of the fused head and of every unimodal head over ``loader`` (of the run's
-        model, or of ``model``, e.g. a copy a strategy trains on the side)."""
-        model = self.model if model is None else model
+        model, or of ``model``, e.g. a copy a strategy trains on the side).
+
+        The losses are summed on the device and read once; under ``torch.distributed`` the
+        metrics and losses are those of every rank's shard together.
+        """
+        if model is None:
+            model = self.model
+            net = model if self._eval_module is None else self._eval_module
+        else:
+            net = model
         was_training = model.training
         model.eval()
-        metrics = HeadMetrics(
-            model.modalities, model.num_classes, self.metric, multilabel=self.multilabel
-        ).to(self.device)
-        loss_sums: dict[str, float] = {}
+        metrics = self._head_metrics(loader)
+        names = (FUSED, *model.modalities)
+        sums = torch.zeros(len(names), dtype=torch.float64, device=self.device)
         count = 0
         latents: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
         targets: list[Tensor] = []
         for raw in loader:
-            batch = move_batch(raw, self.device)
-            out = model(batch["inputs"], batch["lengths"] or None)
+            batch = self._move(raw)
+            with self.precision.autocast():
+                out = net(batch["inputs"], batch["lengths"] or None)
+                losses = head_losses(out, batch["target"], multilabel=self.multilabel)
             metrics.update(out, batch["target"])
             n = batch["target"].shape[0]
-            for name, value in head_losses(
-                out, batch["target"], multilabel=self.multilabel
-            ).items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + float(value) * n
+            sums = sums + torch.stack([losses[name] for name in names]).double() * n
             count += n
             if keep_latents:
                 for m in model.modalities:
                     latents[m].append(out.latents[m])
                 targets.append(batch["target"])
+        totals = sum_across_ranks(
+            torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=self.device)])
+        ).tolist()
+        count = int(totals[-1])
         if count == 0:
             raise ValueError("evaluation loader is empty")
         scores = metrics.compute()
         model.train(was_training)
+        mean = dict(zip(names, (total / count for total in totals), strict=False))
+        kept_latents: dict[str, Tensor] | None = None
+        kept_target: Tensor | None = None
+        if keep_latents:
+            parts = all_gather_tensors(
+                [torch.cat(latents[m]) for m in model.modalities] + [torch.cat(targets)]
+            )
+            kept_latents = dict(zip(model.modalities, parts[:-1], strict=True))
+            kept_target = parts[-1]
         return EvalResult(
             fused=scores.fused,
             unimodal=scores.unimodal,
-            loss=loss_sums[FUSED] / count,
-            unimodal_loss={m: loss_sums[m] / count for m in model.modalities},
-            latents={m: torch.cat(v) for m, v in latents.items()} if keep_latents else None,
-            target=torch.cat(targets) if keep_latents else None,
+            loss=mean[FUSED],
+            unimodal_loss={m: mean[m] for m in model.modalities},
+            latents=kept_latents,
+            target=kept_target,
         )
 
     def _train_epoch(
-        self, loader: DataLoader, optimizer: torch.optim.Optimizer, ctx: StrategyContext
+        self, loader: Any, optimizer: torch.optim.Optimizer, ctx: StrategyContext, epoch: int = 0
     ) -> dict[str, float]:
+        """One pass over ``loader``; the losses are summed on the device and read once, at the
+        end, where a loss that stopped being finite stops the run."""
         model, strategy = self.model, self.strategy
         model.train()
-        sums: dict[str, float] = {}
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        skipped = ctx.precision.skipped_steps
+        #: per set of loss names a step returned: the sums of (loss, *losses) x batch size
+        sums: dict[tuple[str, ...], Tensor] = {}
         count = 0
-        for raw in loader:
-            batch = move_batch(raw, self.device)
-            step = strategy.training_step(ctx, batch)
-            if not torch.isfinite(step.loss):
-                raise FloatingPointError(
-                    f"training loss became {float(step.loss)}; lower the learning rate"
-                )
-            n = step.batch_size
-            count += n
-            sums["loss"] = sums.get("loss", 0.0) + float(step.loss) * n
-            for name, value in step.losses.items():
-                sums[f"loss_{name}"] = sums.get(f"loss_{name}", 0.0) + float(value) * n
-        return {k: v / max(count, 1) for k, v in sums.items()}
+        try:
+            for raw in loader:
+                batch = self._move(raw)
+                step = strategy.training_step(ctx, batch)
+                if ctx.lr_schedule is not None:
+                    strategy.step_lr_schedule(ctx)
+                key = tuple(step.losses)
+                values = torch.stack([step.loss, *step.losses.values()]).detach()
+                values = values.double() * step.batch_size
+                sums[key] = values if key not in sums else sums[key] + values
+                count += step.batch_size
+        except Exception as exc:
+            self._explain_failure(exc, sums, epoch)
+            raise
+        stats = self._epoch_means(sums, count)
+        if not math.isfinite(stats.get("loss", 0.0)):
+            raise FloatingPointError(
+                f"training loss became {stats['loss']} in epoch {epoch}; lower the learning rate"
+            )
+        if ctx.precision.scales_loss:
+            stats["skipped_steps"] = float(ctx.precision.skipped_steps - skipped)
+        broadcast_buffers(model)
+        check_replicas(model, f"epoch {epoch}'s training")
+        return stats
+
+    @staticmethod
+    def _epoch_means(sums: Mapping[tuple[str, ...], Tensor], count: int) -> dict[str, float]:
+        """Per-sample means of the summed losses (over every rank when distributed)."""
+        if len(sums) == 1:  # the usual case: the same losses every step, one read
+            ((key, values),) = sums.items()
+            totals = sum_across_ranks(
+                torch.cat([values, values.new_tensor([float(count)])])
+            ).tolist()
+            count = int(totals.pop())
+            names = ("loss", *(f"loss_{k}" for k in key))
+            return {name: total / max(count, 1) for name, total in zip(names, totals, strict=True)}
+        out: dict[str, float] = {}
+        for key, values in sums.items():  # steps returned different losses (rank-local means)
+            for name, total in zip(
+                ("loss", *(f"loss_{k}" for k in key)), values.tolist(), strict=True
+            ):
+                out[name] = out.get(name, 0.0) + total
+        return {name: total / max(count, 1) for name, total in out.items()}
+
+    def _explain_failure(
+        self, exc: Exception, sums: Mapping[tuple[str, ...], Tensor], epoch: int
+    ) -> None:
+        """Raise a clearer error for a step that failed because training diverged or because
+        DDP found parameters without gradient; return to re-raise ``exc`` as it is."""
+        losses_finite = all(bool(torch.isfinite(v[0])) for v in sums.values())
+        tensors = [t for p in self.model.parameters() for t in (p, p.grad) if t is not None]
+        weights_finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not (losses_finite and weights_finite):
+            raise FloatingPointError(
+                f"training stopped being finite in epoch {epoch} (loss, weights or gradients) "
+                f"and then a "
+                f"step failed ({type(exc).__name__}: {exc}); lower the learning rate"
+            ) from exc
+        if isinstance(exc, RuntimeError) and "find_unused_parameters" in str(exc):
+            raise RuntimeError(
+                f"under DistributedDataParallel, strategy {self.strategy.name!r} left some "
+                "parameters without a gradient: set the trainer's find_unused_parameters: true "
+                "(or give the strategy unused_parameters = True)"
+            ) from exc
+
+    def _wrap(self, model: JointFusionModel, ranks: Ranks) -> nn.Module | None:
+        """The module training steps call: DDP when distributed, compiled when asked (``None``:
+        the model itself)."""
+        cfg = self.config
+        module: nn.Module = model
+        if ranks.distributed:
+            unused = cfg.find_unused_parameters
+            if unused is None:
+                unused = self.strategy.unused_parameters
+            module = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=unused,
+            )
+        if cfg.compile:
+            module = torch.compile(module)  # type: ignore[assignment]
+            self._eval_module = torch.compile(model)  # type: ignore[assignment]
+        return None if module is model else module
 
     # -- the loop --------------------------------------------------------------------------------
     def fit(
@@ -231,64 +447,131 @@ class Trainer:
         ``resume=True`` continues from ``out_dir/last.pt`` when it exists; the result is the same
         as an uninterrupted run with the same seed (on CPU).
         """
-        from tqdm.auto import tqdm
-
         if resume and self.out_dir is None:
             raise ValueError("resume=True needs an out_dir holding last.pt")
-        run = self._setup(train, val)
+        created = join_process_group(self.config.backend, self.device)
+        try:
+            return self._fit(train, val, test, resume=resume)
+        finally:
+            if created:
+                dist.destroy_process_group()
+
+    def _fit(
+        self, train: Dataset, val: Dataset, test: Dataset | None, *, resume: bool
+    ) -> RunResult:
+        from tqdm.auto import tqdm
+
+        ranks = current_ranks()
+        self.device = rank_device(torch.device(self.config.device), ranks)
+        self.precision.device = self.device
+        run = self._setup(train, val, ranks)
         checkpoint = self._load_last() if resume else None
         if checkpoint is not None:
             self._restore(run, checkpoint)
+        check_same_on_every_rank(
+            run.first_epoch,
+            "the epoch to start from",
+            "every rank reads out_dir/last.pt when resuming: put out_dir on a file system "
+            "all of them see",
+        )
         self.strategy.on_fit_start(run.ctx)
         if checkpoint is not None:
             self._restore_rng(run, checkpoint)
+        writes = self.out_dir is not None and ranks.is_main
+        loggers: list[Logger] = []
+        if writes and self.config.loggers:
+            assert self.out_dir is not None
+            loggers = start_loggers(
+                self.config.loggers,
+                self.out_dir,
+                first_epoch=run.first_epoch,
+                config=self._described(),
+            )
         bar = tqdm(
             range(run.first_epoch, self.config.epochs + 1),
             desc=f"{self.strategy.name}",
-            disable=not self.config.progress,
+            disable=not (self.config.progress and ranks.is_main),
             leave=False,
             unit="ep",
         )
-        for epoch in bar:
-            improved = self._run_epoch(run, epoch)
-            if self.out_dir is not None:
-                self._checkpoint(run, epoch, improved)
-            bar.set_postfix(val=f"{run.history[-1]['val_fused']:.3f}", best=run.best_epoch)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(dict(run.history[-1]))
-            if run.stopped:
-                break
-        bar.close()
+        try:
+            for epoch in bar:
+                improved = self._run_epoch(run, epoch)
+                if writes:
+                    self._checkpoint(run, epoch, improved)
+                for logger in loggers:
+                    logger.log(epoch_scalars(run.history[-1]), step=epoch)
+                bar.set_postfix(val=f"{run.history[-1]['val_fused']:.3f}", best=run.best_epoch)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(dict(run.history[-1]))
+                if run.stopped:
+                    break
+        finally:
+            bar.close()
+            for logger in loggers:
+                logger.close()
         if not run.history:
             raise RuntimeError("no epoch was trained (epochs must be >= 1)")
         self.strategy.on_fit_end(run.ctx)
         result = self._score(run, test)
-        if self.out_dir is not None:
+        if writes:
+            assert self.out_dir is not None
             write_json(self.out_dir / "result.json", result.to_dict())
         return result
 
+    def _described(self) -> dict[str, Any]:
+        """The run's settings as the loggers record them (hyper-parameters)."""
+        return {
+            **asdict(self.config),
+            "metric": self.metric,
+            "multilabel": self.multilabel,
+            "strategy": self.strategy.describe(),
+        }
+
     # -- the steps of fit ------------------------------------------------------------------------
-    def _setup(self, train: Dataset, val: Dataset) -> _Run:
-        """Seed, configure the model, build the optimizer, the loaders and the strategy context."""
+    def _setup(self, train: Dataset, val: Dataset, ranks: Ranks | None = None) -> _Run:
+        """Seed, configure the model, build the optimizer, the loaders, the schedule, the DDP /
+        compiled wrapper and the strategy context."""
         cfg, model, strategy = self.config, self.model, self.strategy
+        ranks = current_ranks() if ranks is None else ranks
         start = time.perf_counter()
         # Dropout, noise-adding strategies and the like draw from the global RNG: seed it too
         # (a resumed run restores its saved state after on_fit_start).
         torch.manual_seed(cfg.seed)
         strategy.configure_model(model)
         model.to(self.device)
+        self._channels_last = (
+            cfg.channels_last
+            and self.device.type == "cuda"
+            and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        )
+        if self._channels_last:
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         optimizer = self._make_optimizer(strategy.param_groups(model))
         train_part, holdout_part = split_holdout(train, strategy.holdout_fraction, cfg.seed)
         generator = torch.Generator().manual_seed(cfg.seed)
-        train_loader = self._loader(train_part, train=True, generator=generator)
+        train_loader = self._loader(train_part, train=True, generator=generator, ranks=ranks)
         holdout_loader = train_probe_loader = None
         if holdout_part is not None:
-            holdout_loader = self._loader(holdout_part, train=False)
+            holdout_loader = self._loader(holdout_part, train=False, ranks=ranks)
             # a fixed slice of the training part, as large as the holdout, scored the same way
             n_train, n_holdout = len(train_part), len(holdout_part)  # type: ignore[arg-type]
             probe = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed + 1))
             probe = probe[:n_holdout]
-            train_probe_loader = self._loader(Subset(train_part, probe.tolist()), train=False)
+            train_probe_loader = self._loader(
+                Subset(train_part, probe.tolist()), train=False, ranks=ranks
+            )
+        schedule = build_schedule(
+            optimizer,
+            cfg.schedule,
+            epochs=cfg.epochs,
+            steps_per_epoch=len(train_loader),
+            warmup_epochs=cfg.warmup_epochs,
+            warmup_steps=cfg.warmup_steps,
+            min_factor=cfg.min_lr_factor,
+            step_every=cfg.step_every,
+            gamma=cfg.step_gamma,
+        )
         ctx = StrategyContext(
             model=model,
             optimizer=optimizer,
@@ -313,12 +596,15 @@ class Trainer:
                 seed=cfg.seed,
                 modalities=model.modalities,
             ),
+            forward_module=self._wrap(model, ranks),
+            precision=self.precision,
+            lr_schedule=schedule,
         )
         return _Run(
             ctx=ctx,
             generator=generator,
             train_loader=train_loader,
-            val_loader=self._loader(val, train=False),
+            val_loader=self._loader(val, train=False, ranks=ranks),
             holdout_loader=holdout_loader,
             start=start,
         )
@@ -335,6 +621,7 @@ class Trainer:
         assert self.out_dir is not None
         self.model.load_state_dict(ckpt["model"])
         run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
+        self._load_engine_state(run, ckpt.get("engine", {}))
         self.strategy.load_state_dict(ckpt["strategy"])
         run.history = list(ckpt["history"])
         run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
@@ -342,6 +629,32 @@ class Trainer:
             run.best_state = load_checkpoint(self.out_dir / BEST)["model"]
         run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else int(ckpt["epoch"]) + 1
         run.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+
+    def _engine_state(self, run: _Run) -> dict[str, Any]:
+        """What the trainer's own machinery needs to resume: the loss scaler and the schedule."""
+        schedule = run.ctx.lr_schedule
+        return {
+            "precision": self.precision.state_dict(run.ctx.optimizer),
+            "lr_schedule": None if schedule is None else schedule.state_dict(),
+        }
+
+    def _load_engine_state(self, run: _Run, state: Mapping[str, Any]) -> None:
+        self.precision.load_state_dict(run.ctx.optimizer, state.get("precision", {}))
+        schedule, saved = run.ctx.lr_schedule, state.get("lr_schedule")
+        if (schedule is None) != (saved is None):
+            raise ValueError(
+                "last.pt was saved with a different base schedule setting than this run's "
+                f"(schedule {self.config.schedule!r}, warm-up): resume with the same settings"
+            )
+        if schedule is not None and saved is not None:
+            wanted = schedule.state_dict()["lr_lambdas"]
+            if saved["lr_lambdas"] != wanted:
+                raise ValueError(
+                    f"last.pt's base schedule was {saved['lr_lambdas'][0]}, this run's is "
+                    f"{wanted[0]}: a schedule depends on the run's length, so resume with the "
+                    "same epochs and schedule settings"
+                )
+            schedule.load_state_dict(saved)
 
     def _restore_rng(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
         """The random streams, restored after ``on_fit_start``: whatever a hook draws there is the
@@ -359,7 +672,7 @@ class Trainer:
         lrs = group_lrs(ctx.optimizer)
         # the training part, or the rows of a plan the strategy set (ctx.data.set_train_plan)
         loader = ctx.data.epoch_loader() if ctx.data is not None else run.train_loader
-        train_stats = self._train_epoch(loader, ctx.optimizer, ctx)
+        train_stats = self._train_epoch(loader, ctx.optimizer, ctx, epoch)
         val_res = self.evaluate(run.val_loader, keep_latents=strategy.needs_latents)
         holdout_res = self.evaluate(run.holdout_loader) if run.holdout_loader is not None else None
         record = strategy.on_epoch_end(ctx, epoch, val_res, holdout_res)
@@ -395,6 +708,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "optimizer": run.ctx.optimizer.state_dict(),
                 "strategy": self.strategy.state_dict(),
+                "engine": self._engine_state(run),
                 "history": run.history,
                 "best_epoch": run.best_epoch,
                 "best_score": run.best_score,
@@ -444,9 +758,9 @@ class _Run:
 
     ctx: StrategyContext
     generator: torch.Generator  #: the training loader's shuffling stream
-    train_loader: DataLoader
-    val_loader: DataLoader
-    holdout_loader: DataLoader | None
+    train_loader: Any
+    val_loader: Any
+    holdout_loader: Any | None
     start: float  #: ``time.perf_counter()`` when this fit started
     history: list[dict[str, Any]] = field(default_factory=list)
     best_epoch: int = 0
