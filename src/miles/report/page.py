@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from miles.fileio import atomic_write_text
 from miles.registry import Registry
 from miles.report.document import Document, Section, render_markdown
 from miles.report.html import render_html
@@ -154,6 +155,6 @@ def build_report(path: str | Path, out_dir: str | Path | None = None) -> Documen
     report = _merge(docs, f"miles report: {folder}")
     report.html_path = out / REPORT_HTML
     report.md_path = out / REPORT_MD
-    report.html_path.write_text(render_html(report), encoding="utf-8")
-    report.md_path.write_text(render_markdown(report, out), encoding="utf-8")
+    atomic_write_text(report.html_path, render_html(report))
+    atomic_write_text(report.md_path, render_markdown(report, out))
     return report

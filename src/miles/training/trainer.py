@@ -21,13 +21,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from miles.batch import move_batch
+from miles.fileio import DamagedFileError
 from miles.metrics import METRICS, HeadMetrics
 from miles.models.fusion import JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.results import RunResult  # re-exported: it used to live here
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
-from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from miles.training.checkpoint import (
+    BEST,
+    LAST,
+    LAST_KEYS,
+    START_OVER,
+    load_checkpoint,
+    save_checkpoint,
+)
 from miles.training.history import write_history, write_json
+from miles.training.run_folder import RunFolder
 from miles.validation import (
     check_bool,
     check_choice,
@@ -105,6 +114,9 @@ class Trainer:
         collate_fn: batch builder (``miles.data.collate_multimodal`` for our datasets).
         on_epoch_end: called with each epoch's history row once it is logged and saved (e.g. to
             print the strategy's decision); it cannot change training.
+        settings: what ``out_dir`` records as this run's settings, and what a resume must match
+            (default: :meth:`default_settings`; :func:`~miles.training.experiment.run_experiment`
+            passes the whole experiment config).
     """
 
     def __init__(
@@ -118,6 +130,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         collate_fn: Any = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         check_choice("metric", metric, METRICS)
         check_bool("multilabel", multilabel)
@@ -129,7 +142,24 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
+        self.settings = dict(settings) if settings is not None else self.default_settings()
         self.device = torch.device(self.config.device)
+
+    def default_settings(self) -> dict[str, Any]:
+        """The run's settings when none are given: the trainer config, the strategy's
+        description, the metric, and the model's modalities, classes and parameter shapes."""
+        shapes = [[name, list(p.shape)] for name, p in self.model.state_dict().items()]
+        return {
+            "trainer": asdict(self.config),
+            "strategy": self.strategy.describe(),
+            "metric": self.metric,
+            "multilabel": self.multilabel,
+            "model": {
+                "modalities": list(self.model.modalities),
+                "num_classes": self.model.num_classes,
+                "parameters": shapes,
+            },
+        }
 
     # -- building blocks -------------------------------------------------------------------------
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -217,16 +247,35 @@ class Trainer:
         test: Dataset | None = None,
         *,
         resume: bool = False,
+        overwrite: bool = False,
+        force: bool = False,
     ) -> RunResult:
         """Train for ``config.epochs`` (or until the strategy stops), then score the test set.
 
-        ``resume=True`` continues from ``out_dir/last.pt`` when it exists; the result is the same
-        as an uninterrupted run with the same seed (on CPU).
+        With an ``out_dir`` (see :mod:`miles.training.run_folder`), the folder is locked while
+        the run trains in it, and it records the run's :attr:`settings`:
+
+        - ``resume=True`` continues from ``out_dir/last.pt`` when it exists; the result is the
+          same as an uninterrupted run with the same seed (on CPU). The recorded settings must
+          match (else a ``RunFolderError`` lists the keys that differ); ``force=True`` resumes
+          anyway and records the change in ``result.json`` (``extra["settings_changes"]``).
+        - otherwise the folder must not hold a run already; ``overwrite=True`` deletes that
+          run's files first.
         """
+        if self.out_dir is None:
+            if resume or overwrite:
+                raise ValueError("resume=True and overwrite=True need an out_dir")
+            return self._fit(train, val, test, resume=False)
+        folder = RunFolder(self.out_dir)
+        with folder.lock():
+            folder.open(self.settings, resume=resume, overwrite=overwrite, force=force)
+            return self._fit(train, val, test, resume=resume)
+
+    def _fit(
+        self, train: Dataset, val: Dataset, test: Dataset | None, *, resume: bool
+    ) -> RunResult:
         from tqdm.auto import tqdm
 
-        if resume and self.out_dir is None:
-            raise ValueError("resume=True needs an out_dir holding last.pt")
         run = self._setup(train, val)
         checkpoint = self._load_last() if resume else None
         if checkpoint is not None:
@@ -256,6 +305,9 @@ class Trainer:
         self.strategy.on_fit_end(run.ctx)
         result = self._score(run, test)
         if self.out_dir is not None:
+            changes = RunFolder(self.out_dir).changes()
+            if changes:  # a forced resume: the result says which epochs ran under what
+                result.extra["settings_changes"] = changes
             write_json(self.out_dir / "result.json", result.to_dict())
         return result
 
@@ -307,21 +359,65 @@ class Trainer:
         """``out_dir/last.pt``, or ``None`` when there is none yet (a resume starts afresh)."""
         assert self.out_dir is not None
         path = self.out_dir / LAST
-        return load_checkpoint(path) if path.is_file() else None
+        return load_checkpoint(path, required=LAST_KEYS) if path.is_file() else None
 
     def _restore(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
         """Model, optimizer, strategy and progress from ``last.pt``, before ``on_fit_start``:
         the strategy's hooks then build on the restored optimizer and state."""
         assert self.out_dir is not None
-        self.model.load_state_dict(ckpt["model"])
-        run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
-        self.strategy.load_state_dict(ckpt["strategy"])
-        run.history = list(ckpt["history"])
-        run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
+            self.strategy.load_state_dict(ckpt["strategy"])
+            run.history = list(ckpt["history"])
+            run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+            epoch = int(ckpt["epoch"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise DamagedFileError(
+                self.out_dir / LAST, f"it does not fit this run ({exc})", START_OVER
+            ) from exc
         if run.best_epoch:
-            run.best_state = load_checkpoint(self.out_dir / BEST)["model"]
-        run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else int(ckpt["epoch"]) + 1
+            run.best_state = self._restore_best(ckpt, epoch, run.best_epoch)
+        run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else epoch + 1
         run.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+
+    def _restore_best(
+        self, ckpt: Mapping[str, Any], epoch: int, best_epoch: int
+    ) -> dict[str, Any]:
+        """The best epoch's weights, consistent with ``last.pt`` (the commit point).
+
+        ``last.pt`` is written before ``best.pt`` (:meth:`_checkpoint`): when the last epoch was
+        the best, ``last.pt`` holds its weights and ``best.pt`` may lag one write behind (it is
+        rewritten); otherwise ``best.pt`` must hold exactly ``last.pt``'s best epoch.
+        """
+        assert self.out_dir is not None
+        path = self.out_dir / BEST
+        if best_epoch == epoch:
+            state: dict[str, Any] = ckpt["model"]
+            try:
+                stored = load_checkpoint(path, required=("epoch",))["epoch"]
+            except (FileNotFoundError, DamagedFileError):
+                stored = None
+            if stored != epoch:
+                save_checkpoint(path, {"model": state, "epoch": epoch})
+            return state
+        advice = (
+            f"without it the weights of the best epoch ({best_epoch}) cannot be restored: "
+            + START_OVER
+        )
+        if not path.is_file():
+            raise DamagedFileError(
+                path, f"missing, but {LAST} says epoch {best_epoch} was the best", advice
+            )
+        best = load_checkpoint(path, required=("model", "epoch"), advice=advice)
+        if int(best["epoch"]) != best_epoch:
+            raise DamagedFileError(
+                path,
+                f"it holds epoch {best['epoch']} but {LAST} says the best epoch is {best_epoch}: "
+                "the two files are not from the same run",
+                advice,
+            )
+        return dict(best["model"])
 
     def _restore_rng(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
         """The random streams, restored after ``on_fit_start``: whatever a hook draws there is the
@@ -362,10 +458,10 @@ class Trainer:
         return improved
 
     def _checkpoint(self, run: _Run, epoch: int, improved: bool) -> None:
-        """``best.pt`` when the epoch improved, ``last.pt`` (all a resume needs) and the history."""
+        """``last.pt`` (all a resume needs: the commit point), then ``best.pt`` when the epoch
+        improved, then the history. In this order a crash between two writes leaves a consistent
+        pair: an improved epoch's weights are in ``last.pt`` itself (see :meth:`_restore_best`)."""
         assert self.out_dir is not None
-        if improved:
-            save_checkpoint(self.out_dir / BEST, {"model": run.best_state, "epoch": epoch})
         save_checkpoint(
             self.out_dir / LAST,
             {
@@ -383,6 +479,8 @@ class Trainer:
                 "stopped": run.stopped,
             },
         )
+        if improved:
+            save_checkpoint(self.out_dir / BEST, {"model": run.best_state, "epoch": epoch})
         write_history(self.out_dir, run.history)
 
     def _score(self, run: _Run, test: Dataset | None) -> RunResult:
