@@ -34,9 +34,11 @@ from typing import IO, Any
 __all__ = [
     "DamagedFileError",
     "DiskFullError",
+    "RunFolderBusyError",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "check_sqlite_database",
     "fsync_dir",
     "read_json",
     "remove_stale_temp_files",
@@ -64,6 +66,10 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class RunFolderBusyError(RuntimeError):
+    """Another process works in this folder now (see :mod:`miles.training.run_folder`)."""
 
 
 class DamagedFileError(ValueError):
@@ -209,6 +215,38 @@ def read_json(
             path, f"{what}: expected {wanted}, found {type(data).__name__}", advice
         )
     return data
+
+
+#: the first 16 bytes of every SQLite 3 database file
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_database(path: Path | str, *, advice: str = "") -> None:
+    """Refuse a file at ``path`` that is not a readable SQLite database (an absent or empty file
+    is fine: SQLite makes a new database there), naming it.
+
+    Raises:
+        DamagedFileError: garbage, a truncated header, or a database SQLite cannot read.
+    """
+    import sqlite3
+
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as fh:
+        head = fh.read(len(_SQLITE_HEADER))
+    if head != _SQLITE_HEADER:
+        raise DamagedFileError(path, "not an SQLite database (it lacks SQLite's header)", advice)
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)
+        try:
+            con.execute("PRAGMA schema_version").fetchall()
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # busy, locked: another process is using it, not damage
+        return
+    except sqlite3.DatabaseError as exc:
+        raise DamagedFileError(path, f"not a readable SQLite database ({exc})", advice) from None
 
 
 def _alive(pid: int) -> bool:

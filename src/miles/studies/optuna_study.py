@@ -40,6 +40,10 @@ SAMPLERS = ("random", "tpe")
 SETTINGS_ATTR = "miles_settings"
 #: trial user attribute of a re-run of an interrupted trial: the interrupted trial's number
 RETRY_OF = "retry_of"
+#: what to do about a sweep database that is not one
+DAMAGED_DB = (
+    "move it away (the trials it held are lost) or pass another --storage, or another --out"
+)
 
 
 def trial_seed(seed: int, number: int) -> int:
@@ -134,6 +138,9 @@ def _storage(url: str, stale_after: int) -> optuna.storages.RDBStorage:
 
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite:///"):
+        from miles.fileio import check_sqlite_database
+
+        check_sqlite_database(url.removeprefix("sqlite:///"), advice=DAMAGED_DB)
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         # several local processes may share the file: wait for its lock instead of failing
         engine_kwargs = {"connect_args": {"timeout": 60}}

@@ -36,6 +36,7 @@ from miles.training.run_folder import (
     IGNORED_SETTINGS,
     RECORD,
     RunFolder,
+    RunFolderError,
     comparable,
     describe_diff,
     settings_diff,
@@ -148,8 +149,8 @@ def check_run_settings(run_dir: Path, exp: ExperimentConfig, *, label: str = "ru
     holding the folder's lock, :meth:`~miles.training.run_folder.RunFolder.lock`)."""
     try:
         RunFolder(run_dir).open(exp.to_dict(), resume=True)
-    except ValueError as exc:
-        raise type(exc)(f"{label} {exc}") from None
+    except RunFolderError as exc:  # which study's run it is
+        raise RunFolderError(f"{label} {exc}") from None
 
 
 def is_done(run_dir: Path | None) -> bool:

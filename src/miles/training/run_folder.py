@@ -25,12 +25,19 @@ import hashlib
 import json
 import os
 import socket
+import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from miles.fileio import read_json, remove_stale_temp_files, write_json
+from miles.fileio import (
+    DamagedFileError,
+    RunFolderBusyError,
+    read_json,
+    remove_stale_temp_files,
+    write_json,
+)
 
 try:  # POSIX; elsewhere folders are not locked (documented in docs/reliability.md)
     import fcntl
@@ -79,10 +86,6 @@ _ADVICE = (
 class RunFolderError(ValueError):
     """A run folder that holds something else than what was asked for (another run, other
     settings, files that are not a run's)."""
-
-
-class RunFolderBusyError(RuntimeError):
-    """Another process is training in this run folder now."""
 
 
 def _plain(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,8 +234,6 @@ class RunFolder:
         if "fingerprint" not in data:  # the settings alone, as written before fingerprints
             return {"settings": data, "fingerprint": fingerprint(data), "changes": []}
         if not isinstance(data.get("settings"), dict):
-            from miles.fileio import DamagedFileError
-
             raise DamagedFileError(path, "the run's settings record has no 'settings'", advice)
         return data
 
@@ -258,13 +259,23 @@ class RunFolder:
             (self.path / name).unlink(missing_ok=True)
         remove_stale_temp_files(self.path)
 
+    def run_id(self) -> str | None:
+        """The id of the run in this folder (``None``: no record, or one from before ids), stamped
+        into its checkpoints so that a file from another run is recognised."""
+        record = self.record()
+        return str(record["run_id"]) if record and record.get("run_id") else None
+
     def _write_record(
-        self, settings: Mapping[str, Any], changes: Sequence[Mapping[str, Any]] = ()
+        self,
+        settings: Mapping[str, Any],
+        changes: Sequence[Mapping[str, Any]] = (),
+        run_id: str | None = None,
     ) -> None:
         write_json(
             self.path / RECORD,
             {
                 "fingerprint": fingerprint(settings),
+                "run_id": run_id or uuid.uuid4().hex,  # os.urandom: no torch RNG is touched
                 "ignored": list(IGNORED_SETTINGS),
                 "settings": _plain(settings),
                 "changes": list(changes),
@@ -340,7 +351,8 @@ class RunFolder:
                     "recorded in result.json)"
                 )
             change = {"differs": diff, "previous": {k: _lookup(old, k) for k in diff}}
-            self._write_record(settings, [*record.get("changes", []), change])
+            changes = [*record.get("changes", []), change]
+            self._write_record(settings, changes, run_id=record.get("run_id"))
             return diff
         if not resume and present:
             raise RunFolderError(

@@ -143,6 +143,7 @@ class Trainer:
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
         self.settings = dict(settings) if settings is not None else self.default_settings()
+        self._run_id: str | None = None  #: the run folder's run id, stamped into checkpoints
         self.device = torch.device(self.config.device)
 
     def default_settings(self) -> dict[str, Any]:
@@ -269,6 +270,7 @@ class Trainer:
         folder = RunFolder(self.out_dir)
         with folder.lock():
             folder.open(self.settings, resume=resume, overwrite=overwrite, force=force)
+            self._run_id = folder.run_id()
             return self._fit(train, val, test, resume=resume)
 
     def _fit(
@@ -359,7 +361,22 @@ class Trainer:
         """``out_dir/last.pt``, or ``None`` when there is none yet (a resume starts afresh)."""
         assert self.out_dir is not None
         path = self.out_dir / LAST
-        return load_checkpoint(path, required=LAST_KEYS) if path.is_file() else None
+        if not path.is_file():
+            return None
+        ckpt = load_checkpoint(path, required=LAST_KEYS)
+        self._check_run_id(path, ckpt)
+        return ckpt
+
+    def _check_run_id(self, path: Path, ckpt: Mapping[str, Any], advice: str = START_OVER) -> None:
+        """Refuse a checkpoint stamped by another run than the one this folder records."""
+        mine, theirs = self._run_id, ckpt.get("run_id")
+        if mine is not None and theirs is not None and theirs != mine:
+            raise DamagedFileError(
+                path,
+                f"it was written by another run (run id {theirs}; this folder's run is {mine}): "
+                "a file copied from another folder?",
+                advice,
+            )
 
     def _restore(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
         """Model, optimizer, strategy and progress from ``last.pt``, before ``on_fit_start``:
@@ -399,7 +416,7 @@ class Trainer:
             except (FileNotFoundError, DamagedFileError):
                 stored = None
             if stored != epoch:
-                save_checkpoint(path, {"model": state, "epoch": epoch})
+                save_checkpoint(path, self._best_payload(state, epoch))
             return state
         advice = (
             f"without it the weights of the best epoch ({best_epoch}) cannot be restored: "
@@ -410,6 +427,7 @@ class Trainer:
                 path, f"missing, but {LAST} says epoch {best_epoch} was the best", advice
             )
         best = load_checkpoint(path, required=("model", "epoch"), advice=advice)
+        self._check_run_id(path, best, advice)
         if int(best["epoch"]) != best_epoch:
             raise DamagedFileError(
                 path,
@@ -477,11 +495,16 @@ class Trainer:
                 "loader_rng": run.generator.get_state(),
                 "elapsed_s": run.elapsed_s(),
                 "stopped": run.stopped,
+                "run_id": self._run_id,
             },
         )
         if improved:
-            save_checkpoint(self.out_dir / BEST, {"model": run.best_state, "epoch": epoch})
+            assert run.best_state is not None
+            save_checkpoint(self.out_dir / BEST, self._best_payload(run.best_state, epoch))
         write_history(self.out_dir, run.history)
+
+    def _best_payload(self, state: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+        return {"model": state, "epoch": epoch, "run_id": self._run_id}
 
     def _score(self, run: _Run, test: Dataset | None) -> RunResult:
         """Test with the last weights, then with the best epoch's (left in the model)."""
