@@ -4,7 +4,7 @@ Every file ``miles`` writes (checkpoints, histories, results, study files, cache
 through :func:`atomic_write`:
 
 1. the bytes go to a temporary file *in the same folder*, with a unique name
-   (``.NAME.<pid>.<random>.tmp``), so two writers never share a temporary file;
+   (``.NAME.<host>.<pid>.<random>.tmp``), so two writers never share a temporary file;
 2. the temporary file is flushed and ``fsync``-ed, then renamed over ``NAME`` (``os.replace``,
    atomic on POSIX), then the folder is ``fsync``-ed so the rename itself is durable.
 
@@ -12,7 +12,8 @@ A reader therefore sees either the old file or the new one, never half of one, e
 ``kill -9`` or a power cut (on a filesystem that honours ``fsync``). When the disk fills up, the
 write fails with :class:`DiskFullError` ("no space left on device ...") and the temporary file is
 removed; the previous ``NAME`` is untouched. Temporary files left by a killed process are removed by
-:func:`remove_stale_temp_files` once their process is gone.
+:func:`remove_stale_temp_files` once their process is gone (only this host's: on a folder shared
+between machines, another machine's process cannot be checked).
 
 Every file ``miles`` reads back goes through a reader that names the file when it is damaged
 (:class:`DamagedFileError`, a ``ValueError``): :func:`read_json` here, the checkpoint loader in
@@ -26,6 +27,7 @@ import errno
 import json
 import os
 import re
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -42,13 +44,19 @@ __all__ = [
     "fsync_dir",
     "read_json",
     "remove_stale_temp_files",
+    "stale_temp_files",
     "write_json",
 ]
 
 #: errno values that mean "the disk (or the user's quota) is full"
 _FULL = {errno.ENOSPC, errno.EDQUOT}
-#: ``.NAME.<pid>.<random>.tmp``: what :func:`atomic_write` names its temporary files
-_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+#: ``.NAME.<host>.<pid>.<random>.tmp``: what :func:`atomic_write` names its temporary files
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+\.tmp$")
+
+
+def _host() -> str:
+    """This machine's name as one dot-free part of a file name."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())[:40] or "host"
 
 
 class DiskFullError(OSError):
@@ -148,7 +156,7 @@ def atomic_write(path: Path | str, write: Callable[[IO[bytes]], Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+        dir=path.parent, prefix=f".{path.name}.{_host()}.{os.getpid()}.", suffix=".tmp"
     )
     tmp = Path(tmp_name)
     recorder: _Recorder | None = None
@@ -260,13 +268,20 @@ def _alive(pid: int) -> bool:
 
 
 def stale_temp_files(folder: Path | str) -> Iterator[Path]:
-    """The temporary files of :func:`atomic_write` in ``folder`` whose process is gone."""
+    """The temporary files of :func:`atomic_write` in ``folder`` whose process (on this host)
+    is gone."""
     folder = Path(folder)
     if not folder.is_dir():
         return
+    host = _host()
     for entry in folder.iterdir():
         match = _TEMP.match(entry.name)
-        if match and entry.is_file() and not _alive(int(match["pid"])):
+        if (
+            match
+            and match["host"] == host
+            and entry.is_file()
+            and not _alive(int(match["pid"]))
+        ):
             yield entry
 
 

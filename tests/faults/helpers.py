@@ -64,6 +64,33 @@ def register_toy_dataset() -> None:
     register_dataset(TOY)(toy)
 
 
+TEXT = "faults-text"
+
+
+def register_text_preparer() -> None:
+    """``miles prepare faults-text``: the prepare tests' text preparer (``raw/<label>_<id>.txt``
+    holding 4 numbers each)."""
+    from miles.data.prepare import available_preparers, register_preparer
+    from tests.data.test_prepare import TextPreparer
+
+    if TEXT in available_preparers():
+        return
+
+    class FaultsText(TextPreparer):
+        pass
+
+    register_preparer(TEXT)(FaultsText)
+
+
+def text_raw(folder: Path, n: int = 40, bad: Sequence[int] = ()) -> Path:
+    """A raw copy for :data:`TEXT` with ``n`` samples (those in ``bad`` unreadable)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        values = "1 2" if i in bad else f"{i} {i + 1} {i + 2} {i + 3}"
+        (folder / f"{i % 3}_{i:03d}.txt").write_text(values)
+    return folder
+
+
 # -- forked children -------------------------------------------------------------------------------
 
 

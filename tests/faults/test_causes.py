@@ -399,21 +399,10 @@ def test_c10_resume_with_another_strategy_says_so(
 def test_c11_prepare_with_every_sample_unreadable_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from miles.data.prepare import available_preparers, register_preparer
-    from tests.data.test_prepare import TextPreparer
-
-    if "faults-text" not in available_preparers():
-
-        class FaultsText(TextPreparer):
-            pass
-
-        register_preparer("faults-text")(FaultsText)
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    for i in range(10):
-        (raw / f"{i % 3}_{i:03d}.txt").write_text("1 2")  # 2 numbers, 4 expected: unreadable
+    helpers.register_text_preparer()
+    raw = helpers.text_raw(tmp_path / "raw", n=10, bad=range(10))  # 2 numbers each, 4 expected
     capsys.readouterr()
-    argv = ["prepare", "faults-text", "--raw", str(raw), "--out", str(tmp_path / "cache"),
+    argv = ["prepare", helpers.TEXT, "--raw", str(raw), "--out", str(tmp_path / "cache"),
             "--skip-bad", "--quiet"]  # fmt: skip
     assert main(argv) == 2
     _one_line_error(capsys.readouterr().err, "every one of the 10 samples is unreadable")

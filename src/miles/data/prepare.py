@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from miles.fileio import DamagedFileError, read_json
+from miles.fileio import DamagedFileError, read_json, remove_stale_temp_files
 from miles.fileio import write_json as _write_json
 from miles.registry import Registry
 
@@ -202,6 +202,7 @@ def prepare(
     if not raw.is_dir():
         raise FileNotFoundError(f"raw dataset folder {raw} does not exist")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # what a killed run left half-written
     identity = {
         "dataset": preparer.name,
         "format_version": FORMAT_VERSION,
@@ -216,6 +217,8 @@ def prepare(
                 f"{out} holds a cache made with other settings ({manifest.get('options')}); "
                 "prepare into another folder"
             )
+        # the manifest commits the cache: a run killed right after it left its progress behind
+        (out / PROGRESS).unlink(missing_ok=True)
         return dict(manifest)
 
     items = preparer.scan(raw)

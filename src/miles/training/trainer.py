@@ -395,6 +395,8 @@ class Trainer:
             ) from exc
         if run.best_epoch:
             run.best_state = self._restore_best(ckpt, epoch, run.best_epoch)
+        # derived from last.pt and written after it: a kill in between leaves them one epoch old
+        write_history(self.out_dir, run.history)
         run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else epoch + 1
         run.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
 
