@@ -306,12 +306,6 @@ def prepare(
     skipped_idx = {i for i, item in enumerate(items) if item.key in state["skipped"]}
     kept = {name: [i for i in idx if i not in skipped_idx] for name, idx in split.items()}
     emptied = [name for name in SPLIT_NAMES if split[name] and not kept[name]]
-    if emptied:
-        raise RawDataError(
-            raw,
-            f"every sample of the {emptied} split(s) is unreadable, so the cache would hold no "
-            f"{' or '.join(emptied)} data (the reasons are in {progress_path})",
-        )
     split = kept
     _write_json(out / SPLITS, split)
     del arrays, labels  # close the memmaps before hashing
@@ -329,9 +323,10 @@ def prepare(
     _write_json(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
     if state["skipped"]:
+        empty = f"; the {' and '.join(emptied)} split now holds none" if emptied else ""
         print(
             f"prepare {preparer.name}: skipped {len(state['skipped'])} unreadable samples "
-            f"(listed in {manifest_path})"
+            f"(listed in {manifest_path}){empty}"
         )
     return manifest
 
