@@ -96,9 +96,11 @@ def run_experiment(
         if resume or overwrite:
             raise ValueError("resume=True and overwrite=True need config.out_dir")
         return _run(config, data, on_epoch_end)
-    from miles.training.run_folder import RunFolder
+    from miles.training.run_folder import RunFolder, is_main_process
 
     folder = RunFolder(config.out_dir)
+    if not is_main_process():  # rank 0 of a distributed run checks and locks the folder
+        return _run(config, data, on_epoch_end, resume=resume)
     with folder.lock():
         folder.open(config.to_dict(), resume=resume, overwrite=overwrite, force=force)
         return _run(config, data, on_epoch_end, resume=resume)

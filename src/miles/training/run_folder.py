@@ -55,6 +55,7 @@ __all__ = [
     "comparable",
     "describe_diff",
     "fingerprint",
+    "is_main_process",
     "settings_diff",
 ]
 
@@ -145,6 +146,17 @@ def describe_diff(old: Mapping[str, Any], new: Mapping[str, Any], keys: Sequence
     return ", ".join(
         f"{key} {short(_lookup(old, key))} -> {short(_lookup(new, key))}" for key in keys
     )
+
+
+def is_main_process() -> bool:
+    """Whether this process owns the run folder: the only process, or rank 0 of a distributed
+    run (``torch.distributed``'s rank, or torchrun's ``RANK`` before the group is joined). The
+    other ranks read the folder (to resume) but never lock, record or write it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 #: folders this process holds the lock of: resolved path -> (lock file descriptor, depth)

@@ -36,7 +36,7 @@ from miles.training.checkpoint import (
     save_checkpoint,
 )
 from miles.training.history import write_history, write_json
-from miles.training.run_folder import RunFolder
+from miles.training.run_folder import RunFolder, is_main_process
 from miles.validation import (
     check_bool,
     check_choice,
@@ -268,6 +268,9 @@ class Trainer:
                 raise ValueError("resume=True and overwrite=True need an out_dir")
             return self._fit(train, val, test, resume=False)
         folder = RunFolder(self.out_dir)
+        if not is_main_process():  # another rank owns (locks, records, writes) the folder
+            self._run_id = folder.run_id()
+            return self._fit(train, val, test, resume=resume)
         with folder.lock():
             folder.open(self.settings, resume=resume, overwrite=overwrite, force=force)
             self._run_id = folder.run_id()
@@ -395,8 +398,8 @@ class Trainer:
             ) from exc
         if run.best_epoch:
             run.best_state = self._restore_best(ckpt, epoch, run.best_epoch)
-        # derived from last.pt and written after it: a kill in between leaves them one epoch old
-        write_history(self.out_dir, run.history)
+        if is_main_process():  # derived from last.pt, written after it: a kill in between
+            write_history(self.out_dir, run.history)  # leaves them one epoch old
         run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else epoch + 1
         run.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
 
@@ -417,7 +420,7 @@ class Trainer:
                 stored = load_checkpoint(path, required=("epoch",))["epoch"]
             except (FileNotFoundError, DamagedFileError):
                 stored = None
-            if stored != epoch:
+            if stored != epoch and is_main_process():
                 save_checkpoint(path, self._best_payload(state, epoch))
             return state
         advice = (
