@@ -177,6 +177,17 @@ class RunResult:
         unknown = sorted(set(data) - set(names) - {"kind"})
         if unknown:
             raise ValueError(f"run result has unknown keys {unknown}")
+        history = data["history"]
+        if not isinstance(history, list) or not history:
+            raise ValueError(f"a run result's history holds its epochs, this one {history!r}")
+        for i, row in enumerate(history):
+            try:
+                EpochRecord.from_dict(row)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"history[{i}]: {exc}") from None
+        val = data["val"]
+        if not isinstance(val, Mapping) or not isinstance(val.get("unimodal"), Mapping):
+            raise ValueError(f"'val' must hold 'fused' and 'unimodal', got {val!r}")
         return cls(**{n: data[n] for n in names if n in data})
 
     @property

@@ -118,7 +118,7 @@ def test_compare_table_and_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     # the same folder under another training budget is refused, not mixed
     with pytest.raises(
-        ValueError, match=r"different settings \(differs in \['base.trainer.epochs'\]\)"
+        ValueError, match=r"different settings \(differs in \['base.trainer.epochs'\]: "
     ):
         run_compare(_config(tmp_path, epochs=2), echo=lambda _m: None)
     # ... but not when only the device or the progress bars differ

@@ -78,7 +78,7 @@ def test_settings_check(tmp_path: Path, toy: Any) -> None:
     with pytest.raises(
         ValueError,
         match=r"run .*a was started with different settings "
-        r"\(differs in \['trainer.lr'\]\)",
+        r"\(differs in \['trainer.lr'\]: trainer.lr 0.001 -> 0.01\)",
     ):
         run_all([_planned(tmp_path, "a", lr=0.01)], toy, echo=lambda _m: None)
     # the device and the progress bars do not change what a run measures

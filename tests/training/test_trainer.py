@@ -28,13 +28,26 @@ def _fit(
     out_dir: Path | None = None,
     resume: bool = False,
     fusion: str = "concat",
+    stop_after: int | None = None,
     **params: Any,
 ) -> tuple[Any, JointFusionModel]:
+    """Train; ``stop_after=k`` interrupts the fit after epoch ``k`` is saved (as Ctrl-C would)."""
     strat = build_strategy(strategy, **params) if isinstance(strategy, str) else strategy
     torch.manual_seed(seed)
     model = JointFusionModel(data.build_encoders(8), data.num_classes, fusion)
     cfg = TrainerConfig(epochs=epochs, lr=1e-2, batch_size=32, seed=seed, progress=False)
-    trainer = Trainer(model, strat, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
+
+    def interrupt(row: dict[str, Any]) -> None:
+        if row["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    trainer = Trainer(
+        model, strat, cfg, out_dir=out_dir, collate_fn=collate_multimodal, on_epoch_end=interrupt
+    )
+    if stop_after is not None:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(data.train, data.val, data.test, resume=resume)
+        return None, model
     return trainer.fit(data.train, data.val, data.test, resume=resume), model
 
 
@@ -72,7 +85,7 @@ def test_miles_changes_training_when_it_acts(toy: Any) -> None:
 
 def test_resume_gives_the_uninterrupted_run(tmp_path: Path, toy: Any) -> None:
     full, m_full = _fit(toy, "miles", epochs=4, tau=0.05, out_dir=tmp_path / "full")
-    _fit(toy, "miles", epochs=2, tau=0.05, out_dir=tmp_path / "part")
+    _fit(toy, "miles", epochs=4, tau=0.05, out_dir=tmp_path / "part", stop_after=2)
     resumed, m_res = _fit(toy, "miles", epochs=4, tau=0.05, out_dir=tmp_path / "part", resume=True)
     assert strip_times(resumed.history) == strip_times(full.history)
     assert resumed.test == full.test and resumed.best_epoch == full.best_epoch
@@ -245,7 +258,7 @@ def test_on_fit_start_sees_the_restored_state(tmp_path: Path, toy: Any) -> None:
     """Resuming restores the strategy, model and optimizer before on_fit_start, so hooks build on
     them (e.g. a scheduler on the restored optimizer); the run matches an uninterrupted one."""
     first = _SeesRestored()
-    _fit(toy, first, epochs=2, out_dir=tmp_path)
+    _fit(toy, first, epochs=3, out_dir=tmp_path, stop_after=2)
     assert first.at_fit_start == {"epochs_seen": 0, "adam_steps": set()}
     steps_per_epoch = -(-len(toy.train) // 32)
     resumed = _SeesRestored()

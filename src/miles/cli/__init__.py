@@ -27,6 +27,7 @@ from pathlib import Path
 from miles.cli.common import HelpFormatter, Parser, UserError, global_options
 from miles.cli.registry import Command, commands, register_command
 from miles.extras import MissingExtraError, require
+from miles.fileio import DiskFullError, RunFolderBusyError
 
 __all__ = ["Command", "build_parser", "main", "register_command"]
 
@@ -53,6 +54,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     PermissionError,
     MissingExtraError,
 )
+#: failures of the machine or of another process, not of the request (one line, exit status 1)
+RUN_ERRORS: tuple[type[BaseException], ...] = (DiskFullError, RunFolderBusyError)
 
 
 def version() -> str:
@@ -156,6 +159,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = command.interrupted if command else "nothing was started"
         print(f"{prog}: interrupted; {hint}", file=sys.stderr)
         return 130
+    except RUN_ERRORS as exc:
+        if early.debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
     except USER_ERRORS as exc:
         if early.debug:
             raise

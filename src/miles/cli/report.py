@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from miles.cli.common import show
@@ -22,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from miles.report.page import build_report
 
     report = build_report(args.path, args.out)
+    paragraphs = report.intro + [p for s in report.sections for p in s.paragraphs]
+    for text in paragraphs:
+        if text.startswith("warning"):  # e.g. run folders gone: said here too, not only inside
+            print(f"miles report: {text}", file=sys.stderr)
     show(
         f"{report.kind} report: {len(report.tables)} tables, {len(report.figures)} figures; "
         f"wrote {report.html_path} and {report.md_path}"

@@ -26,7 +26,22 @@ def arguments(p: argparse.ArgumentParser) -> None:
     key_values(p, "--set", "override one config value (KEY.SUB=VALUE)", "trainer.lr=1e-3")
     p.add_argument("--out", help="output folder (overrides the config's out_dir)")
     p.add_argument("--seed", type=non_negative_int, help="overrides trainer.seed")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its last.pt (its recorded settings must match)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT holds a run: delete that run's files and start a new one",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="with --resume: resume although the settings differ from the run's (rarely what "
+        "you want; result.json then records the change)",
+    )
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines, only the result")
 
 
@@ -82,12 +97,23 @@ def run(args: argparse.Namespace) -> int:
     # the per-epoch lines replace the progress bar
     trainer = {**asdict(config.trainer), **overrides, "progress": False}
     config.trainer = TrainerConfig(**trainer)
-    if args.resume and not config.out_dir:
-        raise UserError("--resume needs an output folder (--out or out_dir in the config)")
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag) and not config.out_dir:
+            raise UserError(f"--{flag} needs an output folder (--out or out_dir in the config)")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in OUT, --overwrite replaces it: pick one")
+    if args.force and not args.resume:
+        raise UserError("--force only applies to --resume (a new run has nothing to match)")
     # under torchrun every rank trains; rank 0 alone prints (and writes the files)
     main = is_main_process()
     on_epoch = None if args.quiet or not main else _printer(config.trainer.epochs)
-    result = run_experiment(config, resume=args.resume, on_epoch_end=on_epoch).to_dict()
+    result = run_experiment(
+        config,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        force=args.force,
+        on_epoch_end=on_epoch,
+    ).to_dict()
     if not main:
         return 0
     row = run_row(result) | {"label": ""}
@@ -122,7 +148,10 @@ COMMAND = register_command(
         "validation metric of every head and, for MILES, its decision. The engine options "
         "override the config's trainer settings. Under torchrun (e.g. torchrun "
         "--nproc_per_node=4 -m miles train ...) the run trains data-parallel on every process; "
-        "rank 0 alone prints and writes the files.",
+        "rank 0 alone prints and writes the files.\n\n"
+        "OUT records the run's settings: --resume continues it only under the same settings "
+        "(the device may differ), a new run refuses a folder that holds one (--overwrite "
+        "replaces it), and a second process training in OUT is refused while the first runs.",
         interrupted="re-run the same command with --resume to continue from the last epoch",
     )
 )

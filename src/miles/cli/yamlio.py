@@ -74,7 +74,7 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: invalid YAML, a duplicate key, an empty file, or not a mapping.
+        ValueError: invalid YAML, a duplicate key, an empty file or mapping, or not a mapping.
     """
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} not found")
@@ -86,6 +86,11 @@ def load_config_file(path: Path) -> dict[str, Any]:
         )
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
+    if not raw:  # `{}` would silently run every default (a full experiment)
+        raise ValueError(
+            f"config file {path} sets nothing; write at least the dataset and strategy (see the "
+            "README's example)"
+        )
     return raw
 
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import multiprocessing
-import os
 import pickle
 import traceback
 from abc import ABC, abstractmethod
@@ -39,6 +38,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from miles.fileio import DamagedFileError, read_json, remove_stale_temp_files
+from miles.fileio import write_json as _write_json
 from miles.registry import Registry
 
 MANIFEST = "manifest.json"
@@ -202,12 +203,6 @@ def items_fingerprint(items: Sequence[RawItem]) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _check_split(split: Mapping[str, list[int]], n: int) -> None:
     if set(split) != set(SPLIT_NAMES):
         raise ValueError(f"split must have exactly {SPLIT_NAMES}, got {sorted(split)}")
@@ -346,6 +341,7 @@ def prepare(
     if not raw.is_dir():
         raise FileNotFoundError(f"raw dataset folder {raw} does not exist")
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)  # what a killed run left half-written
     identity = {
         "dataset": preparer.name,
         "format_version": FORMAT_VERSION,
@@ -354,12 +350,14 @@ def prepare(
     }
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_manifest(out)
         if {k: manifest.get(k) for k in identity} != identity:
             raise ValueError(
                 f"{out} holds a cache made with other settings ({manifest.get('options')}); "
                 "prepare into another folder"
             )
+        # the manifest commits the cache: a run killed right after it left its progress behind
+        (out / PROGRESS).unlink(missing_ok=True)
         return dict(manifest)
 
     items = preparer.scan(raw)
@@ -384,7 +382,11 @@ def prepare(
         "skipped": {},
     }
     if progress_path.is_file():
-        stored = json.loads(progress_path.read_text(encoding="utf-8"))
+        stored = read_json(
+            progress_path,
+            what="the progress record of an unfinished cache",
+            advice=f"delete {out} and prepare again",
+        )
         if stored.get("identity") != unfinished or stored.get("fingerprint") != fingerprint:
             raise ValueError(
                 f"{out} holds an unfinished cache made with other settings or from a raw copy "
@@ -430,8 +432,17 @@ def prepare(
         _stop(decoded)
         bar.close()
 
+    if len(state["skipped"]) == n:
+        first = next(iter(state["skipped"].values()))
+        raise RawDataError(
+            raw,
+            f"every one of the {n} samples is unreadable (the first: {first}); nothing to cache. "
+            f"The reason of each is in {progress_path}: check the raw copy and the options",
+        )
     skipped_idx = {i for i, item in enumerate(items) if item.key in state["skipped"]}
-    split = {name: [i for i in idx if i not in skipped_idx] for name, idx in split.items()}
+    kept = {name: [i for i in idx if i not in skipped_idx] for name, idx in split.items()}
+    emptied = [name for name in SPLIT_NAMES if split[name] and not kept[name]]
+    split = kept
     _write_json(out / SPLITS, split)
     del arrays, labels  # close the memmaps before hashing
     files = sorted([*(f"{m}.npy" for m in specs), LABELS, SPLITS])
@@ -448,9 +459,10 @@ def prepare(
     _write_json(manifest_path, manifest)
     progress_path.unlink(missing_ok=True)
     if state["skipped"]:
+        empty = f"; the {' and '.join(emptied)} split now holds none" if emptied else ""
         print(
             f"prepare {preparer.name}: skipped {len(state['skipped'])} unreadable samples "
-            f"(listed in {manifest_path})"
+            f"(listed in {manifest_path}){empty}"
         )
     return manifest
 
@@ -465,10 +477,7 @@ class _WorkerTraceback(Exception):
 def verify(out: Path | str) -> dict[str, Any]:
     """Re-hash a finished cache against its manifest; raise naming the first mismatching file."""
     out = Path(out)
-    manifest_path = out / MANIFEST
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{out} is not a prepared cache (no {MANIFEST}); run miles prepare")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = read_manifest(out)
     for name, expected in manifest["sha256"].items():
         path = out / name
         if not path.is_file():
@@ -476,6 +485,25 @@ def verify(out: Path | str) -> dict[str, Any]:
         if sha256_file(path) != expected:
             raise RawDataError(path, "checksum differs from the manifest (file changed or damaged)")
     return dict(manifest)
+
+
+def read_manifest(out: Path | str) -> dict[str, Any]:
+    """The manifest of the cache in ``out``; a damaged one names itself.
+
+    Raises:
+        FileNotFoundError: ``out`` holds no manifest (not a prepared cache).
+        miles.fileio.DamagedFileError: the manifest is not JSON, or lacks a key.
+    """
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{out} is not a prepared cache (no {MANIFEST}); run miles prepare")
+    advice = f"prepare the cache again into a new folder (or delete {out} first)"
+    manifest: dict[str, Any] = read_json(path, what="the cache's manifest", advice=advice)
+    needed = ("dataset", "modalities", "sizes", "skipped", "sha256")
+    missing = [k for k in needed if k not in manifest]
+    if missing:
+        raise DamagedFileError(path, f"the cache's manifest lacks {missing}", advice)
+    return manifest
 
 
 _PREPARERS: Registry[type[Preparer]] = Registry("preparer")

@@ -6,7 +6,6 @@ each map the files instead of pickling arrays), and a sample is copied out only 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from miles.data.base import DatasetSplits
-from miles.data.prepare import LABELS, MANIFEST, SPLIT_NAMES, SPLITS, verify
+from miles.data.prepare import LABELS, SPLIT_NAMES, SPLITS, read_manifest, verify
+from miles.fileio import DamagedFileError, read_json
 
 
 class PreparedDataset(Dataset[dict[str, Any]]):
@@ -27,21 +27,22 @@ class PreparedDataset(Dataset[dict[str, Any]]):
         self, root: Path | str, split: str, *, modalities: Sequence[str] | None = None
     ) -> None:
         self.root = Path(root)
-        manifest_path = self.root / MANIFEST
-        if not manifest_path.is_file():
-            raise FileNotFoundError(
-                f"{self.root} is not a prepared cache (no {MANIFEST}); run `miles prepare` first"
-            )
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-        self.manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        self.manifest = read_manifest(self.root)
         available = list(self.manifest["modalities"])
         chosen = list(modalities) if modalities is not None else available
         unknown = [m for m in chosen if m not in available]
         if unknown:
             raise ValueError(f"modalities {unknown} not in the cache; it has {available}")
         self._modalities = tuple(chosen)
-        splits = json.loads((self.root / SPLITS).read_text(encoding="utf-8"))
+        splits = read_json(
+            self.root / SPLITS,
+            what="the cache's split",
+            advice=f"check it with `miles prepare` into a new folder (or delete {self.root} first)",
+        )
+        if not isinstance(splits.get(split), list):
+            raise DamagedFileError(self.root / SPLITS, f"the cache's split lacks {split!r}")
         self.indices = np.asarray(splits[split], dtype=np.int64)
         self._arrays: dict[str, np.ndarray] | None = None
 

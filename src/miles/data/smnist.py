@@ -322,14 +322,28 @@ def _read_labels(path: Path) -> np.ndarray:
     return arr
 
 
-def _utterance_ids(audio: np.ndarray, chunk: int = 4096) -> list[str]:
-    """One id per MFCC row: a hash of its 507 values as float64 bytes (equal rows, equal ids)."""
+#: the id prefix of an MFCC row holding NaN or inf (see :func:`_utterance_ids`)
+NON_FINITE = "non-finite:"
+
+
+def _utterance_ids(audio: np.ndarray, chunk: int = 4096, *, part: str = "") -> list[str]:
+    """One id per MFCC row: a hash of its 507 values as float64 bytes (equal rows, equal ids).
+
+    A row holding NaN or inf is no utterance: it gets an id of its own (``non-finite:PART/ROW``),
+    so such rows never merge into one "duplicated utterance", and it fails when decoded.
+    """
     n = audio.shape[0]
     ids: list[str] = []
     for start in range(0, n, chunk):
         block = np.ascontiguousarray(audio[start : start + chunk], dtype=np.float64)
         block = block.reshape(block.shape[0], -1) + 0.0  # -0.0 -> 0.0
-        ids.extend(hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in block)
+        finite = np.asarray(np.isfinite(block).all(axis=1), dtype=bool).tolist()
+        ids.extend(
+            hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest()
+            if ok
+            else f"{NON_FINITE}{part}/{start + i}"
+            for i, (row, ok) in enumerate(zip(block, finite, strict=True))
+        )
     return ids
 
 
@@ -464,7 +478,14 @@ class SMNISTPreparer(Preparer):
             self._arrays[wr], self._arrays[sp] = images, audio
             self._labels[part] = labels
             self._scale[part] = _image_scale(images, wr, self.image_scale)
-            groups[part] = _utterance_ids(audio)
+            groups[part] = _utterance_ids(audio, part=part)
+            bad = sum(g.startswith(NON_FINITE) for g in groups[part])
+            if bad == n and n:
+                raise RawDataError(
+                    sp,
+                    f"every one of its {n} MFCC rows holds NaN or inf values (the file is all "
+                    "NaN?): no audio to prepare",
+                )
 
         # an utterance whose copies disagree on the label: every one of its rows is an error
         where: dict[str, list[tuple[str, int, float]]] = {}

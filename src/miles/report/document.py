@@ -10,12 +10,13 @@ self-contained HTML page. So a number shows the same text in every file.
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miles.training.history import atomic_write_text, write_json
+from miles.fileio import atomic_write_text, write_json
 
 __all__ = [
     "Document",
@@ -129,13 +130,11 @@ def render_markdown(doc: Document, out_dir: Path | None = None) -> str:
 def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], first: Sequence[str] = ()) -> None:
     """Rows as CSV: the ``first`` columns, then every other key in sorted order."""
     columns = list(first) + sorted({k for r in rows for k in r} - set(first))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, text.getvalue())
 
 
 def write_study_files(

@@ -14,11 +14,11 @@ The HTML is self-contained (:mod:`miles.report.html`); the markdown twin links t
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from miles.fileio import DamagedFileError, atomic_write_text, read_json, remove_stale_temp_files
 from miles.registry import Registry
 from miles.report.document import Document, Section, render_markdown
 from miles.report.html import render_html
@@ -46,6 +46,8 @@ LEGACY_FILES = (("compare.json", "compare"), ("results.json", "demo"), ("result.
 #: ``renderer(payload, folder, files) -> Document``: ``payload`` is the study's JSON, ``folder``
 #: the folder it lies in (run paths are relative to it), ``files`` where figures go
 Renderer = Callable[[Mapping[str, Any], Path, Path], Document]
+#: what to do about a damaged study file
+REWRITE = "run the command that wrote it again (it resumes: finished runs are read, not trained)"
 _RENDERERS: Registry[Renderer] = Registry("report kind")
 
 
@@ -65,10 +67,20 @@ def _load_builtin() -> None:
 
 
 def _read(path: Path) -> Any:
+    return read_json(path, what="a study file", advice=REWRITE)
+
+
+def _render(kind: str, study: Path, files: Path) -> Document:
+    """The page part of one study file; a file whose content is not what its kind holds is
+    named (the renderers read what the study wrote, so a mismatch means a damaged file)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from None
+        return _RENDERERS.get(kind)(_read(study), study.parent, files)
+    except DamagedFileError:
+        raise
+    except (TypeError, ValueError, KeyError) as exc:
+        raise DamagedFileError(
+            study, f"not a {kind} file miles can read ({type(exc).__name__}: {exc})", REWRITE
+        ) from exc
 
 
 def _kind_of(path: Path) -> str | None:
@@ -142,6 +154,7 @@ def build_report(path: str | Path, out_dir: str | Path | None = None) -> Documen
     out = Path(out_dir) if out_dir is not None else folder / "report"
     files = out / FILES_DIR
     files.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
     for old in files.glob("*.png"):  # a re-run must not leave figures the new page lacks
         old.unlink()
     docs = []
@@ -150,10 +163,10 @@ def build_report(path: str | Path, out_dir: str | Path | None = None) -> Documen
         sub.mkdir(parents=True, exist_ok=True)
         for old in sub.glob("*.png"):
             old.unlink()
-        docs.append(_RENDERERS.get(kind)(_read(study), study.parent, sub))
+        docs.append(_render(kind, study, sub))
     report = _merge(docs, f"miles report: {folder}")
     report.html_path = out / REPORT_HTML
     report.md_path = out / REPORT_MD
-    report.html_path.write_text(render_html(report), encoding="utf-8")
-    report.md_path.write_text(render_markdown(report, out), encoding="utf-8")
+    atomic_write_text(report.html_path, render_html(report))
+    atomic_write_text(report.md_path, render_markdown(report, out))
     return report

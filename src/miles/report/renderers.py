@@ -24,6 +24,8 @@ from miles.studies.summary import Summary, display_name, summarize, summary_tabl
 
 __all__ = [
     "MAX_DYNAMICS_COLUMNS",
+    "missing_note",
+    "missing_runs",
     "refresh_rows",
     "render_ablate",
     "render_compare",
@@ -59,6 +61,25 @@ RUN_COLUMNS = (
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def missing_runs(rows: Sequence[Mapping[str, Any]], folder: Path) -> list[str]:
+    """The run folders (``run_dir`` of the rows, relative to ``folder``) that hold no
+    ``result.json`` any more: a report must say so rather than silently drop their figures."""
+    wanted = dict.fromkeys(
+        str(r["run_dir"]) for r in rows if r.get("run_dir") and not r.get("failed")
+    )
+    return [where for where in wanted if not (folder / where / "result.json").is_file()]
+
+
+def missing_note(missing: Sequence[str], total: int, stored: str) -> str:
+    """The warning paragraph of a report some of whose runs are gone."""
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    return (
+        f"warning: {len(missing)} of {total} run folders hold no result.json (moved or deleted: "
+        f"{shown}). Their rows show the numbers {stored} recorded when the study ran, and their "
+        "figures (learning dynamics, decision tables) are left out."
+    )
 
 
 def refresh_rows(
@@ -391,7 +412,7 @@ def _study_renderer(
     def render(payload: Mapping[str, Any], folder: Path, files: Path) -> Document:
         payload = upgrade(payload) if upgrade is not None else payload
         rows, results = refresh_rows(payload["rows"], folder)
-        return _render_study(
+        doc = _render_study(
             study,
             {**payload, "rows": rows},
             results,
@@ -399,6 +420,11 @@ def _study_renderer(
             section_of=section_of,
             all_runs=all_runs,
         )
+        missing = missing_runs(payload["rows"], folder)
+        if missing:
+            total = len({str(r["run_dir"]) for r in payload["rows"] if r.get("run_dir")})
+            doc.intro.insert(0, missing_note(missing, total, f"{study.kind}.json"))
+        return doc
 
     render.__doc__ = f"Render a {study.kind} study (see :func:`_render_study`)."
     return render

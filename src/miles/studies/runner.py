@@ -4,9 +4,11 @@ A study (compare, ablate, sweep's re-runs, demo, the unimodal LR sweep) plans a 
 :class:`PlannedRun` s, each a complete :class:`~miles.training.experiment.ExperimentConfig` with
 its own output folder, and hands them to :func:`run_all`, which:
 
-- refuses a run folder started under other settings (``run_config.json``), before anything in it
-  is read or trained (settings in :data:`IGNORED_SETTINGS` may differ: they do not change what a
-  run measures);
+- locks each run folder while it works in it (a second process working on the same study waits
+  for that run instead of training it twice) and refuses a run folder started under other
+  settings (``run_config.json``, :class:`~miles.training.run_folder.RunFolder`), before anything
+  in it is read or trained (settings in :data:`IGNORED_SETTINGS` may differ: they do not change
+  what a run measures, and neither does how its folder is spelled or where it was moved);
 - reads a finished run (``done.json`` next to its ``result.json``) instead of training it again,
   and resumes an unfinished one from its ``last.pt``;
 - records a run whose training diverges (``FloatingPointError``) as failed, with the reason,
@@ -19,7 +21,6 @@ its files through :mod:`miles.report.document`.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -27,10 +28,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miles.report.document import write_json
+from miles.fileio import read_json, write_json
 from miles.report.tables import pct
 from miles.results import load_result, run_row
 from miles.training.experiment import ExperimentConfig
+from miles.training.run_folder import (
+    IGNORED_SETTINGS,
+    RECORD,
+    RunFolder,
+    RunFolderError,
+    comparable,
+    describe_diff,
+    settings_diff,
+)
 
 __all__ = [
     "DONE",
@@ -54,19 +64,8 @@ __all__ = [
 ]
 
 DONE = "done.json"
-RUN_CONFIG = "run_config.json"
-#: settings (dotted paths into ``ExperimentConfig.to_dict()``) that may differ between the
-#: invocations sharing a run folder: they do not change what a run measures
-IGNORED_SETTINGS = (
-    "trainer.device",
-    "trainer.progress",
-    # how batches are loaded and where numbers are logged: the same numbers either way
-    "trainer.num_workers",
-    "trainer.pin_memory",
-    "trainer.loader",
-    "trainer.loggers",
-    "trainer.backend",
-)
+#: the settings record of a run folder (:data:`miles.training.run_folder.RECORD`)
+RUN_CONFIG = RECORD
 
 Echo = Callable[[str], None]
 
@@ -118,47 +117,27 @@ class RunOutcome:
         return row
 
 
-def _drop(settings: Mapping[str, Any], ignore: Sequence[str]) -> dict[str, Any]:
-    """A deep copy (through JSON, as stored) without the dotted paths in ``ignore``."""
-    out: dict[str, Any] = json.loads(json.dumps(settings))
-    for dotted in ignore:
-        *parents, last = dotted.split(".")
-        node: Any = out
-        for key in parents:
-            node = node.get(key) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.pop(last, None)
-    return out
-
-
-def settings_diff(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two nested settings mappings."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, Mapping) and isinstance(vb, Mapping):
-            out += settings_diff(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
-
-
 def check_same_settings(
     path: Path, settings: Mapping[str, Any], *, what: str, ignore: Sequence[str] = ()
 ) -> None:
     """Refuse to mix results made under different settings in one folder.
 
     The first call records ``settings`` in ``path``; later calls compare against it (leaving out
-    the dotted paths in ``ignore``) and raise ``ValueError`` naming the keys that differ.
+    the dotted paths in ``ignore``) and raise ``ValueError`` naming the keys that differ and
+    their two values. A damaged ``path`` is a :class:`~miles.fileio.DamagedFileError` naming it.
     """
     if path.is_file():
-        stored = _drop(json.loads(path.read_text(encoding="utf-8")), ignore)
-        wanted = _drop(settings, ignore)
-        if stored != wanted:
-            diff = settings_diff(stored, wanted)
+        stored = read_json(
+            path,
+            what=f"the settings record of {what}",
+            advice="delete it to record the settings of the next run, or use another --out",
+        )
+        diff = settings_diff(comparable(stored, ignore), comparable(settings, ignore))
+        if diff:
             raise ValueError(
-                f"{what} was started with different settings (differs in {diff}); use a new "
-                "--out folder, or delete the old one, to run under new settings"
+                f"{what} was started with different settings (differs in {diff}: "
+                f"{describe_diff(stored, settings, diff)}); use a new --out folder, or delete the "
+                "old one, to run under new settings"
             )
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +145,12 @@ def check_same_settings(
 
 
 def check_run_settings(run_dir: Path, exp: ExperimentConfig, *, label: str = "run") -> None:
-    """Refuse a run folder made under other settings; the first call records them."""
-    check_same_settings(
-        run_dir / RUN_CONFIG, exp.to_dict(), what=f"{label} {run_dir}", ignore=IGNORED_SETTINGS
-    )
+    """Refuse a run folder made under other settings; the first call records them (call it
+    holding the folder's lock, :meth:`~miles.training.run_folder.RunFolder.lock`)."""
+    try:
+        RunFolder(run_dir).open(exp.to_dict(), resume=True)
+    except RunFolderError as exc:  # which study's run it is
+        raise RunFolderError(f"{label} {exc}") from None
 
 
 def is_done(run_dir: Path | None) -> bool:
@@ -177,11 +158,26 @@ def is_done(run_dir: Path | None) -> bool:
     return run_dir is not None and (run_dir / DONE).is_file()
 
 
+def _read_done(run_dir: Path) -> dict[str, Any] | None:
+    """``(result, failure)`` of a finished run as ``done.json`` and ``result.json`` say, or
+    ``None`` when it is not finished; a damaged file names itself."""
+    if not is_done(run_dir):
+        return None
+    advice = f"delete {run_dir / DONE} to train that run again"
+    status = read_json(run_dir / DONE, what="the run's status", advice=advice)
+    if status.get("failed"):
+        return {"failed": str(status["failed"])}
+    if (run_dir / "result.json").is_file():
+        return {"result": load_result(run_dir).to_dict()}
+    return None
+
+
 def run_or_resume(
     exp: ExperimentConfig,
     data: Any = None,
     *,
     label: str = "run",
+    echo: Echo | None = None,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[dict[str, Any] | None, str | None, bool]:
     """Train, resume or read the run of ``exp``: ``(result, failure, trained)``.
@@ -189,29 +185,31 @@ def run_or_resume(
     ``result`` is ``result.json`` as a dict (``None`` when the run diverged, ``failure`` then says
     why); ``trained`` is ``False`` when a finished run was only read. Without ``exp.out_dir`` the
     run trains in memory. ``on_epoch_end`` goes to the trainer (called with each epoch's history
-    row, after the epoch's checkpoint is saved), e.g. to keep a copy of one epoch's weights.
+    row, after the epoch's checkpoint is saved), e.g. to keep a copy of one epoch's weights. The
+    run folder is locked meanwhile: when another process works in it, this one waits (``echo``
+    says so), then reads what it finished.
     """
     from miles.training import experiment  # looked up at call time, so tests can stand in for it
 
-    run_dir = None if exp.out_dir is None else Path(exp.out_dir)
-    if run_dir is not None:
+    if exp.out_dir is None:
+        try:
+            return experiment.run_experiment(exp, data=data).to_dict(), None, True
+        except FloatingPointError as exc:
+            return None, str(exc), True
+    run_dir = Path(exp.out_dir)
+    with RunFolder(run_dir).lock(wait=True, on_wait=echo):
         check_run_settings(run_dir, exp, label=label)
-        if is_done(run_dir):
-            status = json.loads((run_dir / DONE).read_text(encoding="utf-8"))
-            if status.get("failed"):
-                return None, str(status["failed"]), False
-            if (run_dir / "result.json").is_file():
-                return load_result(run_dir).to_dict(), None, False
-    try:
-        hook = {} if on_epoch_end is None else {"on_epoch_end": on_epoch_end}
-        result = experiment.run_experiment(
-            exp, data=data, resume=run_dir is not None, **hook
-        ).to_dict()
-    except FloatingPointError as exc:
-        if run_dir is not None:
+        done = _read_done(run_dir)
+        if done is not None:
+            return done.get("result"), done.get("failed"), False
+        try:
+            result = experiment.run_experiment(
+                exp, data=data, resume=True, on_epoch_end=on_epoch_end
+            ).to_dict()
+        except FloatingPointError as exc:
+            # a setting that diverges is a finished, bad run: recorded, never trained again
             write_json(run_dir / DONE, {"failed": str(exc)})
-        return None, str(exc), True
-    if run_dir is not None:
+            return None, str(exc), True
         write_json(run_dir / DONE, {"finished": True, "wall_time_s": result["wall_time_s"]})
     return result, None, True
 
@@ -257,7 +255,7 @@ def run_one(
     if echo is not None and not is_done(run.run_dir):
         echo(f"{tag}: training ...")
     t0 = time.perf_counter()
-    result, failed, trained = run_or_resume(run.config, data, label=label)
+    result, failed, trained = run_or_resume(run.config, data, label=label, echo=echo)
     outcome = RunOutcome(run, result, failed, trained)
     if echo is None or progress is None:
         return outcome

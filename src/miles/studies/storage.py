@@ -177,6 +177,12 @@ def _retrying(create: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+#: what to do about a sweep database that is not one
+DAMAGED_DB = (
+    "move it away (the trials it held are lost) or pass another --storage, or another --out"
+)
+
+
 def open_storage(url: str, stale_after: int, *, retry: bool) -> optuna.storages.RDBStorage:
     """The Optuna RDB storage at ``url``, with Optuna's heartbeat (a trial silent for
     ``stale_after`` seconds counts as killed).
@@ -197,6 +203,9 @@ def open_storage(url: str, stale_after: int, *, retry: bool) -> optuna.storages.
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
+            from miles.fileio import check_sqlite_database
+
+            check_sqlite_database(database, advice=DAMAGED_DB)
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         # several local processes may share the file: wait for its lock instead of failing
         engine_kwargs = {"connect_args": {"timeout": 60}}

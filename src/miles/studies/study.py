@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
+from miles.fileio import remove_stale_temp_files
 from miles.report.document import Document
 from miles.studies.config import StudyConfig
 from miles.studies.runner import (
@@ -119,6 +120,7 @@ class Study(Generic[C]):
 
     def run(self, show: Echo) -> dict[str, Any]:
         """The loop: check, plan, run or resume, aggregate, write; returns the JSON written."""
+        remove_stale_temp_files(self.out)  # what a killed invocation left half-written
         self.check()
         if self.data is None:
             from miles.data import build_dataset

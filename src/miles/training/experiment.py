@@ -6,6 +6,7 @@ describe exactly the same thing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -18,7 +19,7 @@ from miles.models.fusions import available_fusions
 from miles.strategies.registry import build_strategy
 from miles.training.distributed import is_main_process
 from miles.training.trainer import RunResult, Trainer, TrainerConfig
-from miles.validation import check_choice, check_positive_int
+from miles.validation import check_choice, check_mapping, check_positive_int, check_str
 
 
 @dataclass
@@ -35,8 +36,16 @@ class ExperimentConfig:
     out_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_str("dataset", self.dataset)
+        check_str("strategy", self.strategy)
+        for name in ("dataset_params", "strategy_params"):  # keyword arguments, by name
+            check_mapping(name, getattr(self, name), lambda _k, v: v, allow_empty=True)
         check_choice("fusion", self.fusion, available_fusions())
         check_positive_int("latent_dim", self.latent_dim)
+        if isinstance(self.out_dir, os.PathLike):
+            self.out_dir = os.fspath(self.out_dir)  # to_dict() stays JSON
+        if self.out_dir is not None:
+            check_str("out_dir", self.out_dir)
         if isinstance(self.trainer, dict):
             self.trainer = TrainerConfig(**self.trainer)
 
@@ -94,6 +103,8 @@ def run_experiment(
     *,
     data: Any = None,
     resume: bool = False,
+    overwrite: bool = False,
+    force: bool = False,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Build dataset (unless ``data`` is given), model and strategy from ``config`` and train.
@@ -103,7 +114,34 @@ def run_experiment(
     probe and slice readouts at the chosen epoch (``result.extra["readouts"]``). ``on_epoch_end``
     is passed to the :class:`~miles.training.trainer.Trainer` (called with each epoch's history
     row).
+
+    With ``config.out_dir``, the run folder is locked and checked against ``config`` *before*
+    anything is built (``resume``, ``overwrite`` and ``force`` as in
+    :meth:`~miles.training.trainer.Trainer.fit`), so resuming under another strategy, learning
+    rate or seed says so, naming the settings that differ.
     """
+    if config.out_dir is None:
+        if resume or overwrite:
+            raise ValueError("resume=True and overwrite=True need config.out_dir")
+        return _run(config, data, on_epoch_end)
+    from miles.training.run_folder import RunFolder
+
+    folder = RunFolder(config.out_dir)
+    if not is_main_process():  # rank 0 of a distributed run checks and locks the folder
+        return _run(config, data, on_epoch_end, resume=resume)
+    with folder.lock():
+        folder.open(config.to_dict(), resume=resume, overwrite=overwrite, force=force)
+        return _run(config, data, on_epoch_end, resume=resume)
+
+
+def _run(
+    config: ExperimentConfig,
+    data: Any,
+    on_epoch_end: Callable[[dict[str, Any]], None] | None,
+    *,
+    resume: bool = False,
+) -> RunResult:
+    """Build and train (the run folder, if any, is locked and checked)."""
     from miles.data import build_dataset, collate_multimodal
 
     if data is None:
@@ -122,6 +160,7 @@ def run_experiment(
         out_dir=config.out_dir,
         collate_fn=collate_multimodal,
         on_epoch_end=on_epoch_end,
+        settings=config.to_dict(),
     )
     result = trainer.fit(data.train, data.val, data.test, resume=resume)
     result.extra.update(
@@ -129,7 +168,7 @@ def run_experiment(
     )
     result.extra["readouts"] = run_readouts(model, data, config)
     if config.out_dir is not None and is_main_process():  # under torchrun: rank 0 writes
-        from miles.training.history import write_json
+        from miles.fileio import write_json
 
         write_json(Path(config.out_dir) / "result.json", result.to_dict())
         write_json(Path(config.out_dir) / "config.json", config.to_dict())

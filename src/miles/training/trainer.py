@@ -23,13 +23,21 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, DistributedSampler, Sampler, Subset
 
 from miles.batch import move_batch
+from miles.fileio import DamagedFileError
 from miles.metrics import METRICS, HeadMetrics
 from miles.models.fusion import JointFusionModel
 from miles.models.losses import FUSED, head_losses
 from miles.results import RunResult  # re-exported: it used to live here
 from miles.strategies.base import EvalResult, Strategy, StrategyContext
 from miles.strategies.data import StrategyData
-from miles.training.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from miles.training.checkpoint import (
+    BEST,
+    LAST,
+    LAST_KEYS,
+    START_OVER,
+    load_checkpoint,
+    save_checkpoint,
+)
 from miles.training.distributed import (
     BACKENDS,
     Ranks,
@@ -39,6 +47,7 @@ from miles.training.distributed import (
     check_replicas,
     check_same_on_every_rank,
     current_ranks,
+    is_main_process,
     join_process_group,
     rank_device,
     sum_across_ranks,
@@ -47,6 +56,7 @@ from miles.training.history import write_history, write_json
 from miles.training.loaders import LOADERS, build_loader
 from miles.training.loggers import Logger, check_loggers, epoch_scalars, start_loggers
 from miles.training.precision import Precision, check_precision
+from miles.training.run_folder import RunFolder
 from miles.training.schedules import SCHEDULES, build_schedule
 from miles.validation import (
     check_bool,
@@ -181,6 +191,9 @@ class Trainer:
         on_epoch_end: called with each epoch's history row once it is logged and saved (e.g. to
             print the strategy's decision); it cannot change training. Under ``torchrun`` it is
             called on every rank (:func:`miles.training.distributed.is_main_process` tells rank 0).
+        settings: what ``out_dir`` records as this run's settings, and what a resume must match
+            (default: :meth:`default_settings`; :func:`~miles.training.experiment.run_experiment`
+            passes the whole experiment config).
 
     Under ``torchrun`` (or inside an initialised process group) ``fit`` trains data-parallel:
     see :mod:`miles.training.distributed`.
@@ -197,6 +210,7 @@ class Trainer:
         out_dir: str | Path | None = None,
         collate_fn: Any = None,
         on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
+        settings: Mapping[str, Any] | None = None,
     ) -> None:
         check_choice("metric", metric, METRICS)
         check_bool("multilabel", multilabel)
@@ -208,6 +222,8 @@ class Trainer:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.collate_fn = collate_fn
         self.on_epoch_end = on_epoch_end
+        self.settings = dict(settings) if settings is not None else self.default_settings()
+        self._run_id: str | None = None  #: the run folder's run id, stamped into checkpoints
         self.device = torch.device(self.config.device)
         if self.config.loggers and self.out_dir is None:
             raise ValueError(f"loggers {self.config.loggers} write into out_dir; give one")
@@ -216,6 +232,22 @@ class Trainer:
         self._metrics: weakref.WeakKeyDictionary[Any, HeadMetrics] = weakref.WeakKeyDictionary()
         self._eval_module: nn.Module | None = None
         self._channels_last = False
+
+    def default_settings(self) -> dict[str, Any]:
+        """The run's settings when none are given: the trainer config, the strategy's
+        description, the metric, and the model's modalities, classes and parameter shapes."""
+        shapes = [[name, list(p.shape)] for name, p in self.model.state_dict().items()]
+        return {
+            "trainer": asdict(self.config),
+            "strategy": self.strategy.describe(),
+            "metric": self.metric,
+            "multilabel": self.multilabel,
+            "model": {
+                "modalities": list(self.model.modalities),
+                "num_classes": self.model.num_classes,
+                "parameters": shapes,
+            },
+        }
 
     # -- building blocks -------------------------------------------------------------------------
     def _make_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
@@ -441,20 +473,51 @@ class Trainer:
         test: Dataset | None = None,
         *,
         resume: bool = False,
+        overwrite: bool = False,
+        force: bool = False,
     ) -> RunResult:
         """Train for ``config.epochs`` (or until the strategy stops), then score the test set.
 
-        ``resume=True`` continues from ``out_dir/last.pt`` when it exists; the result is the same
-        as an uninterrupted run with the same seed (on CPU).
+        With an ``out_dir`` (see :mod:`miles.training.run_folder`), the folder is locked while
+        the run trains in it, and it records the run's :attr:`settings`:
+
+        - ``resume=True`` continues from ``out_dir/last.pt`` when it exists; the result is the
+          same as an uninterrupted run with the same seed (on CPU). The recorded settings must
+          match (else a ``RunFolderError`` lists the keys that differ); ``force=True`` resumes
+          anyway and records the change in ``result.json`` (``extra["settings_changes"]``).
+        - otherwise the folder must not hold a run already; ``overwrite=True`` deletes that
+          run's files first.
         """
-        if resume and self.out_dir is None:
-            raise ValueError("resume=True needs an out_dir holding last.pt")
+        if self.out_dir is None and (resume or overwrite):
+            raise ValueError("resume=True and overwrite=True need an out_dir")
         created = join_process_group(self.config.backend, self.device)
         try:
-            return self._fit(train, val, test, resume=resume)
+            return self._fit_in_folder(train, val, test, resume, overwrite, force)
         finally:
             if created:
                 dist.destroy_process_group()
+
+    def _fit_in_folder(
+        self,
+        train: Dataset,
+        val: Dataset,
+        test: Dataset | None,
+        resume: bool,
+        overwrite: bool,
+        force: bool,
+    ) -> RunResult:
+        """``_fit`` in the locked, checked run folder (rank 0 of a distributed run locks, records
+        and writes it; the other ranks only read it to resume)."""
+        if self.out_dir is None:
+            return self._fit(train, val, test, resume=False)
+        folder = RunFolder(self.out_dir)
+        if not is_main_process():
+            self._run_id = folder.run_id()
+            return self._fit(train, val, test, resume=resume)
+        with folder.lock():
+            folder.open(self.settings, resume=resume, overwrite=overwrite, force=force)
+            self._run_id = folder.run_id()
+            return self._fit(train, val, test, resume=resume)
 
     def _fit(
         self, train: Dataset, val: Dataset, test: Dataset | None, *, resume: bool
@@ -516,6 +579,9 @@ class Trainer:
         result = self._score(run, test)
         if writes:
             assert self.out_dir is not None
+            changes = RunFolder(self.out_dir).changes()
+            if changes:  # a forced resume: the result says which epochs ran under what
+                result.extra["settings_changes"] = changes
             write_json(self.out_dir / "result.json", result.to_dict())
         return result
 
@@ -613,21 +679,44 @@ class Trainer:
         """``out_dir/last.pt``, or ``None`` when there is none yet (a resume starts afresh)."""
         assert self.out_dir is not None
         path = self.out_dir / LAST
-        return load_checkpoint(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        ckpt = load_checkpoint(path, required=LAST_KEYS)
+        self._check_run_id(path, ckpt)
+        return ckpt
+
+    def _check_run_id(self, path: Path, ckpt: Mapping[str, Any], advice: str = START_OVER) -> None:
+        """Refuse a checkpoint stamped by another run than the one this folder records."""
+        mine, theirs = self._run_id, ckpt.get("run_id")
+        if mine is not None and theirs is not None and theirs != mine:
+            raise DamagedFileError(
+                path,
+                f"it was written by another run (run id {theirs}; this folder's run is {mine}): "
+                "a file copied from another folder?",
+                advice,
+            )
 
     def _restore(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
         """Model, optimizer, strategy and progress from ``last.pt``, before ``on_fit_start``:
         the strategy's hooks then build on the restored optimizer and state."""
         assert self.out_dir is not None
-        self.model.load_state_dict(ckpt["model"])
-        run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
-        self._load_engine_state(run, ckpt.get("engine", {}))
-        self.strategy.load_state_dict(ckpt["strategy"])
-        run.history = list(ckpt["history"])
-        run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
+            self._load_engine_state(run, ckpt.get("engine", {}))
+            self.strategy.load_state_dict(ckpt["strategy"])
+            run.history = list(ckpt["history"])
+            run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
+            epoch = int(ckpt["epoch"])
+        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+            raise DamagedFileError(
+                self.out_dir / LAST, f"it does not fit this run ({exc})", START_OVER
+            ) from exc
         if run.best_epoch:
-            run.best_state = load_checkpoint(self.out_dir / BEST)["model"]
-        run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else int(ckpt["epoch"]) + 1
+            run.best_state = self._restore_best(ckpt, epoch, run.best_epoch)
+        if is_main_process():  # derived from last.pt, written after it: a kill in between
+            write_history(self.out_dir, run.history)  # leaves them one epoch old
+        run.first_epoch = self.config.epochs + 1 if ckpt.get("stopped") else epoch + 1
         run.elapsed_before = float(ckpt.get("elapsed_s", 0.0))
 
     def _engine_state(self, run: _Run) -> dict[str, Any]:
@@ -655,6 +744,43 @@ class Trainer:
                     "same epochs and schedule settings"
                 )
             schedule.load_state_dict(saved)
+
+    def _restore_best(self, ckpt: Mapping[str, Any], epoch: int, best_epoch: int) -> dict[str, Any]:
+        """The best epoch's weights, consistent with ``last.pt`` (the commit point).
+
+        ``last.pt`` is written before ``best.pt`` (:meth:`_checkpoint`): when the last epoch was
+        the best, ``last.pt`` holds its weights and ``best.pt`` may lag one write behind (it is
+        rewritten); otherwise ``best.pt`` must hold exactly ``last.pt``'s best epoch.
+        """
+        assert self.out_dir is not None
+        path = self.out_dir / BEST
+        if best_epoch == epoch:
+            state: dict[str, Any] = ckpt["model"]
+            try:
+                stored = load_checkpoint(path, required=("epoch",))["epoch"]
+            except (FileNotFoundError, DamagedFileError):
+                stored = None
+            if stored != epoch and is_main_process():
+                save_checkpoint(path, self._best_payload(state, epoch))
+            return state
+        advice = (
+            f"without it the weights of the best epoch ({best_epoch}) cannot be restored: "
+            + START_OVER
+        )
+        if not path.is_file():
+            raise DamagedFileError(
+                path, f"missing, but {LAST} says epoch {best_epoch} was the best", advice
+            )
+        best = load_checkpoint(path, required=("model", "epoch"), advice=advice)
+        self._check_run_id(path, best, advice)
+        if int(best["epoch"]) != best_epoch:
+            raise DamagedFileError(
+                path,
+                f"it holds epoch {best['epoch']} but {LAST} says the best epoch is {best_epoch}: "
+                "the two files are not from the same run",
+                advice,
+            )
+        return dict(best["model"])
 
     def _restore_rng(self, run: _Run, ckpt: Mapping[str, Any]) -> None:
         """The random streams, restored after ``on_fit_start``: whatever a hook draws there is the
@@ -697,10 +823,10 @@ class Trainer:
         return improved
 
     def _checkpoint(self, run: _Run, epoch: int, improved: bool) -> None:
-        """``best.pt`` when the epoch improved, ``last.pt`` (all a resume needs) and the history."""
+        """``last.pt`` (all a resume needs: the commit point), then ``best.pt`` when the epoch
+        improved, then the history. In this order a crash between two writes leaves a consistent
+        pair: an improved epoch's weights are in ``last.pt`` itself (see :meth:`_restore_best`)."""
         assert self.out_dir is not None
-        if improved:
-            save_checkpoint(self.out_dir / BEST, {"model": run.best_state, "epoch": epoch})
         save_checkpoint(
             self.out_dir / LAST,
             {
@@ -717,9 +843,16 @@ class Trainer:
                 "loader_rng": run.generator.get_state(),
                 "elapsed_s": run.elapsed_s(),
                 "stopped": run.stopped,
+                "run_id": self._run_id,
             },
         )
+        if improved:
+            assert run.best_state is not None
+            save_checkpoint(self.out_dir / BEST, self._best_payload(run.best_state, epoch))
         write_history(self.out_dir, run.history)
+
+    def _best_payload(self, state: Mapping[str, Any], epoch: int) -> dict[str, Any]:
+        return {"model": state, "epoch": epoch, "run_id": self._run_id}
 
     def _score(self, run: _Run, test: Dataset | None) -> RunResult:
         """Test with the last weights, then with the best epoch's (left in the model)."""
