@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import contextlib
+from collections.abc import Collection, Iterator
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -33,3 +35,25 @@ def assert_table_covers_library(
     assert not missing, f"add an entry for {kind} {missing} to the table in {where}"
     unknown = sorted(set(table) - library)
     assert not unknown, f"the table in {where} names {kind} that are not registered: {unknown}"
+
+
+@contextlib.contextmanager
+def interrupted_after(epoch: int) -> Iterator[None]:
+    """Every ``Trainer.fit`` in the block stops once ``epoch`` is finished and saved, as a Ctrl-C
+    or a kill then would: the first half of a resume test. (Training fewer epochs and resuming
+    with more is refused: the run folder records the settings, ``trainer.epochs`` among them.)"""
+    from miles.training.trainer import Trainer
+
+    original = Trainer._run_epoch
+
+    def run_epoch(self: Trainer, run: Any, current: int) -> bool:
+        if current == epoch + 1:
+            raise KeyboardInterrupt
+        return original(self, run, current)
+
+    with mock.patch.object(Trainer, "_run_epoch", run_epoch):
+        try:
+            yield
+        except KeyboardInterrupt:
+            return
+    raise AssertionError(f"the fit was not interrupted after epoch {epoch}")

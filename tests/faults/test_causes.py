@@ -142,7 +142,7 @@ def test_c04_a_compare_folder_is_the_same_however_spelled_or_moved(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     first = run_compare(_compare_config("cmp"), echo=_quiet, show=_quiet)
-    assert first["runs_trained"] == 2
+    assert first["runs_trained"] == 3  # joint+aux, and MILES under both readings
     again = run_compare(_compare_config(tmp_path / "cmp"), echo=_quiet, show=_quiet)
     assert again["runs_trained"] == 0 and again["rows"] == first["rows"]
     shutil.move(tmp_path / "cmp", tmp_path / "moved")
@@ -449,9 +449,9 @@ def test_c13_report_says_when_a_run_folder_is_missing(
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     err = capsys.readouterr().err
-    assert f"warning: 1 of 2 run folders hold no result.json (moved or deleted: {RUN})" in err
+    assert f"warning: 1 of 3 run folders hold no result.json (moved or deleted: {RUN})" in err
     page = (out / "report" / "report.md").read_text()
-    assert f"1 of 2 run folders hold no result.json (moved or deleted: {RUN})" in page
+    assert f"1 of 3 run folders hold no result.json (moved or deleted: {RUN})" in page
 
 
 # -- 15. best.pt and last.pt were never checked against each other ---------------------------------

@@ -27,7 +27,7 @@ from miles.strategies import Strategy, available_strategies, build_strategy
 from miles.strategies.registry import strategy_class
 from miles.training import RunResult, Trainer, TrainerConfig
 from tests.conftest import make_toy_splits
-from tests.helpers import assert_table_covers_library, same_weights, strip_times
+from tests.helpers import assert_table_covers_library, interrupted_after, same_weights, strip_times
 
 LRS = {"strong": 1e-2, "weak": 3e-2}  # unequal modality rates (the trainer's base rate is 1e-2)
 BASE_LRS = {"strong": 1e-2, "weak": 1e-2}
@@ -248,7 +248,8 @@ def test_resume_is_bit_exact(name: str, data: DatasetSplits, tmp_path: Path) -> 
     """4 epochs straight = 2 epochs, then a fresh process-like resume to 4 (new objects)."""
     optimizer = EXAMPLES[name].optimizer
     full, m_full = _fit(data, _build(name), epochs=4, optimizer=optimizer)
-    _fit(data, _build(name), epochs=2, optimizer=optimizer, out_dir=tmp_path)
+    with interrupted_after(2):
+        _fit(data, _build(name), epochs=4, optimizer=optimizer, out_dir=tmp_path)
     resumed, m_res = _fit(
         data, _build(name), epochs=4, optimizer=optimizer, out_dir=tmp_path, resume=True
     )

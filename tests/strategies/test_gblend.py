@@ -23,7 +23,7 @@ from miles.strategies.gblend import GBlend, estimate_with_copies, gblend_weights
 from miles.strategies.joint import JointAux
 from miles.training import Trainer, TrainerConfig
 from tests.conftest import make_toy_splits
-from tests.helpers import same_weights
+from tests.helpers import interrupted_after, same_weights
 
 HEADS = ("fused", "strong", "weak")
 
@@ -322,7 +322,8 @@ def test_uniform_weights_equal_joint_aux_bit_for_bit_even_with_copies(
 def test_resume_mid_super_epoch_reproduces_the_run(small: DatasetSplits, tmp_path: Path) -> None:
     make = lambda: GBlend(warmup_epochs=2, super_epoch=2)  # noqa: E731
     full, m_full = _fit(small, make(), epochs=5)
-    _fit(small, make(), epochs=3, out_dir=tmp_path)
+    with interrupted_after(3):
+        _fit(small, make(), epochs=5, out_dir=tmp_path)
     resumed, m_res = _fit(small, make(), epochs=5, out_dir=tmp_path, resume=True)
     assert same_weights(m_full, m_res)
     assert _records(full) == _records(resumed)

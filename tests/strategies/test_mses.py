@@ -18,6 +18,7 @@ from miles.strategies.base import Strategy
 from miles.strategies.mses import MSES
 from miles.training import Trainer, TrainerConfig
 from tests.conftest import make_toy_splits
+from tests.helpers import interrupted_after
 
 
 @pytest.fixture
@@ -221,7 +222,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path: Path, bn_toy: Any, cu
 
     full, m_full = _fit(bn_toy, strategy(), 8, out_dir=tmp_path / "full")
     assert full.epochs_run == 6
-    _fit(bn_toy, strategy(), cut, out_dir=tmp_path / "part")
+    with interrupted_after(cut):
+        _fit(bn_toy, strategy(), 8, out_dir=tmp_path / "part")
     res, m_res = _fit(bn_toy, strategy(), 8, out_dir=tmp_path / "part", resume=True)
     assert full.history[2]["strategy"]["newly_frozen"] == ["strong", "weak"]
     assert _no_times(res.history) == _no_times(full.history)

@@ -30,6 +30,7 @@ from miles.strategies.ogm import (
 from miles.strategies.ogm_ge import OGMGE, gradient_noise_std
 from miles.training import Trainer, TrainerConfig
 from tests.conftest import make_toy_splits
+from tests.helpers import interrupted_after
 
 LN3 = math.log(3.0)
 ALPHA = 0.5
@@ -444,7 +445,8 @@ def test_step_mode_resumes_exactly(tmp_path: Path) -> None:
     data = make_toy_splits(n=(96, 40, 40))
     for name in ("ogm", "ogm-ge"):
         _, m_full = _fit(data, name, epochs=3, alpha=0.5, optimizer="adam")
-        _fit(data, name, epochs=2, alpha=0.5, optimizer="adam", out_dir=tmp_path / name)
+        with interrupted_after(2):
+            _fit(data, name, epochs=3, alpha=0.5, optimizer="adam", out_dir=tmp_path / name)
         _, m_res = _fit(data, name, epochs=3, alpha=0.5, optimizer="adam", out_dir=tmp_path / name)
         assert _same_weights(m_full, m_res), name
 
@@ -452,7 +454,8 @@ def test_step_mode_resumes_exactly(tmp_path: Path) -> None:
 def test_ogm_ge_is_resumable_and_seeded(tmp_path: Path) -> None:
     data = make_toy_splits(n=(96, 40, 40))
     full, m_full = _fit(data, "ogm-ge", epochs=3, alpha=0.5, out_dir=tmp_path / "full")
-    _fit(data, "ogm-ge", epochs=2, alpha=0.5, out_dir=tmp_path / "part")
+    with interrupted_after(2):
+        _fit(data, "ogm-ge", epochs=3, alpha=0.5, out_dir=tmp_path / "part")
     resumed, m_res = _fit(data, "ogm-ge", epochs=3, alpha=0.5, out_dir=tmp_path / "part")
     assert _same_weights(m_full, m_res)
     strip = [{k: v for k, v in r.items() if k != "time_s"} for r in full.history]

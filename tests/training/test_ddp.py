@@ -183,7 +183,11 @@ def test_rank_zero_alone_writes_one_set_of_files(
     assert one["writes"] == []
     assert zero["writes"].count("write_json") == 2  # result.json of each finished fit
     files = sorted(p.name for p in (tmp / "full").iterdir())
-    assert files == ["best.pt", "history.csv", "history.json", "last.pt", "result.json"]
+    # the run folder's lock and settings record (miles.training.run_folder), and the run's files
+    assert files == [
+        ".lock", "best.pt", "history.csv", "history.json", "last.pt", "result.json",
+        "run_config.json",
+    ]  # fmt: skip
     saved = json.loads((tmp / "full" / "result.json").read_text())
     assert strip_times(saved["history"]) == zero["full"]
 
@@ -221,7 +225,8 @@ def test_miles_train_under_torchrun(ranks: tuple[Path, list[dict[str, Any]]]) ->
     assert (tmp / "cli1.txt").read_text() == ""  # rank 1 trains silently
     files = sorted(p.name for p in (tmp / "cli").iterdir())
     assert files == [
-        "best.pt", "config.json", "history.csv", "history.json", "last.pt", "result.json"
+        ".lock", "best.pt", "config.json", "history.csv", "history.json", "last.pt",
+        "result.json", "run_config.json",
     ]  # fmt: skip
 
 

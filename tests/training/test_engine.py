@@ -19,6 +19,7 @@ from miles.strategies import EvalResult, JointAux, Strategy, StrategyContext, bu
 from miles.strategies.miles import MILESStrategy
 from miles.training import Trainer, TrainerConfig
 from miles.training.precision import Precision
+from miles.training.run_folder import RunFolderError
 from miles.training.schedules import ScheduleFactor, build_schedule
 from tests.conftest import make_toy_splits
 from tests.helpers import same_weights, strip_times
@@ -245,9 +246,10 @@ def test_schedule_resumes_exactly_with_and_without_miles(data: Any, tmp_path: Pa
         )
         assert strip_times(resumed.history) == strip_times(full.history), name
         assert same_weights(m_full, m_res), name
-    with pytest.raises(ValueError, match="same epochs and schedule settings"):
+    # the run folder refuses first (the schedule's own check is behind it, for --force)
+    with pytest.raises(RunFolderError, match=r"trainer\.epochs"):
         _fit(data, "joint+aux", epochs=5, out_dir=tmp_path / "joint+aux", resume=True, **settings)
-    with pytest.raises(ValueError, match="different base schedule"):
+    with pytest.raises(RunFolderError, match=r"trainer\.schedule"):
         _fit(data, "joint+aux", epochs=4, out_dir=tmp_path / "joint+aux", resume=True)
 
 

@@ -20,7 +20,7 @@ from miles.strategies import build_strategy
 from miles.training import Trainer, TrainerConfig
 from miles.training.loaders import TensorBatches, build_loader
 from tests.conftest import make_toy_splits
-from tests.helpers import same_weights, strip_times
+from tests.helpers import interrupted_after, same_weights, strip_times
 from tests.miniature import build_miniature
 
 
@@ -162,7 +162,8 @@ def test_workers_give_the_same_run_and_resume_exactly(tmp_path: Path) -> None:
     workers, m_workers = _fit(data, epochs=2, num_workers=2)
     assert strip_times(workers.history) == strip_times(plain.history)
     assert same_weights(m_plain, m_workers)
-    _fit(data, epochs=1, num_workers=2, out_dir=tmp_path)
+    with interrupted_after(1):
+        _fit(data, epochs=2, num_workers=2, out_dir=tmp_path)
     resumed, m_resumed = _fit(data, epochs=2, num_workers=2, out_dir=tmp_path, resume=True)
     assert strip_times(resumed.history) == strip_times(plain.history)
     assert same_weights(m_plain, m_resumed)

@@ -21,6 +21,7 @@ from miles.training.loggers import (
     register_logger,
 )
 from tests.conftest import make_toy_splits
+from tests.helpers import interrupted_after
 
 
 def _fit(out_dir: Path | None, epochs: int, *, resume: bool = False, loggers: Any = None) -> Any:
@@ -75,7 +76,8 @@ def test_csv_and_tensorboard_logs_survive_a_resume(tmp_path: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     full = _fit(tmp_path / "full", 3)
-    _fit(tmp_path / "part", 2)
+    with interrupted_after(2):
+        _fit(tmp_path / "part", 3)
     _fit(tmp_path / "part", 3, resume=True)
     tables = {}
     for folder in ("full", "part"):
