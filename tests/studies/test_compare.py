@@ -207,3 +207,29 @@ def test_cli_compare_passes_dataset_options(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "compare.json").read_text())["config"]
     assert saved["base"]["dataset_params"] == {"max_train": 60} and saved["seeds"] == [0]
     assert saved["base"]["latent_dim"] == 8 and saved["base"]["trainer"]["epochs"] == 1
+
+
+def test_methods_defined_for_fewer_modalities(tmp_path: Path) -> None:
+    """On three modalities Greedy (two only) is left out of 'all' with a note, and refused
+    before any training when named."""
+    from miles.studies.compare import ALL_METHODS, Compare
+    from tests.conftest import make_toy_splits
+
+    data = make_toy_splits(("a", "b", "c"), (0.3, 1.0, 1.5), n=(40, 20, 20))
+    notes: list[str] = []
+    every = CompareConfig(methods=list(ALL_METHODS), out_dir=str(tmp_path / "all"))
+    study = Compare(every, data, notes.append)
+    study.unimodal_lrs = {"a": 1e-3, "b": 1e-3, "c": 1e-3}  # no LR sweep in a planning test
+    planned = {run.ident["method"] for run in study.plan()}
+    assert "greedy" not in planned and {"joint", "miles", "mla"} <= planned
+    assert len(notes) == 1 and notes[0].endswith(
+        "has 3 modalities; greedy (at most 2) cannot run on it, so 'all' leaves them out"
+    )
+    named = CompareConfig(methods=["joint", "greedy"], out_dir=str(tmp_path / "named"))
+    with pytest.raises(ValueError, match=r"greedy \(at most 2\) cannot run on it: leave them out"):
+        Compare(named, data, notes.append).plan()
+    two = make_toy_splits(n=(40, 20, 20))
+    assert {r.ident["method"] for r in Compare(named, two, notes.append).plan()} == {
+        "joint",
+        "greedy",
+    }

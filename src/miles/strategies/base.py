@@ -202,6 +202,9 @@ class Strategy:
     needs_latents: bool = False
     #: put each unimodal head in its modality's param group (else in the shared group)
     head_follows_encoder: bool = True
+    #: the most modalities the method is defined for (``None``: any number); studies leave a
+    #: method out of ``--methods all`` on a task with more, and refuse it when it is named
+    max_modalities: ClassVar[int | None] = None
     #: the optimizer settings the method's authors train with, where a study may want them
     #: (``TrainerConfig`` fields, e.g. OGM's SGD; ``None``: no preference); studies apply them
     #: on request (``miles compare --method-optimizer ogm=authors``), never silently

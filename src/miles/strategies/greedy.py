@@ -105,6 +105,7 @@ class Greedy(Strategy):
 
     name = "greedy"
     uses_aux_losses = True
+    max_modalities = 2
 
     def __init__(
         self, epsilon: float = 0.01, window: int = 5, starting_epoch: int = 2, ratio: float = 4.0

@@ -15,6 +15,7 @@ for every method, and the imbalance diagnostic, as mean ± std over seeds.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 
 from miles.report.document import Document
 from miles.report.tables import Column
+from miles.strategies.registry import strategy_class
 from miles.studies.checks import check_fusions, check_methods, check_seeds
 from miles.studies.config import StudyConfig, quiet_base
 from miles.studies.optimizers import check_method_optimizers, describe_method_optimizers
@@ -185,7 +187,25 @@ class Compare(Study[CompareConfig]):
 
     def plan(self) -> list[PlannedRun]:
         ctx = PlanContext(tuple(self.data.modalities), self._sweep, self.config.base.dataset)
-        return plan_runs(self.config, ctx)
+        return plan_runs(self._applicable(), ctx)
+
+    def _applicable(self) -> CompareConfig:
+        """The config without the methods the task has too many modalities for: left out of
+        ``--methods all`` with a note, refused (before any training) when named."""
+        cfg, count = self.config, len(self.data.modalities)
+        unfit = {}
+        for method in cfg.methods:
+            limit = strategy_class(method).max_modalities
+            if limit is not None and count > limit:
+                unfit[method] = limit
+        if not unfit:
+            return cfg
+        why = ", ".join(f"{m} (at most {k})" for m, k in unfit.items())
+        what = f"{cfg.base.dataset} has {count} modalities; {why} cannot run on it"
+        if list(cfg.methods) != list(ALL_METHODS):
+            raise ValueError(f"{what}: leave them out of --methods")
+        self.echo(f"note: {what}, so 'all' leaves them out")
+        return dataclasses.replace(cfg, methods=[m for m in cfg.methods if m not in unfit])
 
     def rows(self, batch: RunBatch) -> list[dict[str, Any]]:
         rows = []
