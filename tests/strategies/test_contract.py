@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,11 +169,18 @@ def _fit(
     optimizer: str = "adam",
     out_dir: Path | None = None,
     resume: bool = False,
+    precision: str = "32",
 ) -> tuple[RunResult, JointFusionModel]:
     torch.manual_seed(0)
     model = JointFusionModel(data.build_encoders(8), data.num_classes)
     cfg = TrainerConfig(
-        epochs=epochs, lr=1e-2, batch_size=32, seed=0, optimizer=optimizer, progress=False
+        epochs=epochs,
+        lr=1e-2,
+        batch_size=32,
+        seed=0,
+        optimizer=optimizer,
+        progress=False,
+        precision=precision,
     )
     trainer = Trainer(model, strategy, cfg, out_dir=out_dir, collate_fn=collate_multimodal)
     return trainer.fit(data.train, data.val, data.test, resume=resume), model
@@ -257,6 +265,17 @@ def test_resume_is_bit_exact(name: str, data: DatasetSplits, tmp_path: Path) -> 
     assert resumed.best_epoch == full.best_epoch
     assert resumed.test == full.test and resumed.test_last == full.test_last
     assert same_weights(m_full, m_res)
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_trains_under_bf16_mixed_precision(name: str, data: DatasetSplits) -> None:
+    """Every method's step works under autocast: methods that read the outputs again outside it
+    (logit shares, prototypes, a shared head on the latents) get float32 outputs."""
+    result, _ = _fit(
+        data, _build(name), epochs=2, optimizer=EXAMPLES[name].optimizer, precision="bf16-mixed"
+    )
+    assert len(result.history) >= 1
+    assert all(math.isfinite(row["train_loss"]) for row in result.history)
 
 
 @pytest.mark.parametrize("case", NEUTRAL, ids=lambda c: f"{c.strategy}-is-{c.parent}")

@@ -433,3 +433,29 @@ def test_copies_trained_on_the_side_get_the_runs_precision(data: Any) -> None:
     for a, b in zip(full.copies, half.copies, strict=True):
         for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
             assert torch.allclose(p, q, rtol=0.05, atol=2e-3), name
+
+
+def test_a_training_plan_refuses_a_base_schedule(data: Any) -> None:
+    """Sample-level valuation re-samples the rows from epoch 2 on: longer epochs than the
+    schedule was built for, so the run stops with the reason instead of ending at LR 0."""
+    plain, _, _ = _fit(data, build_strategy("valuation-sample", warmup=1), epochs=3)
+    assert len(plain.history) == 3  # the plan itself trains
+    with pytest.raises(ValueError, match=r"re-sampled plan of rows.*schedule 'constant'"):
+        _fit(data, build_strategy("valuation-sample", warmup=1), epochs=3, schedule="cosine")
+
+
+def test_forced_resume_with_another_schedule_length_names_the_schedule(
+    data: Any, tmp_path: Path
+) -> None:
+    """--force lets a resume change the settings, but a schedule depends on the run's length:
+    the reason is the schedule, not a damaged last.pt."""
+    settings = {"schedule": "cosine", "warmup_steps": 4}
+    _fit(data, "joint+aux", epochs=2, out_dir=tmp_path, **settings)
+    model = JointFusionModel(data.build_encoders(8), data.num_classes)
+    cfg = TrainerConfig(epochs=4, lr=1e-2, batch_size=32, progress=False, **settings)
+    trainer = Trainer(
+        model, build_strategy("joint+aux"), cfg, out_dir=tmp_path, collate_fn=collate_multimodal
+    )
+    with pytest.raises(ValueError, match="same epochs and schedule settings") as exc:
+        trainer.fit(data.train, data.val, data.test, resume=True, force=True)
+    assert "damaged" not in str(exc.value)

@@ -49,6 +49,7 @@ includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -151,7 +152,8 @@ class StrategyContext:
         """``model(inputs, lengths)`` on a batch already on :attr:`device`, under the run's
         autocast (default model: the run's, through its DDP / compiled wrapper when there is
         one). A training plan's batch with a ``"keep"`` mask has its masked modalities' latents
-        zeroed before the fused head (:func:`miles.strategies.data.keep_modalities`)."""
+        zeroed before the fused head (:func:`miles.strategies.data.keep_modalities`). Under
+        mixed precision the outputs come back in float32."""
         if model is None:
             net = self.model if self.forward_module is None else self.forward_module
         else:
@@ -159,11 +161,21 @@ class StrategyContext:
         with self.precision.autocast():
             output: FusionOutput = net(batch["inputs"], batch.get("lengths") or None)
             keep = batch.get("keep")
-            if keep is None:
-                return output
-            from miles.strategies.data import keep_modalities
+            if keep is not None:
+                from miles.strategies.data import keep_modalities
 
-            return keep_modalities(self.model if model is None else model, output, keep)
+                output = keep_modalities(self.model if model is None else model, output, keep)
+        if self.precision.dtype is None:
+            return output
+        # Under autocast the outputs are half precision; methods read them again outside it (a
+        # head on the latents, logit shares, prototypes) next to float32 weights, so they get
+        # float32 copies that still carry the gradient to the autocast graph.
+        return dataclasses.replace(
+            output,
+            fused=output.fused.float(),
+            unimodal={m: z.float() for m, z in output.unimodal.items()},
+            latents={m: z.float() for m, z in output.latents.items()},
+        )
 
     def head_losses(self, output: FusionOutput, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         """Per-head losses (``"fused"`` and one per modality) with the run's loss function."""

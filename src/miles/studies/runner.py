@@ -193,7 +193,8 @@ def run_or_resume(
 
     if exp.out_dir is None:
         try:
-            return experiment.run_experiment(exp, data=data).to_dict(), None, True
+            trained = experiment.run_experiment(exp, data=data, on_epoch_end=on_epoch_end)
+            return trained.to_dict(), None, True
         except FloatingPointError as exc:
             return None, str(exc), True
     run_dir = Path(exp.out_dir)

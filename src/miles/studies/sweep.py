@@ -34,7 +34,7 @@ from miles.studies.config import StudyConfig, quiet_base
 from miles.studies.optimizers import check_method_optimizers
 from miles.studies.optuna_study import RETRY_OF, SAMPLERS, open_study, trial_counts
 from miles.studies.planning import PlanContext, method_inputs
-from miles.studies.runner import Echo, PlannedRun, Progress, RunBatch, run_one
+from miles.studies.runner import IGNORED_SETTINGS, Echo, PlannedRun, Progress, RunBatch, run_one
 from miles.studies.search_space import run_settings, search_space, suggest
 from miles.studies.storage import shown
 from miles.studies.study import Study, run_study
@@ -150,8 +150,11 @@ class SweepConfig(StudyConfig):
         base = self.base.to_dict()
         for key in ("strategy", "strategy_params", "out_dir"):
             base.pop(key)
-        for key in ("lr", "device", "progress"):
-            base["trainer"].pop(key)
+        base["trainer"].pop("lr")  # searched
+        for key in IGNORED_SETTINGS:  # what does not change a run's numbers may differ too
+            section, _, name = key.partition(".")
+            if name and section == "trainer":
+                base["trainer"].pop(name, None)
         settings = {
             "base": base,
             "method": self.method,

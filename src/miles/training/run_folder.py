@@ -85,6 +85,8 @@ IGNORED_SETTINGS = (
     "trainer.loader",
     "trainer.loggers",
     "trainer.backend",
+    # DistributedDataParallel's search for parameters without a gradient: the same numbers
+    "trainer.find_unused_parameters",
 )
 #: the flags of ``miles train`` (and the ``fit`` arguments) a refusal points to
 _ADVICE = (

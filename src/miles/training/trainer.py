@@ -339,7 +339,7 @@ class Trainer:
             count += n
             if keep_latents:
                 for m in model.modalities:
-                    latents[m].append(out.latents[m])
+                    latents[m].append(out.latents[m].float())  # autocast: float32 for later heads
                 targets.append(batch["target"])
         totals = sum_across_ranks(
             torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64, device=self.device)])
@@ -703,7 +703,6 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             run.ctx.optimizer.load_state_dict(ckpt["optimizer"])
-            self._load_engine_state(run, ckpt.get("engine", {}))
             self.strategy.load_state_dict(ckpt["strategy"])
             run.history = list(ckpt["history"])
             run.best_epoch, run.best_score = int(ckpt["best_epoch"]), float(ckpt["best_score"])
@@ -712,6 +711,8 @@ class Trainer:
             raise DamagedFileError(
                 self.out_dir / LAST, f"it does not fit this run ({exc})", START_OVER
             ) from exc
+        # outside the guard: a schedule of another length is a setting, not damage, and says so
+        self._load_engine_state(run, ckpt.get("engine", {}))
         if run.best_epoch:
             run.best_state = self._restore_best(ckpt, epoch, run.best_epoch)
         if is_main_process():  # derived from last.pt, written after it: a kill in between
@@ -798,6 +799,8 @@ class Trainer:
         lrs = group_lrs(ctx.optimizer)
         # the training part, or the rows of a plan the strategy set (ctx.data.set_train_plan)
         loader = ctx.data.epoch_loader() if ctx.data is not None else run.train_loader
+        if loader is not run.train_loader:
+            self._check_plan_fits(ctx)
         train_stats = self._train_epoch(loader, ctx.optimizer, ctx, epoch)
         val_res = self.evaluate(run.val_loader, keep_latents=strategy.needs_latents)
         holdout_res = self.evaluate(run.holdout_loader) if run.holdout_loader is not None else None
@@ -821,6 +824,23 @@ class Trainer:
             run.best_state = copy.deepcopy(self.model.state_dict())
         run.stopped = strategy.should_stop()
         return improved
+
+    def _check_plan_fits(self, ctx: StrategyContext) -> None:
+        """A training plan (re-sampled rows) changes the epoch's length and is not sharded:
+        refuse the settings it would silently break rather than train with them."""
+        name = self.strategy.name
+        if ctx.lr_schedule is not None:
+            raise ValueError(
+                f"{name} trains on a re-sampled plan of rows whose epochs are longer than the "
+                f"training set's, but the base schedule ({self.config.schedule!r}, warm-up) counts "
+                "its steps per epoch from the training set and would end early: use schedule "
+                "'constant' with no warm-up for this method"
+            )
+        if current_ranks().distributed:
+            raise ValueError(
+                f"{name} trains on a re-sampled plan of rows, which is not sharded over the "
+                "processes: it cannot run data-parallel; train it in one process"
+            )
 
     def _checkpoint(self, run: _Run, epoch: int, improved: bool) -> None:
         """``last.pt`` (all a resume needs: the commit point), then ``best.pt`` when the epoch
