@@ -13,8 +13,8 @@ Order of calls in ``Trainer.fit``::
     configure_model(model)                      once, before the optimizer exists
     param_groups(model) -> groups               once: optimizer groups tagged by "modality"
     holdout_fraction                            read once: > 0 splits a held-out slice off train
-    load_state_dict(state)                      when resuming, after the model, optimizer and RNG
-                                                states are restored
+    load_state_dict(state)                      when resuming, after the model and optimizer
+                                                states are restored (the RNG after on_fit_start)
     on_fit_start(ctx)                           once: build schedulers etc. on ctx.optimizer
                                                 (already restored when resuming)
     per epoch:
