@@ -15,6 +15,7 @@ STUDIES = [
     ["compare"],
     ["ablate", "--param", "tau", "--values", "0.1"],
     ["sweep", "--method", "miles"],
+    ["regime-map"],
 ]
 ENGINE = [
     *("--precision", "bf16-mixed", "--grad-clip-norm", "1.5", "--schedule", "cosine"),

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 from miles.cli.common import (
     base_config,
     echo_for,
+    engine_options,
     output_options,
     positive_int,
+    refuse_torchrun,
     seeds_option,
     show,
     training_options,
@@ -46,6 +48,7 @@ def run(args: argparse.Namespace) -> int:
     from miles.studies.regime import RegimeStudy, part_config
     from miles.studies.study import run_study
 
+    refuse_torchrun("regime-map")
     config = part_config(
         args.part,
         args.out,
@@ -72,6 +75,7 @@ COMMAND = register_command(
         parents=(
             lambda: seeds_option(5),
             lambda: training_options(epochs=_epochs()),
+            engine_options,
             lambda: output_options("regime-out"),
         ),
         needs=("torchmetrics", "numpy", "tqdm", "matplotlib"),

@@ -150,8 +150,9 @@ COMMAND = register_command(
         "--nproc_per_node=4 -m miles train ...) the run trains data-parallel on every process; "
         "rank 0 alone prints and writes the files.\n\n"
         "OUT records the run's settings: --resume continues it only under the same settings "
-        "(the device, loader and logging settings may differ), a new run refuses a folder that holds one (--overwrite "
-        "replaces it), and a second process training in OUT is refused while the first runs.",
+        "(the device, loader and logging settings may differ), a new run refuses a folder that "
+        "holds one (--overwrite replaces it), and a second process training in OUT is refused "
+        "while the first runs.",
         interrupted="re-run the same command with --resume to continue from the last epoch",
     )
 )
