@@ -109,9 +109,12 @@ def _worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         result = {"head_metrics": _train_with_head_metrics(rank), "hand": _hand_computed(rank)}
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+        # every rank done before any tears its connections down: a rank still in gloo while the
+        # other destroys the group can abort (seen once in CI as SIGABRT at teardown)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
