@@ -21,7 +21,8 @@ from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.strategies.base import EvalResult, StepOutput, StrategyContext
 from miles.strategies.joint import Joint
 from miles.strategies.registry import register_strategy
-from miles.validation import check_choice, check_non_negative, check_positive_int
+from miles.strategies.requirements import ModulationWindow, require_modalities
+from miles.validation import check_choice, check_non_negative
 
 #: added to the gradient's standard deviation before sampling the GE noise, as the authors do
 NOISE_EPS = 1e-8
@@ -222,13 +223,7 @@ class OGM(Joint):
         multilabel_score: str = "geometric",
     ) -> None:
         self.alpha = check_non_negative("alpha", alpha)
-        self.modulation_starts = check_positive_int("modulation_starts", modulation_starts)
-        self.modulation_ends = check_positive_int("modulation_ends", modulation_ends)
-        if self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends ({modulation_ends}) must be >= modulation_starts "
-                f"({modulation_starts})"
-            )
+        self.window = ModulationWindow(modulation_starts, modulation_ends)
         self.mode = check_choice("mode", mode, MODES)
         self.params = check_choice("params", params, PARAMS)
         self.coefficient = check_choice("coefficient", coefficient, COEFFICIENTS)
@@ -245,10 +240,7 @@ class OGM(Joint):
 
     # -- setup -----------------------------------------------------------------------------------
     def configure_model(self, model: JointFusionModel) -> None:
-        if len(model.modalities) < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least 2 modalities, got {list(model.modalities)}"
-            )
+        require_modalities(type(self).__name__, model)
         # fail before training when the fusion cannot split its logits by modality
         like = model.fused_head.weight
         probe = {m: like.new_zeros(1, size) for m, size in model.latent_sizes.items()}
@@ -291,10 +283,6 @@ class OGM(Joint):
         self._batches = 0
         self._modulated_batches = 0
 
-    def in_window(self, epoch: int) -> bool:
-        """Whether ``epoch`` (1-based) lies in the modulation window."""
-        return self.modulation_starts <= epoch <= self.modulation_ends
-
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         self._epoch = epoch
         self._reset_epoch_stats()
@@ -328,7 +316,7 @@ class OGM(Joint):
         target = batch["target"]
         coeffs, scores = self.coefficients(model, output.latents, target)
         self._pending = []
-        if self.in_window(self._epoch):
+        if self._epoch in self.window:
             with torch.no_grad():
                 for m in model.modalities:
                     params = self._modulated.get(m) or modulated_parameters(
@@ -383,7 +371,7 @@ class OGM(Joint):
     ) -> dict[str, Any]:
         n = max(self._batches, 1)
         return {
-            "modulation_active": self.in_window(epoch),
+            "modulation_active": epoch in self.window,
             "mode": self._applied_mode,
             "coeff_mean": {m: v / n for m, v in self._coeff_sum.items()},
             "score_mean": {m: v / max(self._samples, 1) for m, v in self._score_sum.items()},
@@ -394,8 +382,7 @@ class OGM(Joint):
         return {
             **super().describe(),
             "alpha": self.alpha,
-            "modulation_starts": self.modulation_starts,
-            "modulation_ends": self.modulation_ends,
+            **self.window.describe(),
             "mode": self.mode,
             "params": self.params,
             "coefficient": self.coefficient,

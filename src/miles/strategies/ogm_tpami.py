@@ -19,7 +19,8 @@ from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.ogm_ge import gradient_noise_std
 from miles.strategies.onthefly import OnTheFly, discrepancy, mean_ratios, unimodal_scores
 from miles.strategies.registry import register_strategy
-from miles.validation import check_bool, check_non_negative, check_positive_int
+from miles.strategies.requirements import ModulationWindow
+from miles.validation import check_bool, check_non_negative
 
 __all__ = ["OGMTPAMI", "tpami_coefficient"]
 
@@ -91,19 +92,9 @@ class OGMTPAMI(OnTheFly):
     ) -> None:
         self.alpha = check_non_negative("alpha", alpha)
         self.noise = check_bool("noise", noise)
-        self.modulation_starts = check_positive_int("modulation_starts", modulation_starts)
-        self.modulation_ends = check_positive_int("modulation_ends", modulation_ends)
-        if self.modulation_ends < self.modulation_starts:
-            raise ValueError(
-                f"modulation_ends ({modulation_ends}) must be >= modulation_starts "
-                f"({modulation_starts})"
-            )
+        self.window = ModulationWindow(modulation_starts, modulation_ends)
         self._epoch = 0
         self._reset_stats()
-
-    def in_window(self, epoch: int) -> bool:
-        """Whether ``epoch`` (1-based) is modulated."""
-        return self.modulation_starts <= epoch <= self.modulation_ends
 
     def on_epoch_start(self, ctx: StrategyContext, epoch: int) -> None:
         self._epoch = epoch
@@ -126,7 +117,7 @@ class OGMTPAMI(OnTheFly):
     ) -> None:
         model = ctx.model
         coeffs, ratios = self.coefficients(model, output.latents, batch["target"])
-        if not self.in_window(self._epoch):
+        if self._epoch not in self.window:
             coeffs = dict.fromkeys(coeffs, 1.0)
         else:
             with torch.no_grad():
@@ -150,7 +141,7 @@ class OGMTPAMI(OnTheFly):
     ) -> dict[str, Any]:
         n = max(self._batches, 1)
         return {
-            "modulation_active": self.in_window(epoch),
+            "modulation_active": epoch in self.window,
             "coeff_mean": {m: v / n for m, v in self._coeff_sum.items()},
             "ratio_mean": {m: v / n for m, v in self._ratio_sum.items()},
         }
@@ -160,6 +151,5 @@ class OGMTPAMI(OnTheFly):
             **super().describe(),
             "alpha": self.alpha,
             "noise": self.noise,
-            "modulation_starts": self.modulation_starts,
-            "modulation_ends": self.modulation_ends,
+            **self.window.describe(),
         }
