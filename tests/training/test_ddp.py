@@ -22,9 +22,17 @@ import torch.distributed as dist
 
 from miles.data import collate_multimodal
 from miles.models import JointFusionModel
-from miles.strategies import JointAux, Strategy, StrategyContext, build_strategy
+from miles.strategies import (
+    JointAux,
+    Strategy,
+    StrategyContext,
+    available_strategies,
+    build_strategy,
+)
+from miles.strategies.registry import strategy_class
 from miles.training import Trainer, TrainerConfig
 from miles.training import trainer as trainer_module
+from miles.training.distributed import Ranks
 from tests.conftest import make_toy_splits
 from tests.helpers import strip_times
 
@@ -144,6 +152,10 @@ def _worker(tmp: Path) -> None:
             _fit(_RankBiased(), None, epochs=1)
         except RuntimeError as exc:
             out["drift"] = str(exc)
+        try:  # a method that declares it cannot run data-parallel is refused before training
+            _fit(build_strategy("mla"), None, epochs=1)
+        except ValueError as exc:
+            out["single_process"] = str(exc)
     finally:
         dist.destroy_process_group()
     (tmp / f"rank{rank}.json").write_text(json.dumps(out))
@@ -210,6 +222,26 @@ def test_unused_parameters_and_drifting_replicas(
     assert zero["unimodal"] == one["unimodal"]  # the fused head gets no gradient: still trains
     for rank in (zero, one):
         assert "the replicas' weights differ after epoch 1's training" in rank["drift"]
+
+
+def test_a_single_process_method_is_refused(ranks: tuple[Path, list[dict[str, Any]]]) -> None:
+    _, (zero, one) = ranks
+    for rank in (zero, one):
+        assert rank["single_process"].startswith("mla cannot run data-parallel: it runs one")
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n in available_strategies() if strategy_class(n).single_process)
+)
+def test_every_single_process_method_names_its_reason(name: str) -> None:
+    """The refusal comes before DDP wraps the model, with the method's own reason."""
+    data = make_toy_splits(n=(16, 8, 8))
+    model = JointFusionModel(data.build_encoders(8), data.num_classes)
+    trainer = Trainer(model, build_strategy(name), TrainerConfig(epochs=1, progress=False))
+    reason = strategy_class(name).single_process
+    with pytest.raises(ValueError, match=f"^{name} cannot run data-parallel: ") as caught:
+        trainer._wrap(model, Ranks(rank=0, world_size=2))
+    assert reason is not None and reason in str(caught.value)
 
 
 def test_miles_train_under_torchrun(ranks: tuple[Path, list[dict[str, Any]]]) -> None:

@@ -44,7 +44,7 @@ copies of the model (per-head copies, teachers) build their optimizers with
 
 Class attributes state what a method needs from the trainer: ``uses_aux_losses`` (its loss
 includes the unimodal losses, reported in tables), ``holdout_fraction``, ``needs_latents``,
-``head_follows_encoder`` and ``unused_parameters`` (under DDP).
+``head_follows_encoder``, and ``unused_parameters`` and ``single_process`` (under DDP).
 """
 
 from __future__ import annotations
@@ -225,6 +225,9 @@ class Strategy:
     #: during the run): under DistributedDataParallel the trainer then looks for them
     #: (``find_unused_parameters=True``, which costs a graph traversal per step)
     unused_parameters: ClassVar[bool] = False
+    #: why the method cannot train data-parallel (``None``: it can); the trainer refuses it
+    #: under DistributedDataParallel before the first step, with this reason
+    single_process: ClassVar[str | None] = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -104,6 +104,7 @@ class Greedy(Strategy):
     """
 
     name = "greedy"
+    unused_parameters = True  # a re-balancing step trains one branch only (matters under DDP)
     uses_aux_losses = True
     max_modalities = 2
 

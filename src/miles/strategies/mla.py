@@ -103,6 +103,10 @@ class MLA(Strategy):
     """
 
     name = "mla"
+    single_process = (
+        "it runs one backward pass per modality through one forward pass, which "
+        "DistributedDataParallel does not allow"
+    )
     uses_aux_losses = True
 
     def __init__(

@@ -59,6 +59,7 @@ class MMCosine(Joint):
     """
 
     name = "mmcosine"
+    unused_parameters = True  # the fused head's bias gets no gradient (matters under DDP)
     uses_aux_losses = False
 
     def __init__(self, scaling: float = 10.0, readout: str = "linear") -> None:

@@ -130,6 +130,10 @@ class MMPareto(JointAux):
     """
 
     name = "mmpareto"
+    single_process = (
+        "its gradient combination is computed from each process's own batch, so the processes "
+        "would train different models"
+    )
     uses_aux_losses = True
 
     def __init__(self, gamma: float = 1.5, resolve_conflicts: bool = True) -> None:

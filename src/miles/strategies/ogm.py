@@ -207,6 +207,10 @@ class OGM(Joint):
 
     name = "ogm"
     uses_aux_losses = False
+    single_process = (
+        "its gradient modulation is computed from each process's own batch, so the "
+        "processes would train different models"
+    )
     #: OGM-GE adds Gaussian noise to the encoder gradients (see :mod:`miles.strategies.ogm_ge`)
     gaussian_noise: ClassVar[bool] = False
     #: the optimizer settings of the authors (``miles compare --method-optimizer ogm=authors``)

@@ -82,6 +82,10 @@ class OGMTPAMI(OnTheFly):
     """
 
     name = "ogm-tpami"
+    single_process = (
+        "its gradient modulation is computed from each process's own batch, so the "
+        "processes would train different models"
+    )
 
     def __init__(
         self,

@@ -137,6 +137,10 @@ class ReconBoost(Strategy):
     """
 
     name = "reconboost"
+    single_process = (
+        "its forward pass computes a branch its loss leaves out, which DistributedDataParallel "
+        "cannot reduce, even with find_unused_parameters"
+    )
     uses_aux_losses = True
 
     def __init__(

@@ -53,6 +53,7 @@ class UME(Strategy):
     """
 
     name = "ume"
+    unused_parameters = True  # the fusion's own head is never used (matters under DDP)
     uses_aux_losses = True
 
     def __init__(self, rule: str = "logits") -> None:
