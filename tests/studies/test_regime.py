@@ -93,8 +93,15 @@ def test_bad_configs() -> None:
         RegimeConfig(part="a/b")
 
 
-def _row(cell: str, label: str, seed: int, heads: dict[str, float], **extra: Any) -> dict[str, Any]:
-    method = "unimodal" if label in ("audio", "image") else label.split()[0]
+def _row(
+    cell: str,
+    label: str,
+    seed: int,
+    heads: dict[str, float],
+    modalities: tuple[str, ...] = ("audio", "image"),
+    **extra: Any,
+) -> dict[str, Any]:
+    method = "unimodal" if label in ("audio", "image", "image2") else label.split()[0]
     row = {
         "cell": cell,
         "fusion": "concat",
@@ -107,7 +114,7 @@ def _row(cell: str, label: str, seed: int, heads: dict[str, float], **extra: Any
         "fused_last": 0.99,
         "uses_aux_losses": method != "unimodal",
     }
-    for m in ("audio", "image"):
+    for m in modalities:
         row[m] = heads.get(m)
         row[f"{m}_last"] = heads.get(m)
         row[f"slowed_{m}"] = None
@@ -147,6 +154,27 @@ def test_the_aggregate_orders_each_cell_by_its_references_and_pairs_seeds() -> N
     labels = [a["label"] for a in summary.aggregate]
     assert labels == ["", "joint+aux", "miles tau=0.2"]  # the unimodal row first
     assert summary.aggregate[2]["image_vs_unimodal_mean"] == pytest.approx(0.72 - 0.80)
+
+
+def test_a_three_modality_cell_keeps_every_modality_when_its_references_are_shared() -> None:
+    """The audio and image references are the two-modality map's runs (same model and data): the
+    cell's modalities come from its multimodal runs, so the third is not dropped."""
+    three = ("audio", "image", "image2")
+    rows = []
+    for seed in range(5):
+        rows += [
+            _row("c", "audio", seed, {"audio": 0.98}),  # shared rows: two modalities only
+            _row("c", "image", seed, {"image": 0.80}),
+            _row("c", "image2", seed, {"image2": 0.90}, modalities=three),
+            _row("c", "joint+aux", seed, {"audio": 0.97, "image": 0.6, "image2": 0.8}, three),
+        ]
+    config = RegimeConfig(
+        cells=[map_cell("noise0-speed1") | {"name": "c"}],
+        methods=[{"label": "joint+aux", "strategy": "joint+aux"}],
+    )
+    (cell,) = summarize_regime(rows, config).cells
+    assert cell["order"] == ["audio", "image2", "image"]
+    assert cell["references"]["image2"] == pytest.approx(0.90)
 
 
 def test_helped_cells_rule(tmp_path: Path) -> None:

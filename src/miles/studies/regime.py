@@ -353,9 +353,12 @@ class RegimeSummary(Summary):
 
 
 def _cell_modalities(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The cell's modalities, in the model's order (``run_row`` gives every run ``slowed_<m>``)."""
+    """The cell's modalities, in the model's order (``run_row`` gives every run ``slowed_<m>``).
+
+    Read from a multimodal run: a unimodal reference may be shared with a cell of fewer
+    modalities (its model depends only on its own modality's data), so its row can lack some."""
     for r in rows:
-        if not r.get("failed"):
+        if not r.get("failed") and r.get("method") != REFERENCE:
             return [k.removeprefix("slowed_") for k in r if k.startswith("slowed_")]
     return sorted({str(r["label"]) for r in rows if r.get("method") == REFERENCE})
 
