@@ -247,6 +247,9 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=ENV,
+        # Ctrl-C as in a terminal, even when the tests run as a background job (which starts
+        # with SIGINT ignored, and a child would inherit that)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().startswith("epoch 1/1000")  # training has started

@@ -291,12 +291,18 @@ def test_ctrl_c_during_parallel_decoding_stops_the_workers_and_resumes(tmp_path:
             time.sleep(0.01)
         os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does to the main process
 
+    # Ctrl-C raises KeyboardInterrupt, even when the tests run as a background job (which
+    # starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     pinger = threading.Thread(target=interrupt_after_first_chunk)
     pinger.start()
     slow = _Recording(tmp_path / "pids", delay=0.05)
-    with pytest.raises(KeyboardInterrupt) as interrupted:
-        prepare(slow, raw, out, progress=False, chunk=8, workers=2)
-    pinger.join()
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupted:
+            prepare(slow, raw, out, progress=False, chunk=8, workers=2)
+    finally:
+        pinger.join()
+        signal.signal(signal.SIGINT, previous)
     # no decoding worker left behind, even while the caller still holds the traceback
     assert interrupted.tb is not None and multiprocessing.active_children() == []
     done = json.loads(progress.read_text())["done"]
