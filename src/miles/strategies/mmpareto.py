@@ -19,7 +19,7 @@ from miles.models.losses import FUSED
 from miles.strategies.base import EvalResult, StepOutput, StrategyContext
 from miles.strategies.joint import JointAux
 from miles.strategies.registry import register_strategy
-from miles.strategies.requirements import require_modalities
+from miles.strategies.requirements import batch_dependent, require_modalities
 from miles.validation import check_bool, check_positive
 
 #: the closed-form solver's clamps at the ends of the segment (``_min_norm_element_from2``)
@@ -130,10 +130,7 @@ class MMPareto(JointAux):
     """
 
     name = "mmpareto"
-    single_process = (
-        "its gradient combination is computed from each process's own batch, so the processes "
-        "would train different models"
-    )
+    single_process = batch_dependent("combination")
     uses_aux_losses = True
 
     def __init__(self, gamma: float = 1.5, resolve_conflicts: bool = True) -> None:

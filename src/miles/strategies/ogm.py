@@ -21,7 +21,11 @@ from miles.models.fusion import FusionOutput, JointFusionModel
 from miles.strategies.base import EvalResult, StepOutput, StrategyContext
 from miles.strategies.joint import Joint
 from miles.strategies.registry import register_strategy
-from miles.strategies.requirements import ModulationWindow, require_modalities
+from miles.strategies.requirements import (
+    ModulationWindow,
+    batch_dependent,
+    require_modalities,
+)
 from miles.validation import check_choice, check_non_negative
 
 #: added to the gradient's standard deviation before sampling the GE noise, as the authors do
@@ -207,10 +211,7 @@ class OGM(Joint):
 
     name = "ogm"
     uses_aux_losses = False
-    single_process = (
-        "its gradient modulation is computed from each process's own batch, so the "
-        "processes would train different models"
-    )
+    single_process = batch_dependent("modulation")
     #: OGM-GE adds Gaussian noise to the encoder gradients (see :mod:`miles.strategies.ogm_ge`)
     gaussian_noise: ClassVar[bool] = False
     #: the optimizer settings of the authors (``miles compare --method-optimizer ogm=authors``)

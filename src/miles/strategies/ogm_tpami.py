@@ -19,7 +19,7 @@ from miles.strategies.base import EvalResult, StrategyContext
 from miles.strategies.ogm_ge import gradient_noise_std
 from miles.strategies.onthefly import OnTheFly, discrepancy, mean_ratios, unimodal_scores
 from miles.strategies.registry import register_strategy
-from miles.strategies.requirements import ModulationWindow
+from miles.strategies.requirements import ModulationWindow, batch_dependent
 from miles.validation import check_bool, check_non_negative
 
 __all__ = ["OGMTPAMI", "tpami_coefficient"]
@@ -82,10 +82,7 @@ class OGMTPAMI(OnTheFly):
     """
 
     name = "ogm-tpami"
-    single_process = (
-        "its gradient modulation is computed from each process's own batch, so the "
-        "processes would train different models"
-    )
+    single_process = batch_dependent("modulation")
 
     def __init__(
         self,

@@ -42,6 +42,15 @@ class ModulationWindow:
         return {"modulation_starts": self.starts, "modulation_ends": self.ends}
 
 
+def batch_dependent(what: str) -> str:
+    """The ``Strategy.single_process`` reason of a method whose gradient ``what`` (modulation,
+    combination) is computed from the batch: under DDP each process has its own."""
+    return (
+        f"its gradient {what} is computed from each process's own batch, so the processes would "
+        "train different models"
+    )
+
+
 def require_single_label(method: str, multilabel: bool) -> None:
     """Methods built on the softmax of one true class refuse multilabel tasks up front."""
     if multilabel:

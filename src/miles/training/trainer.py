@@ -451,12 +451,13 @@ class Trainer:
         the model itself)."""
         cfg = self.config
         module: nn.Module = model
-        reason = self.strategy.single_process
-        if ranks.distributed and reason is not None:
-            raise ValueError(
-                f"{self.strategy.name} cannot run data-parallel: {reason}; train it in one process"
-            )
         if ranks.distributed:
+            reason = self.strategy.single_process
+            if reason is not None:
+                raise ValueError(
+                    f"{self.strategy.name} cannot run data-parallel: {reason}; train it in one "
+                    "process"
+                )
             unused = cfg.find_unused_parameters
             if unused is None:
                 unused = self.strategy.unused_parameters
